@@ -1,0 +1,121 @@
+"""Plain torch references of the verification kernels.
+
+They define the semantics the Triton kernels must match, serve as the CPU path
+of the engine and as the test oracle (run in float64 there).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class SegmentScores(NamedTuple):
+    token_logprob: torch.Tensor  # [N] fp32: log p(target | context)
+    token_logit: torch.Tensor  # [N] fp32: raw (soft-capped if set) logit of target
+    mean_logprob: torch.Tensor  # [C] fp32: per-candidate mean of token_logprob
+    mean_logit: torch.Tensor  # [C] fp32: per-candidate mean of token_logit
+
+
+def segment_means(values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values[offsets[c]:offsets[c+1]]`` for every segment c."""
+    lengths = (offsets[1:] - offsets[:-1]).to(values.dtype)
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), (offsets[1:] - offsets[:-1]).long())
+    sums = torch.zeros(len(lengths), dtype=values.dtype, device=values.device).index_add_(0, seg, values)
+    return sums / lengths
+
+
+def segment_score_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    offsets: torch.Tensor,
+    softcap: float | None = None,
+    *,
+    chunk: int = 256,
+) -> SegmentScores:
+    """Score packed candidates: row i of ``hidden`` predicts ``targets[i]``.
+
+    ``hidden`` [N, d] are final-norm hidden states, ``weight`` [V, d] the LM head,
+    ``offsets`` [C+1] the candidate boundaries. Computes in fp32 (or fp64 when
+    given fp64) in chunks of rows so the [N, V] logits never exist at once.
+    """
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    out_dtype = compute
+    n = hidden.shape[0]
+    logprob = torch.empty(n, dtype=out_dtype, device=hidden.device)
+    logit = torch.empty(n, dtype=out_dtype, device=hidden.device)
+    w = weight.to(compute)
+    for s in range(0, n, chunk):
+        h = hidden[s : s + chunk].to(compute)
+        z = h @ w.T
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        t = targets[s : s + chunk].long().unsqueeze(1)
+        zt = z.gather(1, t).squeeze(1)
+        logit[s : s + chunk] = zt
+        logprob[s : s + chunk] = zt - torch.logsumexp(z, dim=1)
+    return SegmentScores(logprob, logit, segment_means(logprob, offsets), segment_means(logit, offsets))
+
+
+def visibility_mask(
+    qpos: torch.Tensor,
+    prefix_len: torch.Tensor,
+    branch_start: torch.Tensor,
+    num_keys: int,
+    window: int = 0,
+) -> torch.Tensor:
+    """Bool [T, num_keys]: which cache positions each query may attend to.
+
+    Query t sees keys ``j < prefix_len[t]`` (the shared prefix) and
+    ``branch_start[t] <= j <= qpos[t]`` (earlier tokens of its own branch, itself
+    included). Positions are physical cache slots; the logical position of a
+    branch key is ``prefix_len + (j - branch_start)``, which is what a sliding
+    window (``window > 0``: keep keys with qlog - klog < window) is measured on.
+    """
+    j = torch.arange(num_keys, device=qpos.device).unsqueeze(0)
+    qp, pl, bs = qpos.unsqueeze(1), prefix_len.unsqueeze(1), branch_start.unsqueeze(1)
+    in_prefix = j < pl
+    in_branch = (j >= bs) & (j <= qp)
+    mask = in_prefix | in_branch
+    if window > 0:
+        q_log = pl + (qp - bs)
+        k_log = torch.where(in_prefix, j, pl + (j - bs))
+        mask &= (q_log - k_log) < window
+    return mask
+
+
+def branch_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    qpos: torch.Tensor,
+    prefix_len: torch.Tensor,
+    branch_start: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """Attention of packed query tokens over a slotted KV cache.
+
+    ``q`` [T, Hq, D]; ``k_cache``/``v_cache`` [S, Hkv, Lmax, D] with the queries'
+    own K/V already written at ``qpos``; ``slot``, ``qpos``, ``prefix_len``,
+    ``branch_start`` are [T] integer tensors (see :func:`visibility_mask`).
+    Returns [T, Hq, D] in q's dtype. Grouped-query attention when Hkv < Hq.
+    """
+    out = torch.empty_like(q)
+    hq, hkv = q.shape[1], k_cache.shape[1]
+    for s in torch.unique(slot).tolist():
+        rows = (slot == s).nonzero().squeeze(1)
+        nk = int(qpos[rows].max()) + 1
+        mask = visibility_mask(qpos[rows], prefix_len[rows], branch_start[rows], nk, window)
+        k = k_cache[s, :, :nk].unsqueeze(0)
+        v = v_cache[s, :, :nk].unsqueeze(0)
+        qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
+        o = F.scaled_dot_product_attention(
+            qs, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=hq != hkv
+        )
+        out[rows] = o.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,28 @@
+"""specem_fast: fast training-free LLM ensembling (SpecEM / SpecFuse)."""
+
+from .config import EngineConfig, GenerationSettings
+from .errors import SpecEMError
+from .results import Candidate, GenerationResult, RoundRecord, SingleResult
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # keep `import specem_fast` light: torch loads on first use
+    if name in ("Ensemble", "Segment"):
+        from . import ensemble
+
+        return getattr(ensemble, name)
+    raise AttributeError(name)
+
+
+__all__ = [
+    "Candidate",
+    "EngineConfig",
+    "Ensemble",
+    "GenerationResult",
+    "GenerationSettings",
+    "RoundRecord",
+    "Segment",
+    "SingleResult",
+    "SpecEMError",
+]

@@ -1,0 +1,105 @@
+"""Typed settings, validated once at the edge (API and CLI share these)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import SpecEMError
+
+SCORE_MODES = ("logprob", "logit")
+RUN_MODES = ("cached", "recompute")
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Per-request settings of an ensemble generation.
+
+    ``hedge_lr=None`` switches the online weights off (candidates' scores are
+    summed unweighted). The Hedge learning rate of round t is
+    ``hedge_lr / 10 * sqrt(1/K) / t`` as in the reference implementation.
+    """
+
+    window: int = 10
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    score: str = "logprob"
+    hedge_lr: float | None = 1.0
+    fast_eos: bool = False
+    mode: str = "cached"
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise SpecEMError(f"window must be an integer >= 1 (got {self.window!r}); the paper uses 5-15, default 10")
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise SpecEMError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
+        if not _is_finite(self.temperature) or self.temperature < 0:
+            raise SpecEMError(f"temperature must be >= 0 (got {self.temperature!r}); use 0 for greedy decoding")
+        if not _is_finite(self.top_p) or not (0 < self.top_p <= 1):
+            raise SpecEMError(f"top_p must be in (0, 1] (got {self.top_p!r}); use 1 to disable nucleus sampling")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise SpecEMError(f"seed must be an integer (got {self.seed!r})")
+        if self.score not in SCORE_MODES:
+            raise SpecEMError(f"score must be one of {', '.join(SCORE_MODES)} (got {self.score!r})")
+        if self.hedge_lr is not None and (not _is_finite(self.hedge_lr) or self.hedge_lr < 0):
+            raise SpecEMError(f"hedge_lr must be a number >= 0 or None/'off' (got {self.hedge_lr!r})")
+        if self.mode not in RUN_MODES:
+            raise SpecEMError(f"mode must be one of {', '.join(RUN_MODES)} (got {self.mode!r})")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise SpecEMError("stop strings must be non-empty strings")
+        object.__setattr__(self, "stop", stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def with_overrides(self, **overrides: Any) -> "GenerationSettings":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise SpecEMError(f"unknown generation setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if overrides.get("hedge_lr") == "off":
+            overrides["hedge_lr"] = None
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+def _is_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide settings fixed when the ensemble is built.
+
+    ``cache_tokens`` is the KV-cache budget per request slot and model (prompt,
+    answer and the packed candidates of one verify pass must fit);
+    ``max_batch`` is how many requests run together.
+    """
+
+    device: str = "cpu"
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    cache_tokens: int = 4096
+    max_batch: int = 8
+    kernels: str = "auto"  # auto: Triton on CUDA, torch references on CPU
+    devices: tuple[str, ...] = field(default=())  # optional per-model device override
+
+    def __post_init__(self) -> None:
+        if self.cache_tokens < 16:
+            raise SpecEMError(f"cache_tokens must be >= 16 (got {self.cache_tokens})")
+        if self.max_batch < 1:
+            raise SpecEMError(f"max_batch must be >= 1 (got {self.max_batch})")
+        if self.kernels not in KERNEL_CHOICES:
+            raise SpecEMError(f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise SpecEMError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")

@@ -1,0 +1,222 @@
+"""Public API: build an ensemble once, generate many times."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from .config import EngineConfig, GenerationSettings
+from .errors import SpecEMError
+from .fetch import resolve_model
+from .kv_cache import KVCacheManager
+from .registry import DEFAULT_MODELS
+from .results import GenerationResult, RoundRecord, SingleResult
+from .runtime import ModelRunner, Run
+from .sampling import choose_tokens
+from .scheduler import Request, Scheduler
+
+
+@dataclass
+class Segment:
+    """An accepted segment, as :meth:`Ensemble.stream` yields it."""
+
+    text: str
+    model: str
+    round: RoundRecord
+
+
+class Ensemble:
+    """Several causal LMs that write one answer together (SpecEM rounds).
+
+    ``drafters`` propose the next segment each round; ``verifiers`` (default:
+    the drafters) score every candidate in one packed forward. Models are
+    registry names (``specem-fast models list``) or local Hugging Face folders.
+    """
+
+    def __init__(self, runners: dict[str, ModelRunner], drafters: list[str], verifiers: list[str], config: EngineConfig):
+        self.config = config
+        self.runners = runners
+        self.drafters = drafters
+        self.verifiers = verifiers
+        self.cache = KVCacheManager([r.cache_shape for r in runners.values()], config.max_batch, config.cache_tokens)
+        for r in runners.values():
+            r.cache = self.cache[r.name]
+        self.scheduler = Scheduler(runners, drafters, verifiers, self.cache)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        models: Sequence[str] | str | None = None,
+        verifiers: Sequence[str] | str | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        cache_tokens: int = 4096,
+        max_batch: int = 8,
+        kernels: str = "auto",
+        devices: Sequence[str] = (),
+    ) -> "Ensemble":
+        drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
+        verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
+        if devices and len(devices) != len(drafters):
+            raise SpecEMError(f"devices lists {len(devices)} entries for {len(drafters)} models; give one per model")
+        config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
+                              kernels=kernels, devices=tuple(devices))
+        all_names = drafters + [v for v in verifiers_ if v not in drafters]
+        placement = dict(zip(drafters, devices)) if devices else {}
+        runners = {}
+        for spec in all_names:
+            folder = resolve_model(spec)
+            runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), dtype, kernels)
+        return cls(runners, drafters, verifiers_, config)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.drafters)
+
+    @property
+    def metadata(self) -> dict:
+        return {
+            "drafters": self.drafters,
+            "verifiers": self.verifiers,
+            "kernels": {n: r.kernel_path for n, r in self.runners.items()},
+            "devices": {n: str(r.device) for n, r in self.runners.items()},
+            "dtypes": {n: str(r.dtype).replace("torch.", "") for n, r in self.runners.items()},
+            "cache_tokens": self.config.cache_tokens,
+        }
+
+    # -- ensemble generation -------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str], **settings) -> GenerationResult | list[GenerationResult]:
+        """Generate an answer for one prompt (returns one result) or a list."""
+        single = isinstance(prompts, str)
+        results = [None] * (1 if single else len(prompts))
+        for i, res in self._run(prompts, settings):
+            if isinstance(res, GenerationResult):
+                results[i] = res
+        return results[0] if single else results
+
+    def stream(self, prompt: str, **settings) -> Iterator[Segment]:
+        """Yield accepted segments as they are decided; the last item's round ends the answer."""
+        if not isinstance(prompt, str):
+            raise SpecEMError("stream() takes one prompt string; use generate() for a list")
+        for _, ev in self._run(prompt, settings):
+            if isinstance(ev, RoundRecord):
+                yield Segment(ev.candidates[ev.winner].text, ev.winner_model, ev)
+
+    def _run(self, prompts, overrides) -> Iterator[tuple[int, object]]:
+        st = GenerationSettings().with_overrides(**overrides)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise SpecEMError("no prompts given")
+        prepared = [self._prepare(p, st) for p in prompts]
+        queue = deque(enumerate(prepared))
+        active: dict[int, tuple[int, Request]] = {}
+        while queue or active:
+            while queue and self.cache.free_slots:
+                i, (p, ids) = queue.popleft()
+                req = self.scheduler.open(p, st, ids)
+                active[req.slot] = (i, req)
+            reqs = [r for _, r in active.values()]
+            index = {r.slot: i for i, r in active.values()}
+            for req, record in self.scheduler.round(reqs):
+                yield index[req.slot], record
+            for slot in [s for s, (_, r) in active.items() if r.stop_reason]:
+                i, req = active.pop(slot)
+                res = self.scheduler.close(req)
+                res.metadata = self.metadata
+                yield i, res
+
+    def _prepare(self, prompt: str, st: GenerationSettings) -> tuple[str, dict[str, list[int]]]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SpecEMError("the prompt is empty; give some text to answer")
+        ids = {n: r.codec.prompt_ids(prompt) for n, r in self.runners.items()}
+        # Room for the prompt plus one round's packed candidates must exist up front.
+        need_scratch = len(self.drafters) * (st.window + 4)
+        for n, p in ids.items():
+            if len(p) + need_scratch > self.config.cache_tokens:
+                raise SpecEMError(
+                    f"the prompt is {len(p)} tokens for {n}, too long for the KV-cache budget of "
+                    f"{self.config.cache_tokens} tokens per request (a round needs {need_scratch} more); "
+                    "shorten the prompt or raise cache_tokens (--cache-tokens)"
+                )
+        return prompt, ids
+
+    # -- one model alone (the baseline) --------------------------------------------
+    def generate_single(
+        self,
+        model: str,
+        prompts: str | Sequence[str],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        ignore_eos: bool = False,
+    ) -> SingleResult | list[SingleResult]:
+        """Plain autoregressive decoding with one member (same template, same runtime)."""
+        if model not in self.runners:
+            raise SpecEMError(f"{model!r} is not part of this ensemble ({', '.join(self.runners)})")
+        st = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        single = isinstance(prompts, str)
+        plist = [prompts] if single else list(prompts)
+        runner = self.runners[model]
+        out: list[SingleResult] = []
+        for start in range(0, len(plist), self.config.max_batch):
+            out += self._decode_alone(runner, plist[start : start + self.config.max_batch], st, ignore_eos)
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def _decode_alone(self, runner: ModelRunner, prompts: list[str], st: GenerationSettings, ignore_eos: bool):
+        t0 = time.perf_counter()
+        ids = [self._prepare(p, st)[1][runner.name] for p in prompts]
+        slots = [self.cache.allocate() for _ in prompts]
+        try:
+            gens = [None if st.greedy else torch.Generator().manual_seed(st.seed) for _ in prompts]
+            h = runner.forward([Run(s, p, 0, 0, 0) for s, p in zip(slots, ids)])
+            ends = torch.tensor([len(p) for p in ids]).cumsum(0) - 1
+            last = h[ends]
+            for s, p in zip(slots, ids):
+                runner.cache.append(s, len(p))
+            new = [[] for _ in prompts]
+            first_token = [0.0] * len(prompts)
+            reason = ["length"] * len(prompts)
+            live = list(range(len(prompts)))
+            while live:
+                toks = choose_tokens(runner.logits(last), st.temperature, st.top_p, [gens[i] for i in live])
+                feed = []
+                for i, tok in zip(live, toks):
+                    if not new[i]:
+                        first_token[i] = time.perf_counter() - t0
+                    if tok in runner.codec.stop_ids and not ignore_eos:
+                        reason[i] = "stop"
+                        continue
+                    new[i].append(tok)
+                    if len(new[i]) < st.max_new_tokens:
+                        feed.append(i)
+                if not feed:
+                    break
+                pos = [runner.cache.append(slots[i], 1) for i in feed]
+                last = runner.forward([Run(slots[i], [new[i][-1]], p, p, p) for i, p in zip(feed, pos)])
+                live = feed
+        finally:
+            for s in slots:
+                self.cache.free(s)
+        dt = time.perf_counter() - t0
+        return [
+            SingleResult(runner.name, p, runner.codec.decode(n), len(n), r, dt, f)
+            for p, n, r, f in zip(prompts, new, reason, first_token)
+        ]
+
+
+def _name_list(value: Sequence[str] | str, what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    if not names or any(not n for n in names):
+        raise SpecEMError(f"the {what} list is empty or has an empty entry; name at least one model")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpecEMError(f"the {what} list names {', '.join(dup)} more than once; list each model once")
+    return names

@@ -1,0 +1,66 @@
+"""What a generation returns: the answer, how it was decided, and what it cost."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Candidate:
+    model: str  # drafter that wrote it
+    text: str  # after word-boundary trimming
+    ended_with_stop: bool
+    draft_tokens: int  # tokens the drafter generated this round
+
+
+@dataclass
+class RoundRecord:
+    index: int  # 1-based round number t
+    candidates: list[Candidate]
+    raw_scores: dict[str, list[float]]  # verifier -> per-candidate mean logprob / logit
+    scores: dict[str, list[float]]  # verifier -> normalised across candidates
+    weights: dict[str, float]  # Hedge weights used for selection (after this round's update)
+    combined: list[float]  # per-candidate weighted score
+    winner: int  # index into candidates
+    winner_model: str
+    seconds: dict[str, float]  # draft / verify / commit
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    text: str
+    stop_reason: str  # "stop" (a stop token), "stop_string", "length", "fast_eos", "empty"
+    new_tokens: int  # answer length in the first model's tokens
+    tokens_per_model: dict[str, int]  # answer length in each model's tokens
+    rounds: list[RoundRecord]
+    timings: dict[str, float]  # draft_s, verify_s, commit_s, total_s, first_segment_s
+    settings: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)  # kernel path, device, mode
+
+    @property
+    def wins(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.rounds:
+            counts[r.winner_model] = counts.get(r.winner_model, 0) + 1
+        return counts
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SingleResult:
+    """One model decoding alone (the baseline the ensemble is measured against)."""
+
+    model: str
+    prompt: str
+    text: str
+    new_tokens: int
+    stop_reason: str
+    seconds: float
+    first_token_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,122 @@
+"""One model of the ensemble: weights, tokenizer, its KV cache, its kernels.
+
+The runtime turns "runs" of tokens (a causal chunk of one request, or one
+verify branch) into a single flat forward over all requests, and scores packed
+candidates with the segment-scoring kernel (Triton on CUDA, torch on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import kernels
+from .kv_cache import CacheShape, ModelCache
+from .modeling.loader import load_transformer, read_config
+from .modeling.transformer import AttnMeta, Transformer
+from .text import TextCodec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Run:
+    """Tokens of one request fed in one forward.
+
+    They are written at physical cache positions ``qpos, qpos+1, ...`` with
+    logical positions ``pos, pos+1, ...``; each sees the cache below
+    ``prefix_len`` and the earlier tokens of this run. A causal chunk has
+    ``qpos == prefix_len == pos``; a verify branch sits in scratch space above
+    the prefix it extends.
+    """
+
+    slot: int
+    tokens: list[int]
+    qpos: int
+    prefix_len: int
+    pos: int
+
+
+class ModelRunner:
+    def __init__(self, name: str, folder: Path, device: str, dtype: str | None, kernel_setting: str):
+        self.name = name
+        self.folder = folder
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = "float32" if self.device.type == "cpu" else "bfloat16"
+        self.dtype = _DTYPES[dtype]
+        cfg = read_config(folder)
+        self.model: Transformer = load_transformer(folder, self.device, self.dtype)
+        self.codec = TextCodec(folder, _generation_eos(folder, cfg))
+        self.triton = kernels.use_triton(self.device, kernel_setting)
+        self.cache: ModelCache | None = None
+        self.tokens_fed = 0  # every token this model ever processed (cost accounting)
+
+    @property
+    def cache_shape(self) -> CacheShape:
+        a = self.model.args
+        return CacheShape(self.name, a.num_layers, a.num_kv_heads, a.head_dim, self.dtype, self.device)
+
+    @property
+    def kernel_path(self) -> str:
+        return "triton" if self.triton else "torch"
+
+    # -- forward -------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, runs: list[Run]) -> torch.Tensor:
+        """Hidden states [sum of run lengths, d], runs concatenated in order."""
+        cols: dict[str, list[int]] = {k: [] for k in ("tok", "slot", "qpos", "pl", "bs", "pos")}
+        for r in runs:
+            n = len(r.tokens)
+            self.cache.check_room(r.slot, r.qpos + n)
+            cols["tok"] += r.tokens
+            cols["slot"] += [r.slot] * n
+            cols["qpos"] += range(r.qpos, r.qpos + n)
+            cols["pl"] += [r.prefix_len] * n
+            cols["bs"] += [r.qpos] * n
+            cols["pos"] += range(r.pos, r.pos + n)
+        t = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in cols.items()}
+        meta = AttnMeta(slot=t["slot"], qpos=t["qpos"], prefix_len=t["pl"], branch_start=t["bs"], positions=t["pos"])
+        self.tokens_fed += len(cols["tok"])
+        k, v = self.cache.k, self.cache.v
+        return self.model(t["tok"], meta, k, v, self._attend_meta)
+
+    def _attend_meta(self, q, k_cache, v_cache, meta: AttnMeta, scale: float, window: int) -> torch.Tensor:
+        fn = kernels.branch_attention if self.triton else kernels.branch_attention_reference
+        return fn(q, k_cache, v_cache, meta.slot, meta.qpos, meta.prefix_len, meta.branch_start, scale, window)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden)
+
+    @torch.inference_mode()
+    def score(self, rows: torch.Tensor, targets: list[int], offsets: list[int]) -> kernels.SegmentScores:
+        """Per-token and per-candidate log-probs/logits of packed candidates.
+
+        Row i of ``rows`` is the hidden state that predicts ``targets[i]``.
+        """
+        t = torch.tensor(targets, dtype=torch.long, device=self.device)
+        o = torch.tensor(offsets, dtype=torch.long, device=self.device)
+        fn = kernels.segment_score if self.triton else kernels.segment_score_reference
+        return fn(rows.contiguous(), self.model.lm_head_weight, t, o, self.model.args.final_softcap)
+
+
+def _generation_eos(folder: Path, cfg: dict) -> list[int]:
+    ids: list[int] = []
+    sources = [cfg]
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        try:
+            sources.append(json.loads(gen.read_text()))
+        except json.JSONDecodeError:
+            pass
+    for src in sources:
+        eos = src.get("eos_token_id")
+        if isinstance(eos, int):
+            ids.append(eos)
+        elif isinstance(eos, list):
+            ids += [int(e) for e in eos]
+    return ids

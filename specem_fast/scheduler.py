@@ -1,0 +1,375 @@
+"""The rounds: draft, verify, select, commit, for a batch of requests.
+
+The scheduler only moves tokens between the model runtimes, the KV-cache
+manager and the scoring functions; the math lives in :mod:`.scoring` and the
+kernels. Cache invariant per (model, request): positions below the cache's
+committed length hold ``ids[:length]``; ``ids[length:]`` is pending and gets
+processed by the model's next forward; when nothing is pending,
+``last_hidden`` is the hidden state of the last committed token, which
+predicts the next one. No committed token is ever processed twice in cached
+mode.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from . import scoring
+from .config import GenerationSettings
+from .results import Candidate, GenerationResult, RoundRecord
+from .runtime import ModelRunner, Run
+from .sampling import choose_tokens
+from .text import trim_to_word_boundary
+
+
+@dataclass
+class SeqState:
+    """One model's view of one request."""
+
+    ids: list[int]
+    prompt_len: int
+    last_hidden: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class Draft:
+    model: str
+    tokens: list[int]  # sampled, stop token excluded
+    fed: int  # tokens[:fed] have K/V above the committed length
+    hiddens: list[torch.Tensor]  # hiddens[j] predicts tokens[j]; len fed + 1
+    ended_with_stop: bool
+    text: str = ""
+    own_ids: list[int] = field(default_factory=list)  # the drafter's encoding of text
+    reuse: int = 0  # leading own_ids whose K/V from drafting is kept
+
+
+@dataclass
+class Branch:
+    """Where a verifier put one candidate in its scratch region."""
+
+    qpos: int
+    fed: int
+    reuse: int
+    final_hidden: torch.Tensor
+
+
+@dataclass
+class Request:
+    prompt: str
+    settings: GenerationSettings
+    slot: int
+    seqs: dict[str, SeqState]
+    weights: dict[str, float]
+    answer: str = ""
+    rounds: list[RoundRecord] = field(default_factory=list)
+    stop_reason: str | None = None
+    timings: dict[str, float] = field(default_factory=lambda: {"draft_s": 0.0, "verify_s": 0.0, "commit_s": 0.0})
+    started: float = field(default_factory=time.perf_counter)
+    first_segment_s: float | None = None
+
+
+class Scheduler:
+    def __init__(self, runners: dict[str, ModelRunner], drafters: list[str], verifiers: list[str], cache):
+        self.runners = runners
+        self.drafters = drafters
+        self.verifiers = verifiers
+        self.learners = [m for m in drafters if m in verifiers]
+        self.cache = cache
+        self.first = drafters[0]
+
+    # -- requests ---------------------------------------------------------------
+    def open(self, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]]) -> Request:
+        slot = self.cache.allocate()
+        seqs = {}
+        for i, (name, r) in enumerate(self.runners.items()):
+            gen = None
+            if not settings.greedy:
+                gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+            seqs[name] = SeqState(ids=list(prompt_ids[name]), prompt_len=len(prompt_ids[name]), generator=gen)
+        weights = {v: 1.0 / len(self.verifiers) for v in self.verifiers}
+        return Request(prompt, settings, slot, seqs, weights)
+
+    def close(self, req: Request) -> GenerationResult:
+        self.cache.free(req.slot)
+        total = time.perf_counter() - req.started
+        counts = {m: len(s.ids) - s.prompt_len for m, s in req.seqs.items()}
+        timings = dict(req.timings, total_s=total, first_segment_s=req.first_segment_s or total)
+        return GenerationResult(
+            prompt=req.prompt,
+            text=req.answer,
+            stop_reason=req.stop_reason or "length",
+            new_tokens=counts[self.first],
+            tokens_per_model=counts,
+            rounds=req.rounds,
+            timings=timings,
+            settings=req.settings.to_dict(),
+        )
+
+    # -- one round for all active requests ---------------------------------------
+    def round(self, reqs: list[Request]) -> Iterator[tuple[Request, RoundRecord]]:
+        recompute = {r.slot for r in reqs if r.settings.mode == "recompute"}
+        t0 = time.perf_counter()
+        drafts = {r.slot: [] for r in reqs}
+        for m in self.drafters:
+            for r, d in zip(reqs, self._draft(m, reqs, recompute)):
+                drafts[r.slot].append(d)
+        t1 = time.perf_counter()
+
+        cands: dict[int, list[Draft]] = {}
+        fast: dict[int, Draft] = {}
+        for r in reqs:
+            ds = drafts[r.slot]
+            cands[r.slot] = [d for d in ds if d.text]
+            if r.settings.fast_eos:
+                ended = [d for d in ds if d.ended_with_stop]
+                if ended:
+                    fast[r.slot] = ended[0]
+        to_verify = [r for r in reqs if r.slot not in fast and cands[r.slot]]
+        branches, raw = self._verify(to_verify, cands, recompute)
+        t2 = time.perf_counter()
+
+        for r in reqs:
+            ds = cands[r.slot]
+            if r.slot in fast:
+                win = fast[r.slot]
+                shown = ds if win in ds else ds + [win]
+                record = self._record(r, shown, {}, {}, [], shown.index(win), win)
+                self._commit(r, win, drafts[r.slot], {})
+                r.stop_reason = "fast_eos"
+            elif not ds:
+                r.stop_reason = "stop" if any(d.ended_with_stop for d in drafts[r.slot]) else "empty"
+                continue
+            else:
+                record, win = self._select(r, ds, raw[r.slot])
+                self._commit(r, win, drafts[r.slot], branches.get(r.slot, {}))
+                self._check_finished(r, win)
+            t3 = time.perf_counter()
+            record.seconds = {"draft": t1 - t0, "verify": t2 - t1, "commit": t3 - t2}
+            r.timings["draft_s"] += t1 - t0
+            r.timings["verify_s"] += t2 - t1
+            r.timings["commit_s"] += t3 - t2
+            if r.first_segment_s is None:
+                r.first_segment_s = t3 - r.started
+            r.rounds.append(record)
+            yield r, record
+
+    # -- draft -------------------------------------------------------------------
+    def _catch_up(self, runner: ModelRunner, reqs: list[Request], extra: list[Run] | None = None):
+        """Process pending tokens (plus optional extra runs) in one forward.
+
+        Returns the hidden states of the extra runs, in order.
+        """
+        cache = runner.cache
+        runs, ends, owners = [], [], []
+        for r in reqs:
+            s = r.seqs[runner.name]
+            start = cache.length[r.slot]
+            pending = s.ids[start:]
+            if pending:
+                runs.append(Run(r.slot, pending, start, start, start))
+                owners.append(r)
+        runs_all = runs + (extra or [])
+        if not runs_all:
+            return torch.empty(0, runner.model.args.hidden_size, dtype=runner.dtype, device=runner.device)
+        h = runner.forward(runs_all)
+        pos = 0
+        for run, r in zip(runs, owners):
+            pos += len(run.tokens)
+            cache.append(r.slot, len(run.tokens))
+            r.seqs[runner.name].last_hidden = h[pos - 1]
+        return h[pos:]
+
+    def _draft(self, m: str, reqs: list[Request], recompute: set[int]) -> list[Draft]:
+        runner = self.runners[m]
+        cache = runner.cache
+        for r in reqs:
+            if r.slot in recompute:  # the reference cost model: no cache across rounds
+                cache.crop(r.slot, 0)
+        self._catch_up(runner, reqs)
+        drafts = [Draft(m, [], 0, [r.seqs[m].last_hidden], False) for r in reqs]
+        limits = [self._window(r) for r in reqs]
+        idx = list(range(len(reqs)))
+        while idx:
+            hidden = torch.stack([drafts[i].hiddens[-1] for i in idx])
+            logits = runner.logits(hidden)
+            toks = self._choose(logits, [reqs[i] for i in idx], m)
+            feed = []
+            for i, tok in zip(idx, toks):
+                d = drafts[i]
+                if tok in runner.codec.stop_ids:
+                    d.ended_with_stop = True
+                    continue
+                d.tokens.append(tok)
+                if len(d.tokens) < limits[i]:
+                    feed.append(i)
+            if not feed:
+                break
+            runs = []
+            for i in feed:
+                d, r = drafts[i], reqs[i]
+                p = cache.length[r.slot] + d.fed
+                runs.append(Run(r.slot, [d.tokens[-1]], p, p, p))
+            h = runner.forward(runs)
+            for j, i in enumerate(feed):
+                drafts[i].fed += 1
+                drafts[i].hiddens.append(h[j])
+            idx = feed
+        for d, r in zip(drafts, reqs):
+            text = runner.codec.decode(d.tokens)
+            d.text = text if d.ended_with_stop else trim_to_word_boundary(text)
+            d.own_ids = runner.codec.encode_segment(d.text) if d.text else []
+            if r.slot not in recompute:
+                d.reuse = _common_prefix(d.own_ids, d.tokens[: d.fed])
+        return drafts
+
+    def _choose(self, logits: torch.Tensor, reqs: list[Request], m: str) -> list[int]:
+        # Requests may differ in sampling settings: group rows by (temperature, top_p).
+        out = [0] * len(reqs)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, r in enumerate(reqs):
+            groups.setdefault((r.settings.temperature, r.settings.top_p), []).append(i)
+        for (temp, top_p), rows in groups.items():
+            gens = [reqs[i].seqs[m].generator for i in rows]
+            for i, t in zip(rows, choose_tokens(logits[rows], temp, top_p, gens)):
+                out[i] = t
+        return out
+
+    def _window(self, r: Request) -> int:
+        done = len(r.seqs[self.first].ids) - r.seqs[self.first].prompt_len
+        return max(1, min(r.settings.window, r.settings.max_new_tokens - done))
+
+    # -- verify ------------------------------------------------------------------
+    def _verify(self, reqs: list[Request], cands: dict[int, list[Draft]], recompute: set[int]):
+        """One forward per verifier over every request's packed candidates."""
+        branches: dict[int, dict[str, list[Branch]]] = {r.slot: {} for r in reqs}
+        raw: dict[int, dict[str, list[float]]] = {r.slot: {} for r in reqs}
+        if not reqs:
+            return branches, raw
+        for v in self.verifiers:
+            runner = self.runners[v]
+            cache = runner.cache
+            for r in reqs:
+                if r.slot in recompute:
+                    cache.crop(r.slot, 0)
+            # Lay out every candidate in scratch space above the prefix.
+            plan = []  # (request, candidate ids, reuse, Run)
+            extra: list[Run] = []
+            pending = {r.slot: len(r.seqs[v].ids) for r in reqs}
+            for r in reqs:
+                P = pending[r.slot]
+                own = [d for d in cands[r.slot] if d.model == v]
+                cursor = P + (own[0].reuse if own else 0)
+                for d in cands[r.slot]:
+                    ids = d.own_ids if d.model == v else runner.codec.encode_segment(d.text)
+                    reuse = d.reuse if d.model == v else 0
+                    run = Run(r.slot, ids[reuse:], cursor, P + reuse, P + reuse)
+                    cursor += len(run.tokens)
+                    plan.append((r, ids, reuse, run, d))
+                    if run.tokens:
+                        extra.append(run)
+            h = self._catch_up(runner, reqs, extra)
+            rows, targets, offsets = [], [], [0]
+            pos = 0
+            for r, ids, reuse, run, d in plan:
+                s = r.seqs[v]
+                n = len(run.tokens)
+                hb = h[pos : pos + n]
+                pos += n
+                if reuse:  # own draft: the drafting pass already has these hiddens
+                    base = d.hiddens[: reuse + 1]
+                else:
+                    base = [s.last_hidden]
+                seq = torch.cat([torch.stack(base), hb]) if n else torch.stack(base)
+                rows.append(seq[: len(ids)])
+                targets += ids
+                offsets.append(offsets[-1] + len(ids))
+                branches[r.slot].setdefault(v, []).append(Branch(run.qpos, n, reuse, seq[len(ids)]))
+            sc = runner.score(torch.cat(rows), targets, offsets)
+            means_lp, means_lg = sc.mean_logprob.tolist(), sc.mean_logit.tolist()
+            c = 0
+            for r in reqs:
+                k = len(cands[r.slot])
+                src = means_lp if r.settings.score == "logprob" else means_lg
+                raw[r.slot][v] = src[c : c + k]
+                c += k
+        return branches, raw
+
+    # -- select & commit -----------------------------------------------------------
+    def _select(self, r: Request, ds: list[Draft], raw: dict[str, list[float]]):
+        st = r.settings
+        t = len(r.rounds) + 1
+        norm = {v: scoring.normalise(raw[v], st.score) for v in self.verifiers}
+        if st.hedge_lr is None:
+            weights = None
+        else:
+            rewards = scoring.win_rate_rewards(norm, [d.model for d in ds], self.learners)
+            eta = scoring.hedge_learning_rate(st.hedge_lr, len(self.learners), t)
+            r.weights = scoring.hedge_update(r.weights, rewards, eta)
+            weights = r.weights
+        combined = scoring.combine(norm, weights)
+        w = scoring.argmax_first(combined)
+        return self._record(r, ds, raw, norm, combined, w, ds[w]), ds[w]
+
+    def _record(self, r, ds, raw, norm, combined, w, win) -> RoundRecord:
+        return RoundRecord(
+            index=len(r.rounds) + 1,
+            candidates=[Candidate(d.model, d.text, d.ended_with_stop, len(d.tokens)) for d in ds],
+            raw_scores=raw,
+            scores=norm,
+            weights=dict(r.weights),
+            combined=combined,
+            winner=w,
+            winner_model=win.model,
+            seconds={},
+        )
+
+    def _commit(self, r: Request, win: Draft, drafts: list[Draft], branches: dict[str, list[Branch]]):
+        """Append the winner's text to every model's sequence, keeping reusable K/V."""
+        r.answer += win.text
+        for m, runner in self.runners.items():
+            s = r.seqs[m]
+            cache = runner.cache
+            P = cache.length[r.slot]
+            assert P == len(s.ids) or m not in branches, "verifier must be caught up"
+            ids = win.own_ids if win.model == m else runner.codec.encode_segment(win.text)
+            if m in branches:
+                b = branches[m][[d.model for d in self._cands_of(r, drafts)].index(win.model)]
+                cache.commit(r.slot, P, b.reuse)
+                cache.commit(r.slot, b.qpos, b.fed)
+                s.last_hidden = b.final_hidden
+            elif win.model == m and P == len(s.ids):
+                cache.commit(r.slot, P, win.reuse)
+                if win.reuse == len(ids):
+                    s.last_hidden = win.hiddens[win.reuse]
+            s.ids += ids
+
+    @staticmethod
+    def _cands_of(r: Request, drafts: list[Draft]) -> list[Draft]:
+        return [d for d in drafts if d.text]
+
+    def _check_finished(self, r: Request, win: Draft) -> None:
+        st = r.settings
+        for stop in st.stop:
+            cut = r.answer.find(stop)
+            if cut >= 0:
+                r.answer = r.answer[:cut]
+                r.stop_reason = "stop_string"
+                return
+        if win.ended_with_stop:
+            r.stop_reason = "stop"
+        elif len(r.seqs[self.first].ids) - r.seqs[self.first].prompt_len >= st.max_new_tokens:
+            r.stop_reason = "length"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
