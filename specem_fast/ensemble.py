@@ -94,7 +94,7 @@ class Ensemble:
         """Generate an answer for one prompt (returns one result) or a list."""
         single = isinstance(prompts, str)
         results = [None] * (1 if single else len(prompts))
-        for i, res in self._run(prompts, settings):
+        for i, res in self.events(prompts, settings):
             if isinstance(res, GenerationResult):
                 results[i] = res
         return results[0] if single else results
@@ -103,11 +103,13 @@ class Ensemble:
         """Yield accepted segments as they are decided; the last item's round ends the answer."""
         if not isinstance(prompt, str):
             raise SpecEMError("stream() takes one prompt string; use generate() for a list")
-        for _, ev in self._run(prompt, settings):
+        for _, ev in self.events(prompt, settings):
             if isinstance(ev, RoundRecord):
                 yield Segment(ev.candidates[ev.winner].text, ev.winner_model, ev)
 
-    def _run(self, prompts, overrides) -> Iterator[tuple[int, object]]:
+    def events(self, prompts: str | Sequence[str], overrides: dict) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
+        """Drive the rounds; yields (prompt index, RoundRecord) per accepted segment
+        and (prompt index, GenerationResult) when a request finishes."""
         st = GenerationSettings().with_overrides(**overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:

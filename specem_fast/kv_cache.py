@@ -40,6 +40,9 @@ class ModelCache:
         self.k = torch.empty(dims, dtype=shape.dtype, device=shape.device)
         self.v = torch.empty(dims, dtype=shape.dtype, device=shape.device)
         self.length = [0] * num_slots
+        # Highest committed length each slot has reached: a token written below
+        # it is a recomputation (what the `recompute` mode does on purpose).
+        self.high = [0] * num_slots
 
     @property
     def bytes(self) -> int:
@@ -58,6 +61,7 @@ class ModelCache:
         start = self.length[slot]
         self.check_room(slot, start + n)
         self.length[slot] = start + n
+        self.high[slot] = max(self.high[slot], start + n)
         return start
 
     def commit(self, slot: int, src: int, n: int) -> None:
@@ -69,6 +73,7 @@ class ModelCache:
             self.k[:, slot, :, dst : dst + n] = self.k[:, slot, :, src : src + n].clone()
             self.v[:, slot, :, dst : dst + n] = self.v[:, slot, :, src : src + n].clone()
         self.length[slot] = dst + n
+        self.high[slot] = max(self.high[slot], dst + n)
 
     def crop(self, slot: int, n: int) -> None:
         if not 0 <= n <= self.length[slot]:
@@ -101,12 +106,12 @@ class KVCacheManager:
             raise CacheFullError(f"all {self.num_slots} request slots are in use; raise max_batch or wait for a request to finish")
         slot = self._free.pop()
         for m in self.models.values():
-            m.length[slot] = 0
+            m.length[slot] = m.high[slot] = 0
         return slot
 
     def free(self, slot: int) -> None:
         if slot in self._free or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not allocated")
         for m in self.models.values():
-            m.length[slot] = 0
+            m.length[slot] = m.high[slot] = 0
         self._free.append(slot)

@@ -54,6 +54,7 @@ class ModelRunner:
         self.triton = kernels.use_triton(self.device, kernel_setting)
         self.cache: ModelCache | None = None
         self.tokens_fed = 0  # every token this model ever processed (cost accounting)
+        self.tokens_refed = 0  # of those, tokens written below a committed high-water mark
 
     @property
     def cache_shape(self) -> CacheShape:
@@ -72,6 +73,7 @@ class ModelRunner:
         for r in runs:
             n = len(r.tokens)
             self.cache.check_room(r.slot, r.qpos + n)
+            self.tokens_refed += max(0, min(self.cache.high[r.slot] - r.qpos, n))
             cols["tok"] += r.tokens
             cols["slot"] += [r.slot] * n
             cols["qpos"] += range(r.qpos, r.qpos + n)

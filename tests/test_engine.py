@@ -1,0 +1,171 @@
+"""The rounds end to end on tiny random models with the real tokenizers."""
+
+import pytest
+import torch
+
+from specem_fast import Ensemble, scoring
+from specem_fast.errors import SpecEMError
+
+PROMPTS = ["Write a short poem about the sea.", "What is 17 plus 25?", "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    names = [str(tiny_dirs[a]) for a in ("llama", "qwen2", "gemma3_text")]
+    return Ensemble.from_pretrained(names, cache_tokens=1024, max_batch=4)
+
+
+def texts(results):
+    return [r.text for r in results]
+
+
+def test_cached_equals_recompute_and_never_recomputes(tiny):
+    for r in tiny.runners.values():
+        r.tokens_refed = 0
+    cached = tiny.generate(PROMPTS[0], max_new_tokens=40, window=6)
+    assert all(r.tokens_refed == 0 for r in tiny.runners.values())
+    rec = tiny.generate(PROMPTS[0], max_new_tokens=40, window=6, mode="recompute")
+    assert all(r.tokens_refed > 0 for r in tiny.runners.values())
+    assert cached.text == rec.text and len(cached.text) > 0
+    assert [x.winner_model for x in cached.rounds] == [x.winner_model for x in rec.rounds]
+    for a, b in zip(cached.rounds, rec.rounds):
+        for v in a.raw_scores:
+            assert a.raw_scores[v] == pytest.approx(b.raw_scores[v], abs=1e-4)
+
+
+def test_batched_equals_alone_greedy_and_sampled(tiny):
+    alone = [tiny.generate(p, max_new_tokens=25, window=5) for p in PROMPTS]
+    batched = tiny.generate(PROMPTS, max_new_tokens=25, window=5)
+    assert texts(batched) == texts(alone)
+    kw = dict(max_new_tokens=25, window=5, temperature=0.8, top_p=0.9, seed=7)
+    s_alone = [tiny.generate(p, **kw) for p in PROMPTS]
+    s_batch = tiny.generate(PROMPTS, **kw)
+    assert texts(s_batch) == texts(s_alone)
+    again = tiny.generate(PROMPTS[0], **kw)
+    assert again.text == s_alone[0].text
+
+
+def test_round_scores_equal_an_independent_transformers_computation(tiny):
+    from transformers import AutoModelForCausalLM
+
+    res = tiny.generate(PROMPTS[2], max_new_tokens=20, window=4)
+    assert len(res.rounds) >= 2
+    answer_so_far = ""
+    for rd in res.rounds[:2]:
+        for v, runner in tiny.runners.items():
+            hf = AutoModelForCausalLM.from_pretrained(str(runner.folder), dtype=torch.float64).eval()
+            prefix = runner.codec.prompt_ids(PROMPTS[2]) + (runner.codec.encode_segment(answer_so_far) if answer_so_far else [])
+            expect = []
+            for c in rd.candidates:
+                ids = runner.codec.encode_segment(c.text)
+                with torch.no_grad():
+                    lp = torch.log_softmax(hf(torch.tensor([prefix + ids])).logits[0], -1)
+                expect.append(float(torch.stack([lp[len(prefix) - 1 + j, t] for j, t in enumerate(ids)]).mean()))
+            assert rd.raw_scores[v] == pytest.approx(expect, abs=2e-3)
+        answer_so_far += rd.candidates[rd.winner].text
+
+
+def test_hedge_weights_follow_the_recorded_scores(tiny):
+    res = tiny.generate(PROMPTS[0], max_new_tokens=40, window=4, hedge_lr=5.0)
+    names = tiny.model_names
+    w = {n: 1 / 3 for n in names}
+    for rd in res.rounds:
+        if not rd.scores:
+            continue
+        rewards = scoring.win_rate_rewards(rd.scores, [c.model for c in rd.candidates], names)
+        w = scoring.hedge_update(w, rewards, scoring.hedge_learning_rate(5.0, 3, rd.index))
+        assert rd.weights == pytest.approx(w)
+        assert rd.winner == scoring.argmax_first(scoring.combine(rd.scores, w))
+
+
+def test_text_handoff_round_trips_for_every_model(tiny):
+    res = tiny.generate(PROMPTS[0], max_new_tokens=60, window=7)
+    for n, runner in tiny.runners.items():
+        seq = []
+        for rd in res.rounds:
+            seq += runner.codec.encode_segment(rd.candidates[rd.winner].text)
+        assert runner.codec.decode(seq) == res.text
+        assert len(seq) == res.tokens_per_model[n]
+
+
+def test_separate_verifiers_logit_mode_and_hedge_off(tiny_dirs):
+    drafters = [str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])]
+    verifier = [str(tiny_dirs["gemma3_text"])]
+    ens = Ensemble.from_pretrained(drafters, verifier, cache_tokens=512, max_batch=2)
+    res = ens.generate(PROMPTS[1], max_new_tokens=20, window=5, score="logit", hedge_lr="off")
+    for rd in res.rounds:
+        if rd.raw_scores:
+            assert list(rd.raw_scores) == verifier
+            raw = rd.raw_scores[verifier[0]]
+            assert rd.scores[verifier[0]] == pytest.approx([x / sum(raw) for x in raw])
+            assert rd.combined == pytest.approx(rd.scores[verifier[0]])
+    assert {c.model for rd in res.rounds for c in rd.candidates} <= set(drafters)
+
+
+def test_max_new_tokens_and_stop_strings(tiny):
+    res = tiny.generate(PROMPTS[0], max_new_tokens=12, window=5)
+    assert res.stop_reason in ("length", "stop", "empty")
+    if res.stop_reason == "length":
+        assert 12 <= res.new_tokens <= 12 + 5
+    full = tiny.generate(PROMPTS[0], max_new_tokens=40, window=5).text
+    words = [w for w in full.split(" ") if len(w) > 2]
+    stop = words[len(words) // 2]
+    cut = tiny.generate(PROMPTS[0], max_new_tokens=40, window=5, stop=[stop])
+    assert cut.stop_reason == "stop_string"
+    assert cut.text == full[: full.find(stop)]
+
+
+def test_stream_yields_the_accepted_segments(tiny):
+    segs = list(tiny.stream(PROMPTS[1], max_new_tokens=20, window=5))
+    res = tiny.generate(PROMPTS[1], max_new_tokens=20, window=5)
+    assert "".join(s.text for s in segs) == res.text
+    assert [s.model for s in segs] == [rd.winner_model for rd in res.rounds]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(window=0), "window must be an integer >= 1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be"),
+        (dict(temperature=-0.1), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(score="prob"), "score must be one of"),
+        (dict(mode="fast"), "mode must be one of"),
+        (dict(windw=3), "unknown generation setting"),
+    ],
+)
+def test_bad_settings_are_clear_errors(tiny, settings, message):
+    with pytest.raises(SpecEMError, match=message):
+        tiny.generate(PROMPTS[0], **settings)
+
+
+def test_bad_prompts_and_model_lists(tiny, tiny_dirs):
+    with pytest.raises(SpecEMError, match="prompt is empty"):
+        tiny.generate("   ")
+    with pytest.raises(SpecEMError, match="too long for the KV-cache budget"):
+        tiny.generate("word " * 2000)
+    with pytest.raises(SpecEMError, match="more than once"):
+        Ensemble.from_pretrained([str(tiny_dirs["llama"])] * 2)
+    with pytest.raises(SpecEMError, match="empty"):
+        Ensemble.from_pretrained([])
+    with pytest.raises(SpecEMError, match="unknown model"):
+        Ensemble.from_pretrained(["no-such-model"])
+    # nothing leaked: every slot is free again
+    assert tiny.cache.free_slots == tiny.config.max_batch
+
+
+def test_single_model_baseline_matches_a_plain_greedy_loop(tiny):
+    name = tiny.model_names[1]
+    runner = tiny.runners[name]
+    out = tiny.generate_single(name, PROMPTS[1], max_new_tokens=8, ignore_eos=True)
+    assert out.new_tokens == 8
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(runner.folder), dtype=torch.float32).eval()
+    ids = runner.codec.prompt_ids(PROMPTS[1])
+    new = []
+    with torch.no_grad():
+        for _ in range(8):
+            new.append(int(hf(torch.tensor([ids + new])).logits[0, -1].argmax()))
+    assert out.text == runner.codec.decode(new)
