@@ -19,6 +19,12 @@ from .reference import (
     visibility_mask,
 )
 
+# Triton kernels. These modules import triton inside a guard, so this import
+# works where triton is missing (macOS); calling a kernel then raises.
+# TRITON_INTERPRET=1 (CPU interpreter) must be set before this import.
+from .branch_attention import BranchAttentionPlan, branch_attention, plan_branch_attention
+from .segment_score import HAS_TRITON, segment_score, segment_score_grouped
+
 
 def use_triton(device: torch.device | str, setting: str = "auto") -> bool:
     choice = os.environ.get("SPECEM_KERNELS", "").strip().lower() or setting
@@ -30,8 +36,14 @@ def use_triton(device: torch.device | str, setting: str = "auto") -> bool:
 
 
 __all__ = [
+    "HAS_TRITON",
+    "BranchAttentionPlan",
     "SegmentScores",
+    "branch_attention",
     "branch_attention_reference",
+    "plan_branch_attention",
+    "segment_score",
+    "segment_score_grouped",
     "segment_score_reference",
     "use_triton",
     "visibility_mask",

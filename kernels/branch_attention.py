@@ -1,0 +1,483 @@
+"""Packed-branch attention (Triton): shared prefix + short branches, one pass.
+
+Semantics are those of :func:`~specem_fast.kernels.reference.branch_attention_reference`:
+query t (in cache slot ``slot[t]``) sees cache keys ``j < prefix_len[t]`` and
+``branch_start[t] <= j <= qpos[t]``; with ``window > 0`` only keys whose
+logical position is within ``window`` of the query's (Gemma-3 sliding layers).
+
+Design (after FlashAttention / FlashInfer cascade attention):
+
+* Queries are grouped by slot into blocks (a host-side *plan*, built once per
+  verify forward and reusable by every layer). One program handles one block of
+  queries x one KV head: its rows are (query, q-head-of-the-group) pairs, so all
+  queries of the block AND all q heads sharing the KV head (GQA) reuse every K/V
+  tile it loads -- the prefix is read once per block, not once per query token.
+* Per block the program visits only the key tiles that can be visible: the
+  prefix range (cut from below by the sliding window) and the branch range
+  ``[min branch_start, max qpos]``; the gap between them (other requests' or
+  stale cache) is skipped. The exact visibility rule is applied per element.
+* Long prefixes with few queries are split over the key tiles (flash-decoding):
+  each split writes an unnormalised partial output and its (max, sum-exp); a
+  small merge kernel combines them by log-sum-exp. With one split the kernel
+  normalises and writes the output directly.
+* fp32 accumulation; the output is in q's dtype; optionally returns the
+  natural-log LSE per (token, head), ``[T, Hq]`` fp32, for merging with another
+  attention over other keys (e.g. flash-attn over the prefix).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+try:  # Triton is optional: `import specem_fast.kernels` must work without it.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["BranchAttentionConfig", "BranchAttentionPlan", "branch_attention", "plan_branch_attention"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_MAX_HEAD_DIM = 256
+
+# Tests set this to True: split partial buffers are filled with NaN.
+POISON_SCRATCH = False
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _attn_tile(
+        acc, m_i, l_i, q, k_base, v_base, n0, stride_kl, stride_vl, offs_d, d_mask, Lmax,
+        pl, bs, qp, q_log, window, qk_scale,
+        HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lmax
+        kv_mask = n_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        j = offs_n[None, :]
+        in_prefix = j < pl[:, None]
+        vis = in_prefix | ((j >= bs[:, None]) & (j <= qp[:, None]))
+        if HAS_WINDOW:
+            k_log = tl.where(in_prefix, j, pl[:, None] + (j - bs[:, None]))
+            vis = vis & ((q_log[:, None] - k_log) < window)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n.to(tl.int64)[:, None] * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _branch_attn_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
+        order_ptr, bstart_ptr, bcount_ptr, slot_ptr, qpos_ptr, plen_ptr, bst_ptr,
+        qk_scale, window, T, Hq, Lmax, D, num_splits,
+        stride_qt, stride_qh, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
+        stride_ot, stride_oh,
+        GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        LN2: tl.constexpr = 0.6931471805599453
+        BIG: tl.constexpr = 1073741824
+        blk = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+
+        start = tl.load(bstart_ptr + blk)
+        cnt = tl.load(bcount_ptr + blk)
+        r = tl.arange(0, BLOCK_R)
+        qi = r // GROUP
+        r_ok = qi < cnt
+        t = tl.load(order_ptr + start + qi, mask=r_ok, other=0).to(tl.int32)
+        h = kvh * GROUP + (r % GROUP)
+        t_first = tl.load(order_ptr + start)
+        s_idx = tl.load(slot_ptr + t_first).to(tl.int64)
+        qp = tl.load(qpos_ptr + t, mask=r_ok, other=0).to(tl.int32)
+        pl = tl.load(plen_ptr + t, mask=r_ok, other=0).to(tl.int32)
+        bs = tl.load(bst_ptr + t, mask=r_ok, other=0).to(tl.int32)
+        q_log = pl + (qp - bs)
+
+        # Key tile ranges: A = prefix, B = branches (merged when they overlap).
+        a1 = tl.max(tl.where(r_ok, pl, 0), axis=0)
+        if HAS_WINDOW:
+            a0 = tl.maximum(tl.min(tl.where(r_ok, q_log - window + 1, BIG), axis=0), 0)
+        else:
+            a0 = a1 * 0
+        A0 = (a0 // BLOCK_N) * BLOCK_N
+        nA = tl.where(a1 > a0, (a1 - A0 + BLOCK_N - 1) // BLOCK_N, 0)
+        endA = A0 + nA * BLOCK_N
+        b0 = tl.min(tl.where(r_ok, bs, BIG), axis=0)
+        b1 = tl.max(tl.where(r_ok, qp, -1), axis=0) + 1
+        B0 = (b0 // BLOCK_N) * BLOCK_N
+        overlap = (nA > 0) & (B0 < endA)
+        U0 = tl.minimum(A0, B0)
+        nU = (tl.maximum(endA, b1) - U0 + BLOCK_N - 1) // BLOCK_N
+        A0 = tl.where(overlap, U0, A0)
+        nA = tl.where(overlap, nU, nA)
+        nB = tl.where(overlap, 0, (b1 - B0 + BLOCK_N - 1) // BLOCK_N)
+        total = nA + nB
+        tps = (total + num_splits - 1) // num_splits
+        i0 = sp * tps
+        i1 = tl.minimum(i0 + tps, total)
+
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        q_rows = q_ptr + t.to(tl.int64)[:, None] * stride_qt + h[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_rows, mask=r_ok[:, None] & d_mask[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        k_base = k_ptr + s_idx * stride_ks + kvh.to(tl.int64) * stride_kh
+        v_base = v_ptr + s_idx * stride_vs + kvh.to(tl.int64) * stride_vh
+        qk_scale = qk_scale * LOG2E
+
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        for i in range(i0, tl.minimum(i1, nA)):
+            acc, m_i, l_i = _attn_tile(
+                acc, m_i, l_i, q, k_base, v_base, A0 + i * BLOCK_N, stride_kl, stride_vl, offs_d, d_mask, Lmax,
+                pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
+            )
+        for i in range(tl.maximum(i0, nA), i1):
+            acc, m_i, l_i = _attn_tile(
+                acc, m_i, l_i, q, k_base, v_base, B0 + (i - nA) * BLOCK_N, stride_kl, stride_vl, offs_d, d_mask,
+                Lmax, pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
+            )
+
+        row_mask = r_ok[:, None] & d_mask[None, :]
+        if SPLIT:
+            prow = (sp * T + t).to(tl.int64) * Hq + h
+            tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_mask)
+            tl.store(pm_ptr + prow, m_i, mask=r_ok)
+            tl.store(pl_ptr + prow, l_i, mask=r_ok)
+        else:
+            l_safe = tl.where(r_ok, l_i, 1.0)
+            o = acc / l_safe[:, None]
+            o_rows = o_ptr + t.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_rows, o.to(o_ptr.dtype.element_ty), mask=row_mask)
+            if RETURN_LSE:
+                tl.store(lse_ptr + t.to(tl.int64) * Hq + h, (m_i + tl.log2(l_safe)) * LN2, mask=r_ok)
+
+    @triton.jit
+    def _branch_merge_kernel(
+        po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, T, Hq, D, num_splits, stride_ot, stride_oh,
+        RETURN_LSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        LN2: tl.constexpr = 0.6931471805599453
+        t = tl.program_id(0)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < Hq
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = h_ok[:, None] & (offs_d < D)[None, :]
+        m_max = tl.full([BLOCK_H], -1.0e30, tl.float32)
+        for sp in range(0, num_splits):
+            row = (sp * T + t).to(tl.int64) * Hq + offs_h
+            m_max = tl.maximum(m_max, tl.load(pm_ptr + row, mask=h_ok, other=-1.0e30))
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        for sp in range(0, num_splits):
+            row = (sp * T + t).to(tl.int64) * Hq + offs_h
+            w = tl.exp2(tl.load(pm_ptr + row, mask=h_ok, other=-1.0e30) - m_max)
+            l += w * tl.load(pl_ptr + row, mask=h_ok, other=0.0)
+            part = tl.load(po_ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+            acc += part * w[:, None]
+        l_safe = tl.where(h_ok, l, 1.0)
+        o = acc / l_safe[:, None]
+        o_rows = o_ptr + t.to(tl.int64) * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_rows, o.to(o_ptr.dtype.element_ty), mask=mask)
+        if RETURN_LSE:
+            tl.store(lse_ptr + t.to(tl.int64) * Hq + offs_h, (m_max + tl.log2(l_safe)) * LN2, mask=h_ok)
+
+
+@dataclass(frozen=True)
+class BranchAttentionConfig:
+    """Tile sizes. ``block_r`` rows = (query, q head) pairs per program."""
+
+    block_r: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+
+
+@dataclass(frozen=True)
+class BranchAttentionPlan:
+    """Host-side block table for one set of packed queries (reusable across layers).
+
+    Build it once per verify forward with :func:`plan_branch_attention` and pass
+    it as ``plan=`` to every layer's :func:`branch_attention` call: the launch
+    then needs no device->host sync.
+    """
+
+    num_tokens: int
+    group: int
+    block_r: int
+    order: torch.Tensor  # [T] int32: token indices sorted by slot (stable)
+    blk_start: torch.Tensor  # [NB] int32: first position in `order` of each block
+    blk_count: torch.Tensor  # [NB] int32: queries in each block
+    # host copies per block, to size the key splits
+    blk_min_qlog: np.ndarray
+    blk_max_pl: np.ndarray
+    blk_min_bs: np.ndarray
+    blk_max_qp: np.ndarray
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.blk_start.shape[0])
+
+    def max_tiles(self, block_n: int, window: int) -> int:
+        """Largest number of key tiles any block visits (upper bound)."""
+        pl, bs, qp = self.blk_max_pl, self.blk_min_bs, self.blk_max_qp
+        a0 = np.maximum(self.blk_min_qlog - window + 1, 0) if window > 0 else np.zeros_like(pl)
+        n_a = np.where(pl > a0, (pl - (a0 // block_n) * block_n + block_n - 1) // block_n, 0)
+        n_b = (qp + 1 - (bs // block_n) * block_n + block_n - 1) // block_n
+        return int((n_a + n_b).max()) if len(pl) else 0
+
+
+def _interpreting() -> bool:
+    return HAS_TRITON and type(_branch_attn_kernel).__name__ == "InterpretedFunction"
+
+
+def _default_config(head_dim: int, device: torch.device) -> BranchAttentionConfig:
+    if device.type != "cuda" or _interpreting():
+        return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=1)
+    if head_dim <= 64:
+        return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=2)
+    return BranchAttentionConfig(block_r=64, block_n=32, num_warps=8, num_stages=2)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda" or _interpreting():
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("slot", slot), ("qpos", qpos),
+                    ("prefix_len", prefix_len), ("branch_start", branch_start)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [S, Hkv, Lmax, D], got shape {tuple(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
+    t_, hq, d = q.shape
+    s_, hkv, lmax, dk = k_cache.shape
+    if dk != d:
+        raise ValueError(f"head_dim mismatch: q has D={d}, k_cache has D={dk}")
+    if d < 1 or d > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in 1..{_MAX_HEAD_DIM}, got {d}")
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of kv heads ({hkv})")
+    if s_ < 1 or lmax < 1:
+        raise ValueError(f"empty cache: shape {tuple(k_cache.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q dtype {q.dtype} unsupported (float32, float16, bfloat16)")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"k_cache/v_cache dtypes ({k_cache.dtype}, {v_cache.dtype}) must equal q's ({q.dtype})")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("slot", slot), ("qpos", qpos),
+                    ("prefix_len", prefix_len), ("branch_start", branch_start)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} needs a contiguous last (head_dim) dimension")
+    for name, t in (("slot", slot), ("qpos", qpos), ("prefix_len", prefix_len), ("branch_start", branch_start)):
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != t_:
+            raise ValueError(f"{name} must be [T={t_}], got shape {tuple(t.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = no window), got {window!r}")
+    if q.device.type == "cpu" and not _interpreting():
+        raise ValueError(
+            "tensors are on the CPU but Triton is not in interpreter mode: set TRITON_INTERPRET=1 before "
+            "importing specem_fast.kernels, or use branch_attention_reference on CPU"
+        )
+
+
+def plan_branch_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    slot: torch.Tensor,
+    qpos: torch.Tensor,
+    prefix_len: torch.Tensor,
+    branch_start: torch.Tensor,
+    *,
+    block_r: int | None = None,
+) -> BranchAttentionPlan:
+    """Group queries by slot into blocks and check index values (one sync).
+
+    Only q's and k_cache's shapes are used, so one plan serves every layer.
+    """
+    t_, hq, d = q.shape
+    s_, hkv, lmax, _ = k_cache.shape
+    group = hq // hkv
+    if block_r is None:
+        block_r = _default_config(d, q.device).block_r
+    block_r = max(block_r, _next_pow2(group), 16)
+    idx = torch.stack([slot.long(), qpos.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
+    sl, qp, pl, bs = idx
+    if t_:
+        if sl.min() < 0 or sl.max() >= s_:
+            raise ValueError(f"slot values must lie in [0, S={s_}), got {sl.min()}..{sl.max()}")
+        if pl.min() < 0 or pl.max() > lmax:
+            raise ValueError(f"prefix_len must lie in [0, Lmax={lmax}], got {pl.min()}..{pl.max()}")
+        if qp.max() >= lmax:
+            raise ValueError(f"qpos must be < Lmax={lmax}, got max {qp.max()}")
+        bad = np.nonzero((bs < 0) | (bs > qp))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"need 0 <= branch_start <= qpos: token {i} has branch_start={bs[i]} qpos={qp[i]}")
+    order = np.argsort(sl, kind="stable")
+    qpb = max(1, block_r // group)
+    starts, counts = [], []
+    i = 0
+    while i < t_:
+        j = i
+        while j < t_ and sl[order[j]] == sl[order[i]]:
+            j += 1
+        for s in range(i, j, qpb):
+            starts.append(s)
+            counts.append(min(qpb, j - s))
+        i = j
+    qlog = pl + (qp - bs)
+    mins = lambda a: np.array([a[order[s : s + c]].min() for s, c in zip(starts, counts)], dtype=np.int64)  # noqa: E731
+    maxs = lambda a: np.array([a[order[s : s + c]].max() for s, c in zip(starts, counts)], dtype=np.int64)  # noqa: E731
+    dev = q.device
+    return BranchAttentionPlan(
+        num_tokens=t_, group=group, block_r=block_r,
+        order=torch.from_numpy(order.astype(np.int32)).to(dev),
+        blk_start=torch.tensor(starts, dtype=torch.int32).to(dev),
+        blk_count=torch.tensor(counts, dtype=torch.int32).to(dev),
+        blk_min_qlog=mins(qlog), blk_max_pl=maxs(pl), blk_min_bs=mins(bs), blk_max_qp=maxs(qp),
+    )
+
+
+def branch_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    qpos: torch.Tensor,
+    prefix_len: torch.Tensor,
+    branch_start: torch.Tensor,
+    scale: float,
+    window: int = 0,
+    *,
+    plan: BranchAttentionPlan | None = None,
+    return_lse: bool = False,
+    out: torch.Tensor | None = None,
+    config: BranchAttentionConfig | None = None,
+    precision: str | None = None,
+):
+    """Attention of packed query tokens over a slotted KV cache (Triton).
+
+    Same contract as :func:`~specem_fast.kernels.reference.branch_attention_reference`.
+    ``plan`` (from :func:`plan_branch_attention` on the same index tensors)
+    avoids rebuilding the block table (and its device->host sync) per layer.
+    ``return_lse=True`` returns ``(out, lse)`` with ``lse`` [T, Hq] fp32
+    (natural log). ``out`` optionally supplies the [T, Hq, D] contiguous output.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: use branch_attention_reference (specem_fast.kernels.reference)")
+    _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window)
+    t_, hq, d = q.shape
+    s_, hkv, lmax, _ = k_cache.shape
+    group = hq // hkv
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+          or out.device != q.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+    lse = torch.empty((t_, hq), dtype=torch.float32, device=q.device) if return_lse else None
+    if t_ == 0:
+        return (out, lse) if return_lse else out
+    cfg = config or _default_config(d, q.device)
+    if plan is None:
+        plan = plan_branch_attention(q, k_cache, slot, qpos, prefix_len, branch_start, block_r=cfg.block_r)
+    elif not isinstance(plan, BranchAttentionPlan) or plan.num_tokens != t_ or plan.group != group:
+        raise ValueError("plan does not match these inputs (token count or GQA group differ): rebuild it")
+    if plan.order.device != q.device:
+        raise ValueError(f"plan is on {plan.order.device} but q is on {q.device}")
+    block_r = plan.block_r
+    block_d = max(16, _next_pow2(d))
+    nb = plan.num_blocks
+    max_tiles = plan.max_tiles(cfg.block_n, window)
+    if cfg.num_splits:
+        splits = cfg.num_splits
+    else:
+        base = nb * hkv
+        want = _cdiv(2 * _num_sms(q.device), base)
+        splits = min(want, max(1, max_tiles // 4))  # >= 4 key tiles per split
+    splits = max(1, min(splits, max(1, max_tiles)))
+    split = splits > 1
+    if split:
+        shape = (splits, t_, hq)
+        fill = torch.full if POISON_SCRATCH else (lambda s, v, **kw: torch.empty(s, **kw))
+        po = fill(shape + (d,), float("nan"), dtype=torch.float32, device=q.device)
+        pm = fill(shape, float("nan"), dtype=torch.float32, device=q.device)
+        pl = fill(shape, float("nan"), dtype=torch.float32, device=q.device)
+    else:
+        po = pm = pl = out  # unused
+    upcast = _interpreting()
+    if precision is None:
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    elif precision not in ("ieee", "tf32", "tf32x3"):
+        raise ValueError(f"precision must be 'ieee', 'tf32' or 'tf32x3', got {precision!r}")
+    lse_arg = lse if lse is not None else out
+    _branch_attn_kernel[(nb, hkv, splits)](
+        q, k_cache, v_cache, out, lse_arg, po, pm, pl,
+        plan.order, plan.blk_start, plan.blk_count, slot, qpos, prefix_len, branch_start,
+        float(scale), int(window), t_, hq, lmax, d, splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_R=block_r, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        HAS_WINDOW=window > 0, SPLIT=split, RETURN_LSE=return_lse,
+        UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        block_h = max(1, min(_next_pow2(hq), 2048 // block_d))
+        _branch_merge_kernel[(t_, _cdiv(hq, block_h))](
+            po, pm, pl, out, lse_arg, t_, hq, d, splits, out.stride(0), out.stride(1),
+            RETURN_LSE=return_lse, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
+        )
+    return (out, lse) if return_lse else out
