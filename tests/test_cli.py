@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specem_fast.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_on_tiny_models(tiny_dirs, capsys, tmp_path):
+    models = f"{tiny_dirs['llama']},{tiny_dirs['gemma3_text']}"
+    code, out, err = run_cli(capsys, "generate", "--models", models, "--prompt", "Say hello.",
+                             "--max-new-tokens", "12", "--window", "4", "--json", "--cache-tokens", "512")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["text"] and res["rounds"] and res["stop_reason"] in ("length", "stop", "empty", "stop_string")
+    assert res["settings"]["window"] == 4
+    assert set(res["metadata"]["kernels"].values()) == {"torch"}
+    assert "".join(r["candidates"][r["winner"]]["text"] for r in res["rounds"]) == res["text"]
+
+
+def test_generate_streams_text_and_reads_prompt_file(tiny_dirs, capsys, tmp_path):
+    p = tmp_path / "prompt.txt"
+    p.write_text("Count to five.")
+    code, out, err = run_cli(capsys, "generate", "--models", str(tiny_dirs["qwen2"]), "--prompt-file", str(p),
+                             "--max-new-tokens", "8", "--window", "4", "--cache-tokens", "512")
+    assert code == 0, err
+    assert out.strip() and "tokens in" in err and "segments won" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "nope-model", "--prompt", "x"], "unknown model 'nope-model'"),
+        (["--prompt", "x", "--window", "0"], "window must be an integer >= 1"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens must be"),
+        (["--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--prompt", "x", "--top-p", "1.5"], "top_p must be in"),
+        (["--prompt", "x", "--hedge-lr", "fast"], "--hedge-lr must be a number or 'off'"),
+        (["--prompt", "   "], "prompt is empty"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
+        (["--models", "a,a", "--prompt", "x"], "more than once"),
+        (["--models", ",", "--prompt", "x"], "empty"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_line(capsys, args, message):
+    code, out, err = run_cli(capsys, "generate", *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_folder_without_weights_and_unfetched_model(capsys, tmp_path, monkeypatch, tiny_dirs):
+    bad = tmp_path / "noweights"
+    bad.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (bad / f).write_bytes((tiny_dirs["llama"] / f).read_bytes())
+    code, _, err = run_cli(capsys, "generate", "--models", str(bad), "--prompt", "x")
+    assert code == 2 and "safetensors" in err
+    monkeypatch.setenv("SPECEM_FAST_HOME", str(tmp_path / "empty-home"))
+    code, _, err = run_cli(capsys, "generate", "--models", "gemma3-270m", "--prompt", "x")
+    assert code == 2 and "specem-fast models fetch gemma3-270m" in err
+
+
+def test_unverifiable_verifier_is_reported(capsys, tiny_dirs, tmp_path):
+    code, _, err = run_cli(capsys, "generate", "--models", str(tiny_dirs["llama"]), "--verifiers",
+                           str(tmp_path / "missing"), "--prompt", "x")
+    assert code == 2 and "missing" in err
+
+
+def test_console_script_exits_nonzero_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "specem_fast", "generate", "--prompt", "x", "--window", "-3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "specem-fast: error: window must be an integer >= 1 (got -3); the paper uses 5-15, default 10"
