@@ -1,0 +1,391 @@
+"""Quality evaluation: the ensemble and each member alone over the same prompts.
+
+Results stream to an append-only JSONL file, one record per (system, item) as it
+finishes, flushed and fsynced. The first line is a header holding what the
+numbers depend on (data set, seed, settings, models). Running again with the
+same file resumes: finished records are read and skipped, never rewritten; a
+torn last line left by a killed process is repaired by cutting only that
+incomplete tail. A header that does not match the new run is an error (mixing
+settings in one file would make the accuracy meaningless).
+
+Order of work is item-major (item 1 for every system, then item 2, ...), so an
+interrupted run still compares the systems on the same items.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import GenerationSettings
+from ..errors import CacheFullError, SpecEMError
+from .answers import grade
+from .datasets import EvalItem
+from .ifbench import check_instructions
+from .stats import accuracy, mean
+from .trace import repair_jsonl_tail, write_trace
+
+__all__ = ["ENSEMBLE", "FORMAT", "ResultsFile", "run_eval", "summarize", "format_summary", "summary_path_for"]
+
+ENSEMBLE = "ensemble"
+FORMAT = "specem-fast-eval/1"
+# Header fields a resumed run must agree with.
+_IDENTITY = ("dataset", "seed", "settings", "models", "verifiers")
+
+
+class ResultsFile:
+    """An append-only JSONL results file: header line, then one record per line."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self) -> tuple[dict | None, list[dict], str]:
+        """(header, records, repair note). Repairs a torn tail first."""
+        if not self.path.exists():
+            return None, [], "ok"
+        if self.path.is_dir():
+            raise SpecEMError(f"--out {str(self.path)!r} is a folder; give a file name such as results.jsonl")
+        note = repair_jsonl_tail(self.path)
+        header, records = None, []
+        with open(self.path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    raise SpecEMError(
+                        f"{self.path}:{lineno}: not valid JSON; this is not a results file written by "
+                        "`specem-fast eval` (or it was edited); choose another --out file"
+                    ) from None
+                if not isinstance(rec, dict):
+                    raise SpecEMError(f"{self.path}:{lineno}: expected a JSON object")
+                if rec.get("type") == "header":
+                    if header is None:
+                        header = rec
+                    continue
+                records.append(rec)
+        if (records or header is not None) and (header is None or header.get("format") != FORMAT):
+            raise SpecEMError(
+                f"{self.path} is not a results file of `specem-fast eval` (no {FORMAT} header); "
+                "choose another --out file"
+            )
+        return header, records, note
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        with open(self.path, "ab") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def summary_path_for(out_path: str | os.PathLike) -> Path:
+    p = Path(out_path)
+    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
+    return p.with_name(stem + ".summary.json")
+
+
+def _settings_dict(settings: GenerationSettings | dict | None) -> dict:
+    if settings is None:
+        return GenerationSettings().to_dict()
+    if isinstance(settings, GenerationSettings):
+        return settings.to_dict()
+    return GenerationSettings().with_overrides(**settings).to_dict()
+
+
+def _score(item: EvalItem, text: str) -> dict[str, Any]:
+    """Grading fields of one output."""
+    if item.grader == "ifbench":
+        res = check_instructions(text, item.meta.get("instruction_id_list", []), item.meta.get("kwargs"))
+        return {"pred": None, "gold": None, "correct": res.all_followed, "ifbench": res.to_dict()}
+    pred, ok = grade(item.grader, text, item.answer)
+    return {"pred": pred, "gold": item.answer, "correct": ok}
+
+
+@dataclass
+class _Running:
+    correct: dict[str, int] = field(default_factory=dict)
+    graded: dict[str, int] = field(default_factory=dict)
+
+    def add(self, system: str, correct: bool | None) -> None:
+        if correct is None:
+            return
+        self.graded[system] = self.graded.get(system, 0) + 1
+        self.correct[system] = self.correct.get(system, 0) + int(bool(correct))
+
+    def postfix(self, systems: Sequence[str]) -> str:
+        parts = []
+        for s in systems:
+            n = self.graded.get(s, 0)
+            short = "ens" if s == ENSEMBLE else s.split("-")[0][:10]
+            parts.append(f"{short} {100 * self.correct.get(s, 0) / n:.0f}%" if n else f"{short} -")
+        return " ".join(parts)
+
+
+def run_eval(
+    ensemble: Any,
+    items: Sequence[EvalItem],
+    *,
+    out_path: str | os.PathLike,
+    dataset: str,
+    seed: int = 0,
+    settings: GenerationSettings | dict | None = None,
+    systems: Sequence[str] | None = None,
+    trace_path: str | os.PathLike | None = None,
+    summary_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    verifiers: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate, resuming from ``out_path``; returns the summary (also written as JSON).
+
+    ``systems``: ``"ensemble"`` and/or member model names (default: all).
+    Item i is decoded with seed ``settings.seed + i`` (``settings.seed`` defaults
+    to ``seed``) so a resumed run samples exactly what an uninterrupted one would.
+    """
+    sdict = _settings_dict(settings)
+    if settings is None or (isinstance(settings, dict) and "seed" not in settings):
+        sdict["seed"] = seed  # --seed drives sampling too, unless the settings say otherwise
+    models = list(ensemble.model_names)
+    all_systems = [ENSEMBLE] + models
+    systems = list(systems) if systems else all_systems
+    unknown = [s for s in systems if s not in all_systems]
+    if unknown:
+        raise SpecEMError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(all_systems)}")
+    if not items:
+        raise SpecEMError("no items to evaluate")
+
+    results = ResultsFile(out_path)
+    header, records, note = results.load()
+    identity = {
+        "dataset": dataset,
+        "seed": seed,
+        "settings": sdict,
+        "models": models,
+        "verifiers": list(verifiers) if verifiers is not None else None,
+    }
+    if header is None:
+        if results.path.parent and not results.path.parent.exists():
+            raise SpecEMError(f"cannot write {str(results.path)!r}: folder {str(results.path.parent)!r} does not exist")
+        results.append({"type": "header", "format": FORMAT, **identity})
+    else:
+        diffs = [k for k in _IDENTITY if json.dumps(header.get(k), sort_keys=True) != json.dumps(identity[k], sort_keys=True)]
+        if diffs:
+            detail = "; ".join(f"{k}: file has {header.get(k)!r}, this run {identity[k]!r}" for k in diffs)
+            raise SpecEMError(
+                f"{results.path} holds results of a different run ({detail}); "
+                "resume with the same options or choose another --out file"
+            )
+    if note != "ok" and progress:
+        print(f"specem-fast: repaired the end of {results.path} ({note})", file=sys.stderr)
+
+    by_id = {it.id: it for it in items}
+    done: set[tuple[str, str]] = set()
+    running = _Running()
+    for rec in records:
+        key = (rec.get("system"), rec.get("item_id"))
+        if key in done:
+            continue
+        done.add(key)
+        it = by_id.get(rec.get("item_id"))
+        if it is not None and rec.get("prompt_sha") not in (None, it.prompt_sha):
+            raise SpecEMError(
+                f"{results.path}: item {it.id} was answered for a different prompt; "
+                "the data changed since that run, choose another --out file"
+            )
+        if it is not None and rec.get("system") in systems:
+            running.add(rec["system"], rec.get("correct"))
+
+    todo = [(i, it, s) for i, it in enumerate(items) for s in systems if (s, it.id) not in done]
+    total = len(items) * len(systems)
+    bar = _progress(total=total, initial=total - len(todo), enabled=progress, desc=f"eval {dataset}")
+    try:
+        for i, item, system in todo:
+            record, result = _run_one(ensemble, item, i, system, sdict)
+            results.append(record)
+            running.add(system, record.get("correct"))
+            if trace_path is not None and result is not None and system == ENSEMBLE:
+                write_trace(trace_path, result, labels=[item.id], append=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(running.postfix(systems), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    _, records, _ = results.load()
+    summary = summarize(records, items, systems, dataset=dataset, seed=seed, settings=sdict, out_path=results.path)
+    spath = Path(summary_path) if summary_path is not None else summary_path_for(results.path)
+    spath.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary["summary_path"] = str(spath)
+    return summary
+
+
+def _run_one(ensemble: Any, item: EvalItem, index: int, system: str, sdict: dict) -> tuple[dict[str, Any], Any]:
+    """(results record, the raw result for the trace) of one system on one item."""
+    seed = int(sdict.get("seed", 0)) + index
+    rec: dict[str, Any] = {
+        "type": "item",
+        "system": system,
+        "item_id": item.id,
+        "index": index,
+        "dataset": item.dataset,
+        "prompt_sha": item.prompt_sha,
+        "seed": seed,
+    }
+    try:
+        if system == ENSEMBLE:
+            res = ensemble.generate(item.prompt, **{**sdict, "seed": seed})
+            seconds = float(res.timings.get("total_s", 0.0))
+            rounds = len(res.rounds)
+            rec.update(
+                output=res.text,
+                new_tokens=int(res.new_tokens),
+                seconds=seconds,
+                stop_reason=res.stop_reason,
+                rounds=rounds,
+                wins=dict(res.wins),
+                tokens_per_model=dict(res.tokens_per_model),
+                first_segment_s=res.timings.get("first_segment_s"),
+            )
+        else:
+            res = ensemble.generate_single(
+                system,
+                item.prompt,
+                max_new_tokens=sdict["max_new_tokens"],
+                temperature=sdict["temperature"],
+                top_p=sdict["top_p"],
+                seed=seed,
+            )
+            seconds = float(res.seconds)
+            rec.update(
+                output=res.text,
+                new_tokens=int(res.new_tokens),
+                seconds=seconds,
+                stop_reason=res.stop_reason,
+                first_token_s=res.first_token_s,
+            )
+    except CacheFullError as exc:
+        # the prompt does not fit the engine's budget: recorded, not graded
+        rec.update(output="", new_tokens=0, seconds=0.0, stop_reason="error", error=str(exc), correct=None)
+        return rec, None
+    rec["tokens_per_s"] = rec["new_tokens"] / rec["seconds"] if rec["seconds"] > 0 else None
+    rec.update(_score(item, rec["output"]))
+    return rec, res
+
+
+def summarize(
+    records: Sequence[dict],
+    items: Sequence[EvalItem],
+    systems: Sequence[str],
+    *,
+    dataset: str,
+    seed: int,
+    settings: dict,
+    out_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Per-system accuracy (Wilson 95% CI), mean tokens, tokens/s over ``items``."""
+    ids = {it.id for it in items}
+    first: dict[tuple[str, str], dict] = {}
+    for rec in records:
+        if rec.get("type") != "item" or rec.get("item_id") not in ids:
+            continue
+        first.setdefault((rec.get("system"), rec["item_id"]), rec)
+    rows = []
+    for system in systems:
+        recs = [first[(system, it.id)] for it in items if (system, it.id) in first]
+        ok = [r for r in recs if "error" not in r]
+        tokens = sum(r.get("new_tokens", 0) for r in ok)
+        secs = sum(r.get("seconds", 0.0) for r in ok)
+        row: dict[str, Any] = {
+            "system": system,
+            "n_items": len(items),
+            "n_done": len(recs),
+            "n_errors": len(recs) - len(ok),
+            "accuracy": accuracy(r.get("correct") for r in ok).to_dict(),
+            "mean_new_tokens": mean(r.get("new_tokens") for r in ok),
+            "mean_seconds": mean(r.get("seconds") for r in ok),
+            "tokens_per_s": tokens / secs if secs > 0 else None,
+        }
+        if any("ifbench" in r for r in ok):
+            checks = [v for r in ok for v in r.get("ifbench", {}).get("checked", {}).values()]
+            row["instruction_accuracy"] = accuracy(checks).to_dict()
+            row["instructions_checked"] = len(checks)
+            row["instructions_skipped"] = sum(len(r.get("ifbench", {}).get("skipped", {})) for r in ok)
+        if system == ENSEMBLE:
+            wins: dict[str, int] = {}
+            for r in ok:
+                for m, c in (r.get("wins") or {}).items():
+                    wins[m] = wins.get(m, 0) + int(c)
+            n_rounds = sum(wins.values())
+            row["mean_rounds"] = mean(r.get("rounds") for r in ok)
+            row["win_share"] = {m: c / n_rounds for m, c in wins.items()} if n_rounds else {}
+        rows.append(row)
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "settings": settings,
+        "n_items": len(items),
+        "results_file": str(out_path) if out_path is not None else None,
+        "systems": rows,
+    }
+
+
+def _pct(acc: dict) -> str:
+    if acc.get("value") is None:
+        return "n/a"
+    return f"{100 * acc['value']:5.1f}% [{100 * acc['ci_low']:4.1f}, {100 * acc['ci_high']:5.1f}]"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as a plain-text table."""
+    rows = summary["systems"]
+    width = max([len("system")] + [len(r["system"]) for r in rows])
+    has_if = any("instruction_accuracy" in r for r in rows)
+    head = f"{'system':<{width}}  {'done':>9}  {'accuracy [95% CI]':<24}"
+    if has_if:
+        head += f"  {'instructions [95% CI]':<24}"
+    head += f"  {'mean tokens':>11}  {'tokens/s':>8}"
+    lines = [
+        f"{summary['dataset']}: {summary['n_items']} items, seed {summary['seed']}, "
+        f"temperature {summary['settings'].get('temperature')}, window {summary['settings'].get('window')}, "
+        f"max_new_tokens {summary['settings'].get('max_new_tokens')}",
+        head,
+        "-" * len(head),
+    ]
+    for r in rows:
+        acc = r["accuracy"]
+        done = f"{r['n_done']}/{r['n_items']}"
+        line = f"{r['system']:<{width}}  {done:>9}  {_pct(acc):<24}"
+        if has_if:
+            line += f"  {_pct(r['instruction_accuracy']) if 'instruction_accuracy' in r else '':<24}"
+        mt = f"{r['mean_new_tokens']:.1f}" if r["mean_new_tokens"] is not None else "-"
+        tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] is not None else "-"
+        line += f"  {mt:>11}  {tps:>8}"
+        lines.append(line)
+    for r in rows:
+        if r.get("win_share"):
+            share = ", ".join(f"{m} {100 * v:.0f}%" for m, v in sorted(r["win_share"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"ensemble segments won: {share} (mean {r['mean_rounds']:.1f} rounds)")
+        if r.get("n_errors"):
+            lines.append(f"{r['system']}: {r['n_errors']} item(s) did not fit the cache budget (not graded)")
+        if r.get("instructions_skipped"):
+            lines.append(
+                f"{r['system']}: {r['instructions_checked']} instruction checks made, "
+                f"{r['instructions_skipped']} skipped (need nltk/spacy/emoji/syllapy); "
+                "prompts with a skipped check are left out of the prompt-level accuracy"
+            )
+            break
+    return "\n".join(lines)
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="answer", dynamic_ncols=True, file=sys.stderr)

@@ -1,0 +1,71 @@
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_measure_fakes import FakeEnsemble  # noqa: E402
+
+from specem_fast.cli import plot as cli_plot
+from specem_fast.errors import SpecEMError
+from specem_fast.measure.bench import BenchPlan, run_bench
+from specem_fast.measure.trace import read_trace, write_trace
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    cli_plot.register(parser.add_subparsers())
+    args = parser.parse_args(["plot", *argv])
+    return args.func(args)
+
+
+def test_write_trace_api(tmp_path):
+    ens = FakeEnsemble()
+    results = ens.generate(["p1", "p2"])
+    n = write_trace(tmp_path / "t.jsonl", results)
+    assert n == 6
+    recs = read_trace(tmp_path / "t.jsonl")
+    assert [r["request"] for r in recs] == ["0"] * 3 + ["1"] * 3
+    assert recs[0]["weights"].keys() == {"m-alpha", "m-beta", "m-gamma"}
+    assert recs[0]["candidates"][0]["model"] == "m-alpha"
+    write_trace(tmp_path / "t.jsonl", results[0].to_dict(), labels=["x"], append=True)
+    assert len(read_trace(tmp_path / "t.jsonl")) == 9
+    with pytest.raises(SpecEMError):
+        write_trace(tmp_path / "missing" / "t.jsonl", results)
+
+
+def test_plot_trace_and_bench_pngs(tmp_path, capsys):
+    ens = FakeEnsemble()
+    trace = tmp_path / "run.jsonl"
+    write_trace(trace, ens.generate(["a", "b", "c"]), labels=["a", "b", "c"])
+    with open(trace, "ab") as fh:  # a torn last line from a killed run is ignored
+        fh.write(b'{"type": "round", "req')
+    report = run_bench(ens, BenchPlan(lengths=["short"], windows=[3, 5], reps=1, warmup=0), progress=False)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps(report))
+    out_dir = tmp_path / "figs"
+    assert _cli([str(trace), str(bench), "--out-dir", str(out_dir)]) == 0
+    printed = capsys.readouterr().out.split()
+    names = sorted(Path(p).name for p in printed)
+    assert names == ["bench_bench_tokens_per_s.png", "run_weights.png", "run_wins.png"]
+    for name in names:
+        data = (out_dir / name).read_bytes()
+        assert data[:8] == PNG
+        assert len(data) > 10_000  # a real figure, not an empty canvas
+
+
+def test_plot_errors(tmp_path):
+    with pytest.raises(SpecEMError, match="does not exist"):
+        _cli([str(tmp_path / "nope.jsonl")])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SpecEMError, match="no rounds"):
+        _cli([str(empty), "--out-dir", str(tmp_path)])
+    other = tmp_path / "other.json"
+    other.write_text('{"hello": 1}')
+    with pytest.raises(SpecEMError, match="neither a trace nor a bench report"):
+        _cli([str(other), "--out-dir", str(tmp_path)])
