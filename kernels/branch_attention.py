@@ -95,7 +95,7 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["window", "T", "num_splits"])
     def _branch_attn_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
         order_ptr, bstart_ptr, bcount_ptr, slot_ptr, qpos_ptr, plen_ptr, bst_ptr,
@@ -188,7 +188,7 @@ if HAS_TRITON:
             if RETURN_LSE:
                 tl.store(lse_ptr + t.to(tl.int64) * Hq + h, (m_i + tl.log2(l_safe)) * LN2, mask=r_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "num_splits"])
     def _branch_merge_kernel(
         po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr, T, Hq, D, num_splits, stride_ot, stride_oh,
         RETURN_LSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -268,9 +268,12 @@ def _interpreting() -> bool:
     return HAS_TRITON and type(_branch_attn_kernel).__name__ == "InterpretedFunction"
 
 
-def _default_config(head_dim: int, device: torch.device) -> BranchAttentionConfig:
+def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> BranchAttentionConfig:
     if device.type != "cuda" or _interpreting():
         return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=1)
+    # GPU: all of these compile for sm_90 without register spills (benchmarks/compile_check.py).
+    if dtype == torch.float32:  # "ieee" fp32 dots run on FMA units: small tiles
+        return BranchAttentionConfig(block_r=16, block_n=32, num_warps=8, num_stages=1)
     if head_dim <= 64:
         return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
@@ -352,7 +355,7 @@ def plan_branch_attention(
     s_, hkv, lmax, _ = k_cache.shape
     group = hq // hkv
     if block_r is None:
-        block_r = _default_config(d, q.device).block_r
+        block_r = _default_config(d, q.device, q.dtype).block_r
     block_r = max(block_r, _next_pow2(group), 16)
     idx = torch.stack([slot.long(), qpos.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
     sl, qp, pl, bs = idx
@@ -431,7 +434,7 @@ def branch_attention(
     lse = torch.empty((t_, hq), dtype=torch.float32, device=q.device) if return_lse else None
     if t_ == 0:
         return (out, lse) if return_lse else out
-    cfg = config or _default_config(d, q.device)
+    cfg = config or _default_config(d, q.device, q.dtype)
     if plan is None:
         plan = plan_branch_attention(q, k_cache, slot, qpos, prefix_len, branch_start, block_r=cfg.block_r)
     elif not isinstance(plan, BranchAttentionPlan) or plan.num_tokens != t_ or plan.group != group:

@@ -87,7 +87,7 @@ if HAS_TRITON:
         N, D, V, stride_hn, stride_wv, softcap,
         pid_n, pid_s, v_tiles_per_split,
         HAS_CAP: tl.constexpr, DYN_CAP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -101,12 +101,6 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
         s_i = tl.zeros([BLOCK_N], tl.float32)
         z_t = tl.zeros([BLOCK_N], tl.float32)
-        if HAS_CAP:
-            if DYN_CAP:
-                use_cap = softcap > 0.0
-                cap = tl.where(use_cap, softcap, 1.0)
-            else:
-                cap = softcap
         for v0 in range(v_begin, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             v_mask = offs_v < v_end
@@ -114,19 +108,23 @@ if HAS_TRITON:
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
             for k0 in range(0, D, BLOCK_D):
                 offs_d = k0 + tl.arange(0, BLOCK_D)
-                d_mask = offs_d < D
-                h = tl.load(h_rows + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-                w = tl.load(w_rows + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
+                if EVEN_D:
+                    h = tl.load(h_rows + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+                    w = tl.load(w_rows + offs_d[None, :], mask=v_mask[:, None], other=0.0)
+                else:
+                    d_mask = offs_d < D
+                    h = tl.load(h_rows + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+                    w = tl.load(w_rows + offs_d[None, :], mask=v_mask[:, None] & d_mask[None, :], other=0.0)
                 if UPCAST:
                     h = h.to(tl.float32)
                     w = w.to(tl.float32)
                 acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
             if HAS_CAP:
-                capped = cap * _tanh(acc / cap)
-                if DYN_CAP:
-                    acc = tl.where(use_cap, capped, acc)
+                if DYN_CAP:  # per-problem cap (grouped launch): a uniform runtime branch
+                    if softcap > 0.0:
+                        acc = softcap * _tanh(acc / softcap)
                 else:
-                    acc = capped
+                    acc = softcap * _tanh(acc / softcap)
             z_t += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], acc, 0.0), axis=1)
             acc = tl.where(v_mask[None, :], acc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(acc, axis=1))
@@ -138,12 +136,12 @@ if HAS_TRITON:
         owns = n_mask & (tgt >= v_begin) & (tgt < v_end)
         tl.store(logit_ptr + offs_n, z_t, mask=owns)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "softcap", "num_n_blocks", "v_tiles_per_split"])
     def _score_kernel(
         h_ptr, w_ptr, tgt_ptr, logit_ptr, pm_ptr, ps_ptr,
         N, D, V, stride_hn, stride_wv, softcap, num_n_blocks, v_tiles_per_split,
         HAS_CAP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -152,7 +150,7 @@ if HAS_TRITON:
         _score_tile(
             h_ptr, w_ptr, tgt_ptr, logit_ptr, pm_ptr, ps_ptr,
             N, D, V, stride_hn, stride_wv, softcap, pid_n, pid_s, v_tiles_per_split,
-            HAS_CAP, False, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
+            HAS_CAP, False, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION,
         )
 
     @triton.jit
@@ -196,7 +194,7 @@ if HAS_TRITON:
         tl.store(mean_lp_ptr + seg, tl.sum(sum_lp, axis=0) / cnt)
         tl.store(mean_lg_ptr + seg, tl.sum(sum_lg, axis=0) / cnt)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "num_splits"])
     def _merge_kernel(
         pm_ptr, ps_ptr, logit_ptr, lp_ptr, mean_lp_ptr, mean_lg_ptr, off_ptr,
         N, num_splits,
@@ -220,8 +218,8 @@ if HAS_TRITON:
     def _score_grouped_kernel(
         tab_ptr, cap_ptr, starts_ptr, h_dtype_ptr, tgt_dtype_ptr, G,
         HAS_CAP: tl.constexpr, NF: tl.constexpr, BLOCK_G: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+        ALIGNED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         pid = tl.program_id(0)
         g = _find_group(starts_ptr, pid, G, BLOCK_G)
@@ -241,12 +239,17 @@ if HAS_TRITON:
         num_n_blocks = tl.load(row + 11).to(tl.int32)
         v_tiles_per_split = tl.load(row + 12).to(tl.int32)
         softcap = tl.load(cap_ptr + g)
+        if ALIGNED:  # launcher checked: 16-byte aligned bases, strides multiple of 16
+            h_ptr = tl.multiple_of(h_ptr, 16)
+            w_ptr = tl.multiple_of(w_ptr, 16)
+            stride_hn = tl.multiple_of(stride_hn, 16)
+            stride_wv = tl.multiple_of(stride_wv, 16)
         pid_n = local % num_n_blocks
         pid_s = local // num_n_blocks
         _score_tile(
             h_ptr, w_ptr, tgt_ptr, logit_ptr, pm_ptr, ps_ptr,
             N, D, V, stride_hn, stride_wv, softcap, pid_n, pid_s, v_tiles_per_split,
-            HAS_CAP, True, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION,
+            HAS_CAP, True, BLOCK_N, BLOCK_V, BLOCK_D, EVEN_D, UPCAST, PRECISION,
         )
 
     @triton.jit
@@ -298,20 +301,32 @@ def _interpreting() -> bool:
     return type(_score_kernel).__name__ == "InterpretedFunction"
 
 
-def _default_config(n: int, d: int, device: torch.device) -> SegmentScoreConfig:
+def _default_config(n: int, d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> SegmentScoreConfig:
     if device.type != "cuda" or _interpreting():
         # Interpreter: few, large blocks (per-op overhead dominates).
         return SegmentScoreConfig(
             block_n=min(max(_next_pow2(n), 16), 64), block_v=256, block_d=min(max(_next_pow2(d), 16), 128),
             num_warps=4, num_stages=1,
         )
-    if n <= 16:
-        return SegmentScoreConfig(16, 128, 64, num_warps=4, num_stages=4)
-    if n <= 32:
-        return SegmentScoreConfig(32, 128, 64, num_warps=4, num_stages=4)
-    if n <= 64:
-        return SegmentScoreConfig(64, 128, 64, num_warps=4, num_stages=4)
-    return SegmentScoreConfig(128, 128, 64, num_warps=8, num_stages=3)
+    # GPU: all of these compile for sm_90 without register spills (benchmarks/compile_check.py).
+    if dtype == torch.float32:  # fp32 "ieee" dot runs on FMA units: smaller K tile
+        if n <= 16:
+            cfg = SegmentScoreConfig(16, 128, 32, num_warps=4, num_stages=3)
+        elif n <= 32:
+            cfg = SegmentScoreConfig(32, 128, 32, num_warps=8, num_stages=3)
+        else:
+            cfg = SegmentScoreConfig(64, 128, 32, num_warps=8, num_stages=3)
+    elif n <= 16:  # small N: memory bound, deep pipeline over W
+        cfg = SegmentScoreConfig(16, 128, 64, num_warps=4, num_stages=4)
+    elif n <= 32:
+        cfg = SegmentScoreConfig(32, 128, 64, num_warps=8, num_stages=4)
+    elif n <= 64:
+        cfg = SegmentScoreConfig(64, 128, 64, num_warps=4, num_stages=4)
+    else:  # compute bound: 128x128 wgmma tiles
+        cfg = SegmentScoreConfig(128, 128, 64, num_warps=8, num_stages=3)
+    if d % cfg.block_d:
+        cfg = SegmentScoreConfig(cfg.block_n, cfg.block_v, 32, cfg.num_warps, cfg.num_stages)
+    return cfg
 
 
 _SM_CACHE: dict[int, int] = {}
@@ -492,7 +507,7 @@ def segment_score(
     if check_values:
         _check_values(targets, offsets, n, v)
     res = _check_out(out, n, c, hidden.device)
-    cfg = config or _default_config(n, d, hidden.device)
+    cfg = config or _default_config(n, d, hidden.device, hidden.dtype)
     num_n = _cdiv(n, cfg.block_n)
     v_tiles = _cdiv(v, cfg.block_v)
     splits = cfg.num_splits or _choose_splits(num_n, v_tiles, _num_sms(hidden.device) * _resident(cfg))
@@ -507,7 +522,7 @@ def segment_score(
         hidden, weight, targets, res.token_logit, pm, ps,
         n, d, v, hidden.stride(0), weight.stride(0), float(softcap or 0.0), num_n, per,
         HAS_CAP=bool(softcap), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        EVEN_D=d % cfg.block_d == 0, UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block_t = 16 if n <= 1024 else 64
     block_s = min(_next_pow2(splits), 64 if upcast else 32)
@@ -562,7 +577,7 @@ def _launch_group(probs, idx, results, config, precision) -> None:
     device = probs[0][0].device
     n_max = max(p[0].shape[0] for p in probs)
     d_max = max(p[0].shape[1] for p in probs)
-    cfg = config or _default_config(n_max, d_max, device)
+    cfg = config or _default_config(n_max, d_max, device, probs[0][0].dtype)
     slots = _num_sms(device) * _resident(cfg)
     n_tot = sum(p[0].shape[0] for p in probs)
     c_tot = sum(p[3].shape[0] - 1 for p in probs)
@@ -614,10 +629,15 @@ def _launch_group(probs, idx, results, config, precision) -> None:
     upcast = _interpreting()
     prec = _precision(probs[0][0].dtype, precision)
     block_g = max(_next_pow2(g), 2)
+    aligned = all(
+        h.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and h.stride(0) % 16 == 0 and w.stride(0) % 16 == 0
+        for h, w, *_ in probs
+    )
     _score_grouped_kernel[(prog,)](
         tab, cap_t, starts_t, probs[0][0], probs[0][2], g,
         HAS_CAP=any(caps), NF=_GROUP_FIELDS, BLOCK_G=block_g,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        EVEN_D=all(p[0].shape[1] % cfg.block_d == 0 for p in probs), ALIGNED=aligned,
         UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     max_splits = max(p[2] for p in plan)
