@@ -287,18 +287,23 @@ def _fmt_b(b):
 
 
 def table(rows) -> str:
-    head = (f"| {'kernel':29s} | {'shape':44s} | {'dtype':8s} | {'t kernel':>11s} | {'t torch':>11s} | "
-            f"{'speedup':>7s} | {'mem kernel':>12s} | {'mem torch':>12s} | {'mem ratio':>9s} | {'vs bound':>8s} | "
-            f"{'max err':>8s} |")
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    """Markdown table: time and peak memory, kernel vs torch, side by side and as ratios."""
+    cols = ["kernel", "shape", "dtype", "t kernel", "t torch", "speedup", "mem kernel", "mem torch", "mem ratio",
+            "vs bound", "max err"]
+    body = []
     for r in rows:
         ratio = r["mem_kernel"] / r["mem_torch"] if r["mem_torch"] else float("nan")
-        bound = f"{r['t_kernel'] / r['bound']:7.2f}x" if r.get("bound") else f"{'':8s}"
-        lines.append(
-            f"| {r['kernel']:29s} | {r['shape']:44s} | {r['dtype']:8s} | {_fmt_t(r['t_kernel']):>11s} | "
-            f"{_fmt_t(r['t_torch']):>11s} | {r['t_torch'] / r['t_kernel']:6.2f}x | {_fmt_b(r['mem_kernel']):>12s} | "
-            f"{_fmt_b(r['mem_torch']):>12s} | {ratio:9.3f} | {bound} | {r['max_err']:8.1e} |")
-    return "\n".join(lines)
+        body.append([
+            r["kernel"], r["shape"], r["dtype"], _fmt_t(r["t_kernel"]).strip(), _fmt_t(r["t_torch"]).strip(),
+            f"{r['t_torch'] / r['t_kernel']:.2f}x", _fmt_b(r["mem_kernel"]).strip(), _fmt_b(r["mem_torch"]).strip(),
+            f"{ratio:.4f}", f"{r['t_kernel'] / r['bound']:.2f}x" if r.get("bound") else "",
+            f"{r['max_err']:.1e}",
+        ])
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
+    line = lambda cells: "| " + " | ".join(  # noqa: E731
+        c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    out = [line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join(out + [line(b) for b in body])
 
 
 SCORE_FULL = [(n, 4096, v) for v in (128_256, 152_064) for n in (20, 30, 64, 256, 1024, 4096)]
@@ -306,7 +311,7 @@ SCORE_QUICK = [(20, 64, 1000), (64, 96, 2003)]
 GROUPED_FULL = [(40, 576, 49_152), (40, 896, 151_936), (40, 640, 262_144)]  # the three default models
 GROUPED_QUICK = [(20, 64, 700), (15, 96, 1000)]
 ATTN_FULL = (
-    [(f"llama8b", [p], kw, 32, 8, 128, 0) for p in (512, 2048, 8192) for kw in (20, 60)]
+    [("llama8b", [p], kw, 32, 8, 128, 0) for p in (512, 2048, 8192) for kw in (20, 60)]
     + [("qwen0.5b", [2048], 50, 14, 2, 64, 0), ("gemma270m", [8192], 50, 4, 1, 256, 512),
        ("gemma270m-global", [8192], 50, 4, 1, 256, 0), ("llama8b 4 req", [512, 1024, 2048, 8192], 40, 32, 8, 128, 0)]
 )

@@ -351,6 +351,15 @@ def plan_branch_attention(
 
     Only q's and k_cache's shapes are used, so one plan serves every layer.
     """
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError("q must be a [T, Hq, D] tensor")
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError("k_cache must be a [S, Hkv, Lmax, D] tensor")
+    if k_cache.shape[1] < 1 or q.shape[1] % k_cache.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[1]})")
+    for name, t in (("slot", slot), ("qpos", qpos), ("prefix_len", prefix_len), ("branch_start", branch_start)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.shape != (q.shape[0],):
+            raise ValueError(f"{name} must be an int32/int64 tensor of shape [T={q.shape[0]}]")
     t_, hq, d = q.shape
     s_, hkv, lmax, _ = k_cache.shape
     group = hq // hkv

@@ -422,17 +422,30 @@ def _check_problem(hidden, weight, targets, offsets, softcap, where: str = "") -
 
 
 def _check_values(targets, offsets, n: int, v: int, where: str = "") -> None:
-    """Value checks (one device->host sync)."""
-    p = f"{where}: " if where else ""
-    off = offsets.tolist()
-    if off[0] != 0 or off[-1] != n:
-        raise ValueError(f"{p}offsets must start at 0 and end at N={n}, got {off[0]}..{off[-1]}")
-    for c in range(len(off) - 1):
-        if off[c + 1] <= off[c]:
-            raise ValueError(f"{p}candidate {c} is empty or offsets decrease (offsets[{c}:{c + 2}]={off[c:c + 2]})")
-    lo, hi = int(targets.min()), int(targets.max())
-    if lo < 0 or hi >= v:
-        raise ValueError(f"{p}targets must lie in [0, V={v}), got min {lo} max {hi}")
+    """Value checks of offsets and targets (one device->host sync)."""
+    _check_values_many([(targets, offsets, n, v, where)])
+
+
+def _check_values_many(items) -> None:
+    """``items``: (targets, offsets, N, V, where) per problem; one sync for all."""
+    parts = []
+    for targets, offsets, _, _, _ in items:
+        parts += [offsets.long(), torch.stack([targets.min(), targets.max()]).long()]
+    vals = torch.cat(parts).tolist()
+    at = 0
+    for targets, offsets, n, v, where in items:
+        p = f"{where}: " if where else ""
+        k = offsets.shape[0]
+        off, (lo, hi) = vals[at : at + k], vals[at + k : at + k + 2]
+        at += k + 2
+        if off[0] != 0 or off[-1] != n:
+            raise ValueError(f"{p}offsets must start at 0 and end at N={n}, got {off[0]}..{off[-1]}")
+        for c in range(len(off) - 1):
+            if off[c + 1] <= off[c]:
+                raise ValueError(
+                    f"{p}candidate {c} is empty or offsets decrease (offsets[{c}:{c + 2}]={off[c:c + 2]})")
+        if lo < 0 or hi >= v:
+            raise ValueError(f"{p}targets must lie in [0, V={v}), got min {lo} max {hi}")
 
 
 def _check_out(out, n: int, c: int, device) -> SegmentScores:
@@ -560,9 +573,9 @@ def segment_score_grouped(
         _check_problem(h, w, t, o, cap, where=f"problem {i}")
         if h.device != problems[0][0].device:
             raise ValueError(f"problem {i}: on {h.device}, problem 0 on {problems[0][0].device}")
-        if check_values:
-            _check_values(t, o, h.shape[0], w.shape[0], where=f"problem {i}")
         probs.append((h, w, t, o, cap))
+    if check_values:
+        _check_values_many([(t, o, h.shape[0], w.shape[0], f"problem {i}") for i, (h, w, t, o, _) in enumerate(probs)])
 
     results: list[SegmentScores | None] = [None] * len(probs)
     groups: dict[tuple, list[int]] = {}

@@ -196,3 +196,13 @@ def test_bad_plan_and_out():
         branch_attention(**a, plan=plan)
     with pytest.raises(ValueError, match="out must be"):
         branch_attention(**a, out=torch.empty_like(a["q"])[:-1])
+
+
+def test_plan_rejects_bad_inputs():
+    q, kc, vc, slot, qpos, plen, bstart = make_batch([10], 1, 2, 4, 2, 64, lmax=32, seed=9)
+    with pytest.raises(ValueError, match="shape"):
+        plan_branch_attention(q, kc, slot[:-1], qpos, plen, bstart)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        plan_branch_attention(q[:, :3], kc, slot, qpos, plen, bstart)
+    with pytest.raises(ValueError, match=r"\[T, Hq, D\]"):
+        plan_branch_attention(q[0], kc, slot, qpos, plen, bstart)
