@@ -65,12 +65,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _attn_tile(
-        acc, m_i, l_i, q, k_base, v_base, n0, stride_kl, stride_vl, offs_d, d_mask, Lmax,
+        acc, m_i, l_i, q, k_base, v_base, n0, stride_kl, stride_vl, offs_d, d_mask, Lmax, a1, b0, b1,
         pl, bs, qp, q_log, window, qk_scale,
         HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lmax
+        # Only keys some row of the block may see are loaded: cache entries past
+        # them (unwritten, possibly NaN) must not reach P @ V (0 * NaN = NaN).
+        n_ok = (offs_n < Lmax) & ((offs_n < a1) | ((offs_n >= b0) & (offs_n < b1)))
         kv_mask = n_ok[:, None] & d_mask[None, :]
         k = tl.load(k_base + offs_n.to(tl.int64)[:, None] * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
@@ -166,12 +168,12 @@ if HAS_TRITON:
         for i in range(i0, tl.minimum(i1, nA)):
             acc, m_i, l_i = _attn_tile(
                 acc, m_i, l_i, q, k_base, v_base, A0 + i * BLOCK_N, stride_kl, stride_vl, offs_d, d_mask, Lmax,
-                pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
+                a1, b0, b1, pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
             )
         for i in range(tl.maximum(i0, nA), i1):
             acc, m_i, l_i = _attn_tile(
                 acc, m_i, l_i, q, k_base, v_base, B0 + (i - nA) * BLOCK_N, stride_kl, stride_vl, offs_d, d_mask,
-                Lmax, pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
+                Lmax, a1, b0, b1, pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
             )
 
         row_mask = r_ok[:, None] & d_mask[None, :]

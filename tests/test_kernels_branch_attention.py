@@ -41,7 +41,8 @@ def make_batch(prefixes, k, w, hq, hkv, d, lmax, dtype=torch.float32, seed=0, ga
     """Slots with ragged prefixes, each followed by k packed candidates of 1..w tokens.
 
     ``gap`` leaves stale cache entries between the prefix and the first branch.
-    Every cache entry (used or stale) is random, never zero.
+    Every cache entry (used or stale) is random, never zero; entries past each
+    slot's last query are NaN, like the engine's unwritten ``torch.empty`` cache.
     """
     g = torch.Generator().manual_seed(seed)
     s = len(prefixes)
@@ -59,6 +60,8 @@ def make_batch(prefixes, k, w, hq, hkv, d, lmax, dtype=torch.float32, seed=0, ga
                 bstart.append(pos)
             pos += ln
         assert pos <= lmax
+        kc[si, :, pos:] = float("nan")
+        vc[si, :, pos:] = float("nan")
     idx = torch.arange(len(slot))
     if shuffle:
         idx = torch.randperm(len(slot), generator=g)
