@@ -327,6 +327,8 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     quick = a.quick or not cuda
     device = "cuda" if cuda else "cpu"
+    if not cuda:
+        torch.set_num_threads(1)  # the interpreter is single-threaded; shared CPUs make thread pools noisy
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
     only = set(a.only or ["score", "grouped", "attn"])
     print(f"device={torch.cuda.get_device_name() if cuda else 'cpu (Triton interpreter)'} torch={torch.__version__} "
@@ -345,6 +347,9 @@ def main(argv=None) -> int:
     print(table(rows))
     print("speedup = t torch / t kernel; mem ratio = mem kernel / mem torch; for the grouped row 'torch' is "
           "one kernel launch per verifier")
+    if not cuda:
+        print("CPU: the kernels run in the Triton interpreter (~1000x slower than torch, and its copies of the "
+              "arguments count as kernel memory); these rows only show that the benchmark runs")
     return 0
 
 

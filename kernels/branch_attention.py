@@ -275,7 +275,7 @@ def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = to
         return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=1)
     # GPU: all of these compile for sm_90 without register spills (benchmarks/compile_check.py).
     if dtype == torch.float32:  # "ieee" fp32 dots run on FMA units: small tiles
-        return BranchAttentionConfig(block_r=16, block_n=32, num_warps=8, num_stages=1)
+        return BranchAttentionConfig(block_r=16, block_n=64 if head_dim <= 128 else 32, num_warps=8, num_stages=1)
     if head_dim <= 64:
         return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=3)
     if head_dim <= 128:
