@@ -283,10 +283,16 @@ def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = to
     return BranchAttentionConfig(block_r=64, block_n=32, num_warps=8, num_stages=2)
 
 
+_SM_CACHE: dict[int, int] = {}
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda" or _interpreting():
         return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_CACHE[idx]
 
 
 def _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window) -> None:

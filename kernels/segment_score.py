@@ -31,8 +31,8 @@ upcast to fp32 before ``tl.dot`` (the interpreter's bf16 dot is wrong).
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -341,24 +341,23 @@ def _num_sms(device: torch.device) -> int:
     return _SM_CACHE[idx]
 
 
+@functools.lru_cache(maxsize=1024)
 def _choose_splits(num_n_blocks: int, v_tiles: int, slots: int) -> int:
-    """Vocab split count minimising the makespan ``waves * tiles per program``.
+    """Vocab split count minimising the makespan ``waves * (tiles per program + overhead)``.
 
-    ``slots`` = programs that run at once (SMs x resident programs per SM).
-    Ties go to fewer splits (less merge work, better L2 reuse).
+    ``slots`` = programs that run at once (SMs x resident programs per SM); each
+    program also pays about half a tile of fixed cost (pipeline fill, partial
+    write). Ties go to fewer splits (less merge work).
     """
     if slots <= 1:
         return 1
     best, best_cost = 1, None
     for splits in range(1, v_tiles + 1):
         per = _cdiv(v_tiles, splits)
-        splits_eff = _cdiv(v_tiles, per)  # no empty splits
-        if splits_eff != splits:
+        if _cdiv(v_tiles, per) != splits:  # would leave empty splits
             continue
-        cost = _cdiv(num_n_blocks * splits, slots) * per
-        # a little overhead per split (partials + merge), so ties prefer fewer
-        cost = cost + 0.01 * splits / max(1, slots)
-        if best_cost is None or cost < best_cost:
+        cost = _cdiv(num_n_blocks * splits, slots) * (per + 0.5)
+        if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = splits, cost
     return best
 
