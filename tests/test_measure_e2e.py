@@ -84,15 +84,15 @@ def test_eval_on_tiny_models_resumes(tiny_ensemble, tmp_path):
 
 
 def test_bench_on_tiny_models_and_plot(small_vocab_ensemble, tmp_path):
-    plan = BenchPlan(lengths=["short", 150], windows=[3], new_tokens=6, reps=2, warmup=0)
+    plan = BenchPlan(lengths=["short", 120], windows=[3], new_tokens=4, reps=1, warmup=0)
     report = run_bench(small_vocab_ensemble, plan, progress=False, trace_path=tmp_path / "bench-trace.jsonl")
     assert "tokenizers" in report["meta"]["prompt_tokens_counted_by"]
     assert report["meta"]["device"] == "cpu"
     assert not report["skipped"]
     rows = report["rows"]
     assert len(rows) == 2 * (2 + 2)
-    long_rows = [r for r in rows if r["prompt"] == "150"]
-    assert 150 <= long_rows[0]["prompt_tokens"] < 250
+    long_rows = [r for r in rows if r["prompt"] == "120"]
+    assert 120 <= long_rows[0]["prompt_tokens"] < 220
     for r in rows:
         assert r["median"]["tokens_per_s"] > 0 and r["median"]["total_s"] > 0
         if r["kind"] == "single":

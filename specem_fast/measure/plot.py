@@ -87,7 +87,10 @@ def plot_trace(trace_path: str | os.PathLike, out_dir: str | os.PathLike, prefix
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("weight w_i (sums to 1)")
-    ax.set_ylim(bottom=0)
+    if models:
+        # weights start uniform; the zoomed axis shows how far Hedge moved them
+        ax.axhline(1.0 / len(models), color="grey", linestyle="--", linewidth=1, label=f"uniform 1/K = {1 / len(models):.3f}")
+    ax.margins(y=0.15)
     ax.grid(True, alpha=0.3)
     ax.legend(title="model", loc="best", fontsize="small")
     fig.tight_layout()
