@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from .config import EngineConfig, GenerationSettings
-from .errors import SpecEMError
+from .errors import CacheFullError, SpecEMError
 from .fetch import resolve_model
 from .kv_cache import KVCacheManager
 from .registry import DEFAULT_MODELS
@@ -140,12 +140,18 @@ class Ensemble:
         need_scratch = len(self.drafters) * (st.window + 4)
         for n, p in ids.items():
             if len(p) + need_scratch > self.config.cache_tokens:
-                raise SpecEMError(
+                raise CacheFullError(
                     f"the prompt is {len(p)} tokens for {n}, too long for the KV-cache budget of "
                     f"{self.config.cache_tokens} tokens per request (a round needs {need_scratch} more); "
                     "shorten the prompt or raise cache_tokens (--cache-tokens)"
                 )
         return prompt, ids
+
+    def count_tokens(self, text: str, model: str | None = None, as_prompt: bool = True) -> int:
+        """Length of ``text`` in ``model``'s tokens (default: the first drafter),
+        as a templated prompt or as a plain segment."""
+        codec = self.runners[model or self.drafters[0]].codec
+        return len(codec.prompt_ids(text) if as_prompt else codec.encode_segment(text))
 
     # -- one model alone (the baseline) --------------------------------------------
     def generate_single(

@@ -87,23 +87,52 @@ class ModelRunner:
         return self.model(t["tok"], meta, k, v, self._attend_meta)
 
     def _attend_meta(self, q, k_cache, v_cache, meta: AttnMeta, scale: float, window: int) -> torch.Tensor:
-        fn = kernels.branch_attention if self.triton else kernels.branch_attention_reference
-        return fn(q, k_cache, v_cache, meta.slot, meta.qpos, meta.prefix_len, meta.branch_start, scale, window)
+        args = (q, k_cache, v_cache, meta.slot, meta.qpos, meta.prefix_len, meta.branch_start, scale, window)
+        if not self.triton:
+            return kernels.branch_attention_reference(*args)
+        if meta.plan is None:  # one host sync per forward, not per layer
+            meta.plan = kernels.plan_branch_attention(q, k_cache, meta.slot, meta.qpos, meta.prefix_len, meta.branch_start)
+        return kernels.branch_attention(*args, plan=meta.plan)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden)
 
-    @torch.inference_mode()
-    def score(self, rows: torch.Tensor, targets: list[int], offsets: list[int]) -> kernels.SegmentScores:
-        """Per-token and per-candidate log-probs/logits of packed candidates.
-
-        Row i of ``rows`` is the hidden state that predicts ``targets[i]``.
-        """
+    def scoring_problem(self, rows: torch.Tensor, targets: list[int], offsets: list[int]) -> tuple:
+        """Arguments of the segment-scoring kernel: row i of ``rows`` predicts ``targets[i]``."""
+        _check_targets(targets, offsets, rows.shape[0], self.model.args.vocab_size)
         t = torch.tensor(targets, dtype=torch.long, device=self.device)
         o = torch.tensor(offsets, dtype=torch.long, device=self.device)
-        fn = kernels.segment_score if self.triton else kernels.segment_score_reference
-        return fn(rows.contiguous(), self.model.lm_head_weight, t, o, self.model.args.final_softcap)
+        return rows.contiguous(), self.model.lm_head_weight, t, o, self.model.args.final_softcap
+
+
+@torch.inference_mode()
+def score_all(runners: list[ModelRunner], problems: list[tuple]) -> list[kernels.SegmentScores]:
+    """Score every verifier's packed candidates of a round.
+
+    On the Triton path, verifiers that share a device are scored in one grouped
+    launch (the "cross-model single pass"); the torch path scores each in turn.
+    """
+    out: list = [None] * len(problems)
+    groups: dict[torch.device, list[int]] = {}
+    for i, r in enumerate(runners):
+        if r.triton:
+            groups.setdefault(r.device, []).append(i)
+        else:
+            out[i] = kernels.segment_score_reference(*problems[i])
+    for idx in groups.values():
+        # host-side checks already ran in scoring_problem: skip the device sync
+        res = kernels.segment_score_grouped([problems[i] for i in idx], check_values=False)
+        for i, sc in zip(idx, res):
+            out[i] = sc
+    return out
+
+
+def _check_targets(targets: list[int], offsets: list[int], n: int, vocab: int) -> None:
+    if len(targets) != n or offsets[-1] != n or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError("packed candidates are inconsistent: every candidate needs >= 1 token")
+    if targets and not (0 <= min(targets) and max(targets) < vocab):
+        raise ValueError(f"target token id outside the vocabulary of {vocab}")
 
 
 def _generation_eos(folder: Path, cfg: dict) -> list[int]:

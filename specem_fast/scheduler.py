@@ -21,7 +21,7 @@ import torch
 from . import scoring
 from .config import GenerationSettings
 from .results import Candidate, GenerationResult, RoundRecord
-from .runtime import ModelRunner, Run
+from .runtime import ModelRunner, Run, score_all
 from .sampling import choose_tokens
 from .text import trim_to_word_boundary
 
@@ -250,6 +250,7 @@ class Scheduler:
         raw: dict[int, dict[str, list[float]]] = {r.slot: {} for r in reqs}
         if not reqs:
             return branches, raw
+        problems = []
         for v in self.verifiers:
             runner = self.runners[v]
             cache = runner.cache
@@ -259,9 +260,9 @@ class Scheduler:
             # Lay out every candidate in scratch space above the prefix.
             plan = []  # (request, candidate ids, reuse, Run)
             extra: list[Run] = []
-            pending = {r.slot: len(r.seqs[v].ids) for r in reqs}
+            prefix = {r.slot: len(r.seqs[v].ids) for r in reqs}  # after catching up
             for r in reqs:
-                P = pending[r.slot]
+                P = prefix[r.slot]
                 own = [d for d in cands[r.slot] if d.model == v]
                 cursor = P + (own[0].reuse if own else 0)
                 for d in cands[r.slot]:
@@ -289,13 +290,13 @@ class Scheduler:
                 targets += ids
                 offsets.append(offsets[-1] + len(ids))
                 branches[r.slot].setdefault(v, []).append(Branch(run.qpos, n, reuse, seq[len(ids)]))
-            sc = runner.score(torch.cat(rows), targets, offsets)
-            means_lp, means_lg = sc.mean_logprob.tolist(), sc.mean_logit.tolist()
+            problems.append(runner.scoring_problem(torch.cat(rows), targets, offsets))
+        for v, sc in zip(self.verifiers, score_all([self.runners[v] for v in self.verifiers], problems)):
+            lp, lg = sc.mean_logprob.tolist(), sc.mean_logit.tolist()
             c = 0
             for r in reqs:
                 k = len(cands[r.slot])
-                src = means_lp if r.settings.score == "logprob" else means_lg
-                raw[r.slot][v] = src[c : c + k]
+                raw[r.slot][v] = (lp if r.settings.score == "logprob" else lg)[c : c + k]
                 c += k
         return branches, raw
 

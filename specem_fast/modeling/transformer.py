@@ -28,6 +28,7 @@ class AttnMeta:
     prefix_len: torch.Tensor  # keys [0, prefix_len) are visible
     branch_start: torch.Tensor  # and keys [branch_start, qpos]
     positions: torch.Tensor  # logical position (for rotary embeddings)
+    plan: object | None = None  # kernel launch plan, built by the first layer and reused
 
 
 # attend(q [T,Hq,D], k_cache [S,Hkv,L,D], v_cache, meta, scale, window) -> [T,Hq,D]
