@@ -148,10 +148,14 @@ class Ensemble:
         return prompt, ids
 
     def count_tokens(self, text: str, model: str | None = None, as_prompt: bool = True) -> int:
-        """Length of ``text`` in ``model``'s tokens (default: the first drafter),
-        as a templated prompt or as a plain segment."""
-        codec = self.runners[model or self.drafters[0]].codec
-        return len(codec.prompt_ids(text) if as_prompt else codec.encode_segment(text))
+        """Length of ``text`` in ``model``'s tokens, as a templated prompt or a plain
+        segment; with no model, the most over the members (what the cache must hold)."""
+        names = [model] if model else list(self.runners)
+        counts = []
+        for n in names:
+            codec = self.runners[n].codec
+            counts.append(len(codec.prompt_ids(text) if as_prompt else codec.encode_segment(text)))
+        return max(counts)
 
     # -- one model alone (the baseline) --------------------------------------------
     def generate_single(

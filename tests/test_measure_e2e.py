@@ -86,7 +86,7 @@ def test_eval_on_tiny_models_resumes(tiny_ensemble, tmp_path):
 def test_bench_on_tiny_models_and_plot(small_vocab_ensemble, tmp_path):
     plan = BenchPlan(lengths=["short", 120], windows=[3], new_tokens=4, reps=1, warmup=0)
     report = run_bench(small_vocab_ensemble, plan, progress=False, trace_path=tmp_path / "bench-trace.jsonl")
-    assert "tokenizers" in report["meta"]["prompt_tokens_counted_by"]
+    assert report["meta"]["prompt_tokens_counted_by"] == "ensemble.count_tokens"
     assert report["meta"]["device"] == "cpu"
     assert not report["skipped"]
     rows = report["rows"]
