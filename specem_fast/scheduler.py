@@ -140,7 +140,9 @@ class Scheduler:
                 shown = ds if win in ds else ds + [win]
                 record = self._record(r, shown, {}, {}, [], shown.index(win), win)
                 self._commit(r, win, drafts[r.slot], {})
-                r.stop_reason = "fast_eos"
+                self._check_finished(r, win)
+                if r.stop_reason != "stop_string":
+                    r.stop_reason = "fast_eos"
             elif not ds:
                 r.stop_reason = "stop" if any(d.ended_with_stop for d in drafts[r.slot]) else "empty"
                 continue
@@ -165,7 +167,7 @@ class Scheduler:
         Returns the hidden states of the extra runs, in order.
         """
         cache = runner.cache
-        runs, ends, owners = [], [], []
+        runs, owners = [], []
         for r in reqs:
             s = r.seqs[runner.name]
             start = cache.length[r.slot]

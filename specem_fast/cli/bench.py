@@ -7,7 +7,7 @@ import shlex
 import sys
 
 from ..errors import SpecEMError
-from .eval import add_generation_args, add_model_args, load_ensemble, settings_from_args
+from .options import add_generation_args, add_model_args, load_ensemble, settings_from_args
 
 HELP = "measure speed: ensemble cached vs recompute vs each model alone"
 

@@ -1,0 +1,100 @@
+"""Command-line options shared by generate, eval and bench."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import RUN_MODES, SCORE_MODES, GenerationSettings
+from ..errors import SpecEMError
+
+
+def csv_list(text: str) -> list[str]:
+    # empty entries are kept so the engine can name them as an error
+    return [p.strip() for p in text.split(",")]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--models / --verifiers / --device and the other engine options."""
+    p.add_argument(
+        "--models",
+        type=csv_list,
+        default=None,
+        metavar="A,B,C",
+        help="drafter models: registry names or model folders, comma-separated (default: the default models)",
+    )
+    p.add_argument(
+        "--verifiers",
+        type=csv_list,
+        default=None,
+        metavar="A,B",
+        help="verifier models (default: the drafters)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--cache-tokens", type=int, default=4096,
+                   help="KV-cache budget per request and model: prompt + answer + one round (default 4096)")
+    p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="kernel path (default auto: Triton on CUDA, torch on CPU)")
+
+
+def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_new_tokens: bool = True) -> None:
+    """The GenerationSettings options; unset ones keep the engine defaults."""
+    d = GenerationSettings()
+    g = p.add_argument_group("generation settings")
+    if window:
+        g.add_argument("--window", type=int, default=None, help=f"draft window W in tokens (default {d.window})")
+    if max_new_tokens:
+        g.add_argument(
+            "--max-new-tokens", type=int, default=None, help=f"answer length limit (default {d.max_new_tokens})"
+        )
+    g.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default {d.temperature})")
+    g.add_argument("--top-p", type=float, default=None, help=f"nucleus sampling (default {d.top_p})")
+    g.add_argument("--score", choices=SCORE_MODES, default=None, help=f"verifier score (default {d.score})")
+    g.add_argument(
+        "--hedge-lr", default=None, metavar="LR|off", help=f"Hedge learning rate or 'off' (default {d.hedge_lr})"
+    )
+    g.add_argument("--fast-eos", action="store_true", default=None, help="finish as soon as any draft ends")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    if window:  # bench runs both modes itself
+        g.add_argument("--mode", choices=RUN_MODES, default=None, help=f"engine mode (default {d.mode})")
+
+
+def settings_from_args(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
+    """The GenerationSettings overrides given on the command line (validated)."""
+    over: dict[str, Any] = {}
+    for name in ("window", "max_new_tokens", "temperature", "top_p", "seed", "score", "fast_eos", "mode"):
+        v = getattr(args, name, None)
+        if v is not None:
+            over[name] = v
+    if getattr(args, "hedge_lr", None) is not None:
+        if args.hedge_lr.lower() == "off":
+            over["hedge_lr"] = None
+        else:
+            try:
+                over["hedge_lr"] = float(args.hedge_lr)
+            except ValueError:
+                raise SpecEMError(f"--hedge-lr must be a number or 'off' (got {args.hedge_lr!r})") from None
+    if getattr(args, "stop", None):
+        over["stop"] = tuple(args.stop)
+    over.update(fixed)
+    GenerationSettings().with_overrides(**over)  # raises SpecEMError on bad values
+    return over
+
+
+def load_ensemble(args: argparse.Namespace, max_batch: int = 1):
+    from .. import Ensemble
+    from ..registry import DEFAULT_MODELS
+
+    models = args.models or [m.name for m in DEFAULT_MODELS]
+    # one request at a time: per-item timings and seeds stay exact
+    return Ensemble.from_pretrained(
+        models,
+        verifiers=args.verifiers,
+        device=args.device,
+        dtype=args.dtype,
+        cache_tokens=args.cache_tokens,
+        max_batch=max_batch,
+        kernels=args.kernels,
+    )
