@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import EngineConfig, GenerationSettings
 from .errors import CacheFullError, SpecEMError
@@ -59,19 +60,26 @@ class Ensemble:
         max_batch: int = 8,
         kernels: str = "auto",
         devices: Sequence[str] = (),
+        dtypes: Sequence[str | None] = (),
+        progress: bool = False,
     ) -> "Ensemble":
         drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
         verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
-        if devices and len(devices) != len(drafters):
-            raise SpecEMError(f"devices lists {len(devices)} entries for {len(drafters)} models; give one per model")
+        for what, per_model in (("devices", devices), ("dtypes", dtypes)):
+            if per_model and len(per_model) != len(drafters):
+                raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
+        for dt in dtypes:
+            EngineConfig(dtype=dt)  # validates the name
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
                               kernels=kernels, devices=tuple(devices))
         all_names = drafters + [v for v in verifiers_ if v not in drafters]
         placement = dict(zip(drafters, devices)) if devices else {}
+        precision = dict(zip(drafters, dtypes)) if dtypes else {}
         runners = {}
-        for spec in all_names:
-            folder = resolve_model(spec)
-            runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), dtype, kernels)
+        folders = {spec: resolve_model(spec) for spec in all_names}  # every name checked before loading
+        for spec in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
+            folder = folders[spec]
+            runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), precision.get(spec, dtype), kernels)
         return cls(runners, drafters, verifiers_, config)
 
     @property

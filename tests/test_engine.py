@@ -169,3 +169,16 @@ def test_single_model_baseline_matches_a_plain_greedy_loop(tiny):
         for _ in range(8):
             new.append(int(hf(torch.tensor([ids + new])).logits[0, -1].argmax()))
     assert out.text == runner.codec.decode(new)
+
+
+def test_members_keep_their_own_dtype(tiny_dirs):
+    names = [str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])]
+    ens = Ensemble.from_pretrained(names, dtypes=["float32", "bfloat16"], cache_tokens=256, max_batch=1)
+    assert ens.cache[names[1]].k.dtype == torch.bfloat16 and ens.cache[names[0]].k.dtype == torch.float32
+    res = ens.generate(PROMPTS[1], max_new_tokens=10, window=5)
+    assert res.metadata["dtypes"] == {names[0]: "float32", names[1]: "bfloat16"}
+    assert res.text and all(-50 < s < 0 for rd in res.rounds for v in rd.raw_scores.values() for s in v)
+    with pytest.raises(SpecEMError, match="dtypes lists 1 entries for 2 models"):
+        Ensemble.from_pretrained(names, dtypes=["float32"])
+    with pytest.raises(SpecEMError, match="dtype must be"):
+        Ensemble.from_pretrained(names, dtypes=["float32", "int8"])

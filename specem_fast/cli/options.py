@@ -97,4 +97,5 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1):
         cache_tokens=args.cache_tokens,
         max_batch=max_batch,
         kernels=args.kernels,
+        progress=True,
     )
