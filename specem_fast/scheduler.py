@@ -341,7 +341,8 @@ class Scheduler:
             assert P == len(s.ids) or m not in branches, "verifier must be caught up"
             ids = win.own_ids if win.model == m else runner.codec.encode_segment(win.text)
             if m in branches:
-                b = branches[m][[d.model for d in self._cands_of(r, drafts)].index(win.model)]
+                # branches follow the order of the competing (non-empty) drafts
+                b = branches[m][[d.model for d in drafts if d.text].index(win.model)]
                 cache.commit(r.slot, P, b.reuse)
                 cache.commit(r.slot, b.qpos, b.fed)
                 s.last_hidden = b.final_hidden
@@ -350,10 +351,6 @@ class Scheduler:
                 if win.reuse == len(ids):
                     s.last_hidden = win.hiddens[win.reuse]
             s.ids += ids
-
-    @staticmethod
-    def _cands_of(r: Request, drafts: list[Draft]) -> list[Draft]:
-        return [d for d in drafts if d.text]
 
     def _check_finished(self, r: Request, win: Draft) -> None:
         st = r.settings
