@@ -33,15 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-try:  # Triton is optional: `import specem_fast.kernels` must work without it.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, cdiv as _cdiv, next_pow2 as _next_pow2, require_triton, tl, triton
 
 __all__ = ["BranchAttentionConfig", "BranchAttentionPlan", "branch_attention", "plan_branch_attention"]
 
@@ -51,14 +43,6 @@ _MAX_HEAD_DIM = 256
 
 # Tests set this to True: split partial buffers are filled with NaN.
 POISON_SCRATCH = False
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 if HAS_TRITON:
@@ -437,8 +421,7 @@ def branch_attention(
     ``return_lse=True`` returns ``(out, lse)`` with ``lse`` [T, Hq] fp32
     (natural log). ``out`` optionally supplies the [T, Hq, D] contiguous output.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed: use branch_attention_reference (specem_fast.kernels.reference)")
+    require_triton("branch_attention_reference")
     _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window)
     t_, hq, d = q.shape
     s_, hkv, lmax, _ = k_cache.shape

@@ -40,15 +40,7 @@ import torch
 
 from .reference import SegmentScores
 
-try:  # Triton is optional: `import specem_fast.kernels` must work without it.
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from ._triton import HAS_TRITON, cdiv as _cdiv, next_pow2 as _next_pow2, require_triton, tl, triton
 
 __all__ = ["HAS_TRITON", "SegmentScoreConfig", "segment_score", "segment_score_grouped"]
 
@@ -58,14 +50,6 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # Tests set this to True: scratch buffers are then filled with NaN so that a
 # partial result the kernel forgot to write shows up as a NaN in the output.
 POISON_SCRATCH = False
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------
@@ -479,11 +463,6 @@ def _precision(dtype: torch.dtype, precision: str | None) -> str:
     return precision
 
 
-def _require_triton() -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed: use segment_score_reference (specem_fast.kernels.reference)")
-
-
 # --------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------
@@ -511,7 +490,7 @@ def segment_score(
     (costs one device->host sync; the engine may turn it off). ``precision``
     applies to fp32 inputs on GPU ("ieee" by default, "tf32" is faster).
     """
-    _require_triton()
+    require_triton("segment_score_reference")
     _check_problem(hidden, weight, targets, offsets, softcap)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -560,7 +539,7 @@ def segment_score_grouped(
     are launched as separate groups. Returns one ``SegmentScores`` per problem,
     in order.
     """
-    _require_triton()
+    require_triton("segment_score_reference")
     if not isinstance(problems, (list, tuple)) or len(problems) == 0:
         raise ValueError("problems must be a non-empty list of (hidden, weight, targets, offsets, softcap)")
     probs = []

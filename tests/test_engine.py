@@ -182,3 +182,11 @@ def test_members_keep_their_own_dtype(tiny_dirs):
         Ensemble.from_pretrained(names, dtypes=["float32"])
     with pytest.raises(SpecEMError, match="dtype must be"):
         Ensemble.from_pretrained(names, dtypes=["float32", "int8"])
+
+
+def test_more_prompts_than_slots_queue_and_match(tiny_dirs, tiny):
+    names = [str(tiny_dirs[a]) for a in ("llama", "qwen2", "gemma3_text")]
+    small = Ensemble.from_pretrained(names, cache_tokens=1024, max_batch=2)
+    got = small.generate(PROMPTS, max_new_tokens=20, window=5)
+    assert texts(got) == texts(tiny.generate(PROMPTS, max_new_tokens=20, window=5))
+    assert small.cache.free_slots == 2
