@@ -93,6 +93,7 @@ class EngineConfig:
     max_batch: int = 8
     kernels: str = "auto"  # auto: Triton on CUDA, torch references on CPU
     devices: tuple[str, ...] = field(default=())  # optional per-model device override
+    dtypes: tuple[str | None, ...] = field(default=())  # optional per-model dtype override
 
     def __post_init__(self) -> None:
         if self.cache_tokens < 16:
@@ -101,5 +102,6 @@ class EngineConfig:
             raise SpecEMError(f"max_batch must be >= 1 (got {self.max_batch})")
         if self.kernels not in KERNEL_CHOICES:
             raise SpecEMError(f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise SpecEMError(f"dtype must be float32, bfloat16 or float16 (got {self.dtype!r})")
+        for dt in (self.dtype, *self.dtypes):
+            if dt not in (None, "float32", "bfloat16", "float16"):
+                raise SpecEMError(f"dtype must be float32, bfloat16 or float16 (got {dt!r})")

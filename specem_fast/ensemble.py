@@ -68,10 +68,8 @@ class Ensemble:
         for what, per_model in (("devices", devices), ("dtypes", dtypes)):
             if per_model and len(per_model) != len(drafters):
                 raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
-        for dt in dtypes:
-            EngineConfig(dtype=dt)  # validates the name
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
-                              kernels=kernels, devices=tuple(devices))
+                              kernels=kernels, devices=tuple(devices), dtypes=tuple(dtypes))
         all_names = drafters + [v for v in verifiers_ if v not in drafters]
         placement = dict(zip(drafters, devices)) if devices else {}
         precision = dict(zip(drafters, dtypes)) if dtypes else {}
