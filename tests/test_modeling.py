@@ -94,3 +94,35 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
     with pytest.raises(SpecEMError, match="unsupported architecture 'gpt2'.*llama"):
         ModelArgs.from_hf_config({"model_type": "gpt2"})
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    ],
+)
+def test_llama_rope_scaling_matches_transformers(tmp_path, default_model_dirs, rope):
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_parameters=rope,
+                      max_position_embeddings=4096)
+    model = LlamaForCausalLM(cfg).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    folder = tmp_path / rope["rope_type"]
+    model.save_pretrained(folder)
+    src = default_model_dirs["smollm2-135m-instruct"]
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, folder / f)
+    r = runner_for(folder)
+    ids = ids_for(r, 60, seed=5)
+    ours = r.logits(r.forward([Run(0, ids, 0, 0, 0)]))
+    torch.testing.assert_close(ours, hf_logits(folder, ids), atol=2e-4, rtol=1e-4)
