@@ -122,20 +122,6 @@ def check_score(K, ss_mod):
     say("  forced configs and grouped checked")
 
 
-def ref_lse(K, q, kc, slot, qpos, plen, bstart, scale, window):
-    q, kc = q.double(), kc.double()
-    hq, hkv = q.shape[1], kc.shape[1]
-    lse = torch.empty(q.shape[:2], dtype=torch.float64, device=q.device)
-    for s in torch.unique(slot).tolist():
-        rows = (slot == s).nonzero().squeeze(1)
-        nk = int(qpos[rows].max()) + 1
-        mask = K.visibility_mask(qpos[rows].long(), plen[rows].long(), bstart[rows].long(), nk, window)
-        k = kc[s, :, :nk].repeat_interleave(hq // hkv, dim=0)
-        sc = torch.einsum("thd,hkd->thk", q[rows], k) * scale
-        lse[rows] = torch.logsumexp(sc.masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
-    return lse
-
-
 def check_attn(K, ba_mod):
     say("branch_attention correctness")
     dev = DEV
@@ -160,7 +146,7 @@ def check_attn(K, ba_mod):
                                                hd**-0.5, win)
             name = f"attn {str(dtype)[6:]} pre={pre} KW={kw} H={hq}/{hkv} D={hd} win={win}"
             ok = close(name, o, ref, ATTN_ATOL[dtype], 1e-2)
-            ok &= close(name + " lse", lse, ref_lse(K, q, kc, slot, qpos, plen, bstart, hd**-0.5, win), 2e-3, 1e-4)
+            ok &= close(name + " lse", lse, K.branch_attention_lse_reference(q, kc, slot, qpos, plen, bstart, hd**-0.5, win), 2e-3, 1e-4)
             say(f"  {'ok  ' if ok else 'FAIL'} {name} ({time.time() - t0:.1f}s incl. compile)")
     # forced split counts (incl. more splits than tiles) and shuffled token order
     q, kc, vc, slot, qpos, plen, bstart = bk.make_attn_problem(shrink(p=[900, 300])[3], 30, 8, 2, 128,

@@ -14,6 +14,7 @@ import torch
 
 from .reference import (
     SegmentScores,
+    branch_attention_lse_reference,
     branch_attention_reference,
     segment_score_reference,
     visibility_mask,
@@ -40,6 +41,7 @@ __all__ = [
     "BranchAttentionPlan",
     "SegmentScores",
     "branch_attention",
+    "branch_attention_lse_reference",
     "branch_attention_reference",
     "plan_branch_attention",
     "segment_score",

@@ -6,6 +6,8 @@ torch references then serve); calling a Triton kernel raises a clear error.
 
 from __future__ import annotations
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -28,3 +30,21 @@ def next_pow2(x: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether a @triton.jit kernel runs under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return HAS_TRITON and type(kernel).__name__ == "InterpretedFunction"
+
+
+_SM_CACHE: dict[int, int] = {}
+
+
+def num_sms(device: torch.device, interpreted: bool) -> int:
+    """Streaming multiprocessors of a CUDA device (1 on CPU or under the interpreter)."""
+    if device.type != "cuda" or interpreted:
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_CACHE[idx]

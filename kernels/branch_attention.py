@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._triton import HAS_TRITON, cdiv as _cdiv, next_pow2 as _next_pow2, require_triton, tl, triton
+from ._triton import HAS_TRITON, cdiv as _cdiv, is_interpreted, next_pow2 as _next_pow2, num_sms, require_triton, tl, triton
 
 __all__ = ["BranchAttentionConfig", "BranchAttentionPlan", "branch_attention", "plan_branch_attention"]
 
@@ -251,7 +251,7 @@ class BranchAttentionPlan:
 
 
 def _interpreting() -> bool:
-    return HAS_TRITON and type(_branch_attn_kernel).__name__ == "InterpretedFunction"
+    return is_interpreted(_branch_attn_kernel) if HAS_TRITON else False
 
 
 def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> BranchAttentionConfig:
@@ -267,16 +267,8 @@ def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = to
     return BranchAttentionConfig(block_r=64, block_n=32, num_warps=8, num_stages=2)
 
 
-_SM_CACHE: dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda" or _interpreting():
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_CACHE:
-        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_CACHE[idx]
+    return num_sms(device, _interpreting())
 
 
 def _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window) -> None:

@@ -119,3 +119,31 @@ def branch_attention_reference(
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def branch_attention_lse_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    slot: torch.Tensor,
+    qpos: torch.Tensor,
+    prefix_len: torch.Tensor,
+    branch_start: torch.Tensor,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """Log-sum-exp [T, Hq] (fp64) of each query's scaled scores over its visible keys.
+
+    The oracle for ``branch_attention(..., return_lse=True)``.
+    """
+    q, k_cache = q.double(), k_cache.double()
+    hq, hkv = q.shape[1], k_cache.shape[1]
+    lse = torch.empty(q.shape[:2], dtype=torch.float64, device=q.device)
+    for s in torch.unique(slot).tolist():
+        rows = (slot == s).nonzero().squeeze(1)
+        nk = int(qpos[rows].max()) + 1
+        mask = visibility_mask(qpos[rows].long(), prefix_len[rows].long(), branch_start[rows].long(), nk, window)
+        k = k_cache[s, :, :nk].repeat_interleave(hq // hkv, dim=0)  # [Hq, nk, D]
+        sc = torch.einsum("thd,hkd->thk", q[rows], k) * scale
+        sc = sc.masked_fill(~mask[:, None, :], float("-inf"))
+        lse[rows] = torch.logsumexp(sc, dim=-1)
+    return lse

@@ -40,7 +40,7 @@ import torch
 
 from .reference import SegmentScores
 
-from ._triton import HAS_TRITON, cdiv as _cdiv, next_pow2 as _next_pow2, require_triton, tl, triton
+from ._triton import HAS_TRITON, cdiv as _cdiv, is_interpreted, next_pow2 as _next_pow2, num_sms, require_triton, tl, triton
 
 __all__ = ["HAS_TRITON", "SegmentScoreConfig", "segment_score", "segment_score_grouped"]
 
@@ -280,9 +280,7 @@ class SegmentScoreConfig:
 
 
 def _interpreting() -> bool:
-    if not HAS_TRITON:
-        return False
-    return type(_score_kernel).__name__ == "InterpretedFunction"
+    return is_interpreted(_score_kernel) if HAS_TRITON else False
 
 
 def _default_config(n: int, d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> SegmentScoreConfig:
@@ -313,16 +311,8 @@ def _default_config(n: int, d: int, device: torch.device, dtype: torch.dtype = t
     return cfg
 
 
-_SM_CACHE: dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda" or _interpreting():
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_CACHE:
-        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_CACHE[idx]
+    return num_sms(device, _interpreting())
 
 
 @functools.lru_cache(maxsize=1024)
