@@ -138,10 +138,10 @@ class Ensemble:
                 res.metadata = self.metadata
                 yield i, res
 
-    def _prepare(self, prompt: str, st: GenerationSettings) -> tuple[str, dict[str, list[int]]]:
+    def _prepare(self, prompt: str, st: GenerationSettings, names: Sequence[str] | None = None) -> tuple[str, dict[str, list[int]]]:
         if not isinstance(prompt, str) or not prompt.strip():
             raise SpecEMError("the prompt is empty; give some text to answer")
-        ids = {n: r.codec.prompt_ids(prompt) for n, r in self.runners.items()}
+        ids = {n: self.runners[n].codec.prompt_ids(prompt) for n in (names or self.runners)}
         # Room for the prompt plus one round's packed candidates must exist up front.
         need_scratch = len(self.drafters) * (st.window + 4)
         for n, p in ids.items():
@@ -190,7 +190,7 @@ class Ensemble:
     @torch.inference_mode()
     def _decode_alone(self, runner: ModelRunner, prompts: list[str], st: GenerationSettings, ignore_eos: bool):
         t0 = time.perf_counter()
-        ids = [self._prepare(p, st)[1][runner.name] for p in prompts]
+        ids = [self._prepare(p, st, [runner.name])[1][runner.name] for p in prompts]
         slots = [self.cache.allocate() for _ in prompts]
         try:
             gens = [None if st.greedy else torch.Generator().manual_seed(st.seed) for _ in prompts]

@@ -49,7 +49,7 @@ class ModelRunner:
             dtype = "float32" if self.device.type == "cpu" else "bfloat16"
         self.dtype = _DTYPES[dtype]
         cfg = read_config(folder)
-        self.model: Transformer = load_transformer(folder, self.device, self.dtype)
+        self.model: Transformer = load_transformer(folder, self.device, self.dtype, cfg)
         self.codec = TextCodec(folder, _generation_eos(folder, cfg))
         self.triton = kernels.use_triton(self.device, kernel_setting)
         self.cache: ModelCache | None = None

@@ -52,6 +52,7 @@ class Draft:
 class Branch:
     """Where a verifier put one candidate in its scratch region."""
 
+    ids: list[int]  # the candidate in the verifier's tokens
     qpos: int
     fed: int
     reuse: int
@@ -291,7 +292,7 @@ class Scheduler:
                 rows.append(seq[: len(ids)])
                 targets += ids
                 offsets.append(offsets[-1] + len(ids))
-                branches[r.slot].setdefault(v, []).append(Branch(run.qpos, n, reuse, seq[len(ids)]))
+                branches[r.slot].setdefault(v, []).append(Branch(ids, run.qpos, n, reuse, seq[len(ids)]))
             problems.append(runner.scoring_problem(torch.cat(rows), targets, offsets))
         for v, sc in zip(self.verifiers, score_all([self.runners[v] for v in self.verifiers], problems)):
             lp, lg = sc.mean_logprob.tolist(), sc.mean_logit.tolist()
@@ -339,17 +340,21 @@ class Scheduler:
             cache = runner.cache
             P = cache.length[r.slot]
             assert P == len(s.ids) or m not in branches, "verifier must be caught up"
-            ids = win.own_ids if win.model == m else runner.codec.encode_segment(win.text)
             if m in branches:
                 # branches follow the order of the competing (non-empty) drafts
                 b = branches[m][[d.model for d in drafts if d.text].index(win.model)]
+                ids = b.ids
                 cache.commit(r.slot, P, b.reuse)
                 cache.commit(r.slot, b.qpos, b.fed)
                 s.last_hidden = b.final_hidden
-            elif win.model == m and P == len(s.ids):
-                cache.commit(r.slot, P, win.reuse)
-                if win.reuse == len(ids):
-                    s.last_hidden = win.hiddens[win.reuse]
+            elif win.model == m:
+                ids = win.own_ids
+                if P == len(s.ids):
+                    cache.commit(r.slot, P, win.reuse)
+                    if win.reuse == len(ids):
+                        s.last_hidden = win.hiddens[win.reuse]
+            else:
+                ids = runner.codec.encode_segment(win.text)
             s.ids += ids
 
     def _check_finished(self, r: Request, win: Draft) -> None:

@@ -6,6 +6,7 @@ exercised for real, while a forward costs microseconds.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 
 from specem_fast.fetch import model_dir
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def tiny_config(arch: str, vocab_size: int, **over):
@@ -43,16 +44,13 @@ def make_tiny_model_dir(root: Path, arch: str, tokenizer_from: str, seed: int = 
     from transformers import AutoModelForCausalLM
 
     src = model_dir(tokenizer_from)
-    import json
-
-    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    src_cfg = json.loads((src / "config.json").read_text())
     out = Path(root) / f"tiny-{arch}-{seed}"
     if (out / "config.json").exists():
         return out
     torch.manual_seed(seed)
-    cfg = tiny_config(arch, vocab, **over)
-    gen_src = json.loads((src / "config.json").read_text())
-    cfg.bos_token_id, cfg.eos_token_id = gen_src.get("bos_token_id"), gen_src.get("eos_token_id")
+    cfg = tiny_config(arch, src_cfg["vocab_size"], **over)
+    cfg.bos_token_id, cfg.eos_token_id = src_cfg.get("bos_token_id"), src_cfg.get("eos_token_id")
     model = AutoModelForCausalLM.from_config(cfg).float()
     with torch.no_grad():  # larger weights than the init so logits are not flat
         for p in model.parameters():
@@ -60,6 +58,6 @@ def make_tiny_model_dir(root: Path, arch: str, tokenizer_from: str, seed: int = 
                 p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
     model.save_pretrained(out, safe_serialization=True)
     for f in _TOKENIZER_FILES:
-        if (src / f).exists() and f != "generation_config.json":
+        if (src / f).exists():
             shutil.copy(src / f, out / f)
     return out

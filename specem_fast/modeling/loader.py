@@ -25,34 +25,30 @@ def read_config(folder: Path) -> dict:
         raise SpecEMError(f"{path} is not valid JSON ({exc}); re-fetch or re-save the model") from None
 
 
-def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
-    args = ModelArgs.from_hf_config(read_config(folder))
+def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg: dict | None = None) -> Transformer:
+    args = ModelArgs.from_hf_config(cfg if cfg is not None else read_config(folder))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SpecEMError(f"{folder} has no *.safetensors weights; save the model with safetensors")
     with torch.device("meta"):
         model = Transformer(args)
+    expected = set(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for key in sf.keys():
                 name = _normalise(key)
-                if name is not None:
+                if name in expected:  # skips a tied checkpoint's lm_head copy and non-text towers
                     state[name] = sf.get_tensor(key).to(dtype)
-    expected = set(model.state_dict())
-    if args.tie_embeddings:
-        state.pop("lm_head.weight", None)
     missing = sorted(expected - set(state))
     if missing:
         raise SpecEMError(
             f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]}); "
             "is this a complete checkpoint of a supported architecture?"
         )
-    state = {k: v for k, v in state.items() if k in expected}
     model.load_state_dict(state, assign=True, strict=True)
     model.to(device)
-    for name, inv in enumerate(model._inv_freqs):
-        model._inv_freqs[name] = (inv[0].to(device), inv[1])
+    model._inv_freqs = [(inv.to(device), scaling) for inv, scaling in model._inv_freqs]
     return model.eval().requires_grad_(False)
 
 

@@ -150,7 +150,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         if a.gemma:
             x = x * torch.tensor(a.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
-        tables = [_cos_sin(inv.to(x.device), s, meta.positions, x.dtype) for inv, s in self._inv_freqs]
+        tables = [_cos_sin(inv, s, meta.positions, x.dtype) for inv, s in self._inv_freqs]  # inv on device since load
         for i, block in enumerate(self.model.layers):
             cos, sin = tables[self._rope_groups[i]]
             x = block(x, cos, sin, k_layers[i], v_layers[i], meta, a.windows[i], attend)
