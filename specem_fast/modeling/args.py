@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import SpecEMError
-
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3_text")
+from ..registry import SUPPORTED_ARCHITECTURES
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class ModelArgs:
         arch = cfg.get("model_type")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise SpecEMError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         n_layers = cfg["num_hidden_layers"]
         n_heads = cfg["num_attention_heads"]
