@@ -124,11 +124,6 @@ def token_counter(ensemble: Any) -> tuple[Callable[[str], int], str]:
     fn = getattr(ensemble, "count_tokens", None)
     if callable(fn):
         return (lambda text: int(fn(text))), "ensemble.count_tokens"
-    runners = getattr(ensemble, "runners", None)
-    if isinstance(runners, dict) and runners and all(hasattr(getattr(r, "codec", None), "prompt_ids") for r in runners.values()):
-        return (
-            lambda text: max(len(r.codec.prompt_ids(text)) for r in runners.values())
-        ), "the models' tokenizers with chat template (most over the models)"
     return (lambda text: max(1, round(len(text) / 4))), "estimate (4 characters per token)"
 
 
