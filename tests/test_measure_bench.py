@@ -7,6 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_measure_fakes import MODELS, FakeEnsemble  # noqa: E402
 
+from specem_fast.config import EngineConfig
 from specem_fast.errors import SpecEMError
 from specem_fast.measure.bench import BenchPlan, build_prompt, format_bench, parse_lengths, run_bench, token_counter
 from specem_fast.measure.trace import read_trace
@@ -77,7 +78,7 @@ def test_lengths_beyond_the_engine_are_skipped():
     assert {r["prompt"] for r in report["rows"]} == {"short"}
     assert report["skipped"][0]["prompt"] == "1000" and "does not fit" in report["skipped"][0]["reason"]
     assert "skipped 1000 W3" in format_bench(report)
-    ens.cache_tokens = 600  # the engine tells its budget: skipped before running
+    ens.config = EngineConfig(cache_tokens=600)  # the engine tells its budget: skipped before running
     ens.max_prompt_chars = None
     report = run_bench(ens, BenchPlan(lengths=["short", 1000], windows=[3], reps=1, warmup=0, singles=False), progress=False)
     assert "engine holds 600" in report["skipped"][0]["reason"]

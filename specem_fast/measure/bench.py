@@ -149,15 +149,9 @@ def build_prompt(length: str | int, count: Callable[[str], int], problems: Seque
 
 
 def _capacity(ensemble: Any) -> int | None:
-    """Token budget per sequence when the engine tells it (cache_tokens)."""
-    for obj in (ensemble, getattr(ensemble, "config", None), getattr(ensemble, "engine_config", None)):
-        if obj is None:
-            continue
-        for name in ("max_context", "cache_tokens"):
-            v = getattr(obj, name, None)
-            if isinstance(v, int) and v > 0:
-                return v
-    return None
+    """Token budget per sequence (the engine's cache_tokens), if the engine has one."""
+    v = getattr(getattr(ensemble, "config", None), "cache_tokens", None)
+    return v if isinstance(v, int) and v > 0 else None
 
 
 def _ensemble_metrics(res: Any) -> dict[str, Any]:
