@@ -24,6 +24,7 @@ from .reference import (
 # works where triton is missing (macOS); calling a kernel then raises.
 # TRITON_INTERPRET=1 (CPU interpreter) must be set before this import.
 from .branch_attention import BranchAttentionPlan, branch_attention, plan_branch_attention
+from .cascade import CascadePlan, cascade_attention, plan_cascade_attention, prefix_backend
 from .segment_score import HAS_TRITON, segment_score, segment_score_grouped
 
 
@@ -39,11 +40,15 @@ def use_triton(device: torch.device | str, setting: str = "auto") -> bool:
 __all__ = [
     "HAS_TRITON",
     "BranchAttentionPlan",
+    "CascadePlan",
     "SegmentScores",
     "branch_attention",
     "branch_attention_lse_reference",
     "branch_attention_reference",
+    "cascade_attention",
     "plan_branch_attention",
+    "plan_cascade_attention",
+    "prefix_backend",
     "segment_score",
     "segment_score_grouped",
     "segment_score_reference",

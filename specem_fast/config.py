@@ -11,6 +11,7 @@ from .errors import SpecEMError
 SCORE_MODES = ("logprob", "logit")
 RUN_MODES = ("cached", "recompute")
 KERNEL_CHOICES = ("auto", "triton", "torch")
+FLASH_ATTN_CHOICES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class EngineConfig:
     cache_tokens: int = 4096
     max_batch: int = 8
     kernels: str = "auto"  # auto: Triton on CUDA, torch references on CPU
+    # auto: flash-attn for long prefixes when it is installed (CUDA, Triton path, fp16/bf16); on: always; off: never
+    flash_attn: str = "auto"
     devices: tuple[str, ...] = field(default=())  # optional per-model device override
     dtypes: tuple[str | None, ...] = field(default=())  # optional per-model dtype override
 
@@ -102,6 +105,8 @@ class EngineConfig:
             raise SpecEMError(f"max_batch must be >= 1 (got {self.max_batch})")
         if self.kernels not in KERNEL_CHOICES:
             raise SpecEMError(f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
+        if self.flash_attn not in FLASH_ATTN_CHOICES:
+            raise SpecEMError(f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)} (got {self.flash_attn!r})")
         for dt in (self.dtype, *self.dtypes):
             if dt not in (None, "float32", "bfloat16", "float16"):
                 raise SpecEMError(f"dtype must be float32, bfloat16 or float16 (got {dt!r})")

@@ -59,6 +59,7 @@ class Ensemble:
         cache_tokens: int = 4096,
         max_batch: int = 8,
         kernels: str = "auto",
+        flash_attn: str = "auto",
         devices: Sequence[str] = (),
         dtypes: Sequence[str | None] = (),
         progress: bool = False,
@@ -69,7 +70,7 @@ class Ensemble:
             if per_model and len(per_model) != len(drafters):
                 raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
-                              kernels=kernels, devices=tuple(devices), dtypes=tuple(dtypes))
+                              kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes))
         all_names = drafters + [v for v in verifiers_ if v not in drafters]
         placement = dict(zip(drafters, devices)) if devices else {}
         precision = dict(zip(drafters, dtypes)) if dtypes else {}
@@ -77,7 +78,8 @@ class Ensemble:
         folders = {spec: resolve_model(spec) for spec in all_names}  # every name checked before loading
         for spec in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
             folder = folders[spec]
-            runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), precision.get(spec, dtype), kernels)
+            runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), precision.get(spec, dtype), kernels,
+                                        flash_attn)
         return cls(runners, drafters, verifiers_, config)
 
     @property

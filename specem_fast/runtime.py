@@ -8,18 +8,26 @@ candidates with the segment-scoring kernel (Triton on CUDA, torch on CPU).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import kernels
+from .errors import SpecEMError
 from .kv_cache import CacheShape, ModelCache
 from .modeling.loader import load_transformer, read_config
 from .modeling.transformer import AttnMeta, Transformer
 from .text import TextCodec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# flash_attn="auto" sends the prefix part through flash-attn from this prefix
+# length on. Below it the second attention launch and the merge cost more than
+# flash-attn can save over the branch kernel's own prefix pass. The value is a
+# guess until benchmarks/gpu_check.py has measured both paths on a GPU.
+FLASH_MIN_PREFIX = 1024
 
 
 @dataclass
@@ -41,7 +49,8 @@ class Run:
 
 
 class ModelRunner:
-    def __init__(self, name: str, folder: Path, device: str, dtype: str | None, kernel_setting: str):
+    def __init__(self, name: str, folder: Path, device: str, dtype: str | None, kernel_setting: str,
+                 flash_setting: str = "auto"):
         self.name = name
         self.folder = folder
         self.device = torch.device(device)
@@ -52,6 +61,7 @@ class ModelRunner:
         self.model: Transformer = load_transformer(folder, self.device, self.dtype, cfg)
         self.codec = TextCodec(folder, _generation_eos(folder, cfg))
         self.triton = kernels.use_triton(self.device, kernel_setting)
+        self.flash_min_prefix = self._flash_threshold(flash_setting)
         self.cache: ModelCache | None = None
         self.tokens_fed = 0  # every token this model ever processed (cost accounting)
         self.tokens_refed = 0  # of those, tokens written below a committed high-water mark
@@ -63,7 +73,30 @@ class ModelRunner:
 
     @property
     def kernel_path(self) -> str:
-        return "triton" if self.triton else "torch"
+        if not self.triton:
+            return "torch"
+        return "triton" if self.flash_min_prefix is None else f"triton+flash-attn(prefix>={self.flash_min_prefix})"
+
+    def _flash_threshold(self, setting: str) -> int | None:
+        """Shortest prefix whose attention goes through flash-attn (cascade path); None: never."""
+        choice = os.environ.get("SPECEM_FLASH_ATTN", "").strip().lower() or setting
+        if choice not in ("auto", "on", "off"):
+            raise SpecEMError(f"flash_attn / SPECEM_FLASH_ATTN must be auto, on or off (got {choice!r})")
+        if choice == "off":
+            return None
+        backend = kernels.prefix_backend()
+        problem = None
+        if not self.triton:
+            problem = "it needs the Triton kernel path (kernels='triton', or 'auto' on CUDA)"
+        elif backend is None:
+            problem = "flash-attn is not installed (install the [gpu] extra on a CUDA machine)"
+        elif self.dtype not in backend.dtypes:
+            problem = f"{backend.name} takes float16/bfloat16 but model {self.name} runs in {str(self.dtype)[6:]}"
+        if choice == "on":
+            if problem:
+                raise SpecEMError(f"flash_attn='on' cannot be used: {problem}; or set flash_attn='auto'/'off'")
+            return 1
+        return FLASH_MIN_PREFIX if problem is None and self.device.type == "cuda" else None
 
     # -- forward -------------------------------------------------------------
     @torch.inference_mode()
@@ -81,7 +114,8 @@ class ModelRunner:
             cols["bs"] += [r.qpos] * n
             cols["pos"] += range(r.pos, r.pos + n)
         t = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in cols.items()}
-        meta = AttnMeta(slot=t["slot"], qpos=t["qpos"], prefix_len=t["pl"], branch_start=t["bs"], positions=t["pos"])
+        meta = AttnMeta(slot=t["slot"], qpos=t["qpos"], prefix_len=t["pl"], branch_start=t["bs"], positions=t["pos"],
+                        max_prefix=max(cols["pl"], default=0))
         self.tokens_fed += len(cols["tok"])
         k, v = self.cache.k, self.cache.v
         return self.model(t["tok"], meta, k, v, self._attend_meta)
@@ -90,6 +124,11 @@ class ModelRunner:
         args = (q, k_cache, v_cache, meta.slot, meta.qpos, meta.prefix_len, meta.branch_start, scale, window)
         if not self.triton:
             return kernels.branch_attention_reference(*args)
+        if window == 0 and self.flash_min_prefix is not None and meta.max_prefix >= self.flash_min_prefix:
+            if meta.cascade is None:
+                meta.cascade = kernels.plan_cascade_attention(q, k_cache, meta.slot, meta.qpos, meta.prefix_len,
+                                                              meta.branch_start)
+            return kernels.cascade_attention(*args, plan=meta.cascade)
         if meta.plan is None:  # one host sync per forward, not per layer
             meta.plan = kernels.plan_branch_attention(q, k_cache, meta.slot, meta.qpos, meta.prefix_len, meta.branch_start)
         return kernels.branch_attention(*args, plan=meta.plan)

@@ -78,3 +78,12 @@ def test_console_script_exits_nonzero_without_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "specem-fast: error: window must be an integer >= 1 (got -3); the paper uses 5-15, default 10"
+
+
+def test_flash_attn_on_without_flash_attn_exits_2(capsys, tiny_dirs, monkeypatch):
+    from specem_fast.kernels import cascade
+
+    monkeypatch.setattr(cascade, "_backend", None)
+    code, _, err = run_cli(capsys, "generate", "--models", str(tiny_dirs["llama"]), "--prompt", "x",
+                           "--kernels", "triton", "--flash-attn", "on")
+    assert code == 2 and "flash-attn is not installed" in err and "Traceback" not in err

@@ -37,6 +37,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV-cache budget per request and model: prompt + answer + one round (default 4096)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
                    help="kernel path (default auto: Triton on CUDA, torch on CPU)")
+    p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
+                   help="prefix attention through flash-attn, merged with the branch kernel (default auto: "
+                        "when installed, on CUDA, for prefixes of at least 1024 tokens)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_new_tokens: bool = True) -> None:
@@ -97,5 +100,6 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1):
         cache_tokens=args.cache_tokens,
         max_batch=max_batch,
         kernels=args.kernels,
+        flash_attn=args.flash_attn,
         progress=True,
     )

@@ -28,7 +28,9 @@ class AttnMeta:
     prefix_len: torch.Tensor  # keys [0, prefix_len) are visible
     branch_start: torch.Tensor  # and keys [branch_start, qpos]
     positions: torch.Tensor  # logical position (for rotary embeddings)
+    max_prefix: int = 0  # longest prefix_len (host copy, picks the attention path without a sync)
     plan: object | None = None  # kernel launch plan, built by the first layer and reused
+    cascade: object | None = None  # the same for the flash-attn cascade path
 
 
 # attend(q [T,Hq,D], k_cache [S,Hkv,L,D], v_cache, meta, scale, window) -> [T,Hq,D]
