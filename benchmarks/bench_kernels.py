@@ -7,7 +7,8 @@ Segment scoring: fused kernel vs eager ``hidden @ W.T -> float -> log_softmax
 -> gather`` (+ segment means), and the one-launch grouped kernel vs one launch
 per verifier. Branch attention: kernel vs SDPA with a dense boolean mask (the
 mask and the kernel's plan are built once outside the timed region, as an
-engine does once per forward for all layers). On a GPU it also measures the
+engine does once per forward for all layers); where flash-attn is installed,
+the cascade path (flash-attn prefix + branch kernel + merge) gets a row too. On a GPU it also measures the
 device copy bandwidth and reports the LM-head read bound: ``|W| / bandwidth``,
 the least time any scorer needs when N is small.
 
@@ -25,7 +26,6 @@ import argparse
 import gc
 import importlib
 import importlib.util
-import math
 import os
 import statistics
 import sys
@@ -262,13 +262,20 @@ def bench_attn(cases, dtype, device):
         out_t = torch.empty_like(q)
         kern = lambda: K.branch_attention(q, kc, vc, slot, qpos, plen, bstart, scale, window, plan=plan)  # noqa: E731
         torch_fn = lambda: sdpa_dense(q, kc, vc, slot, masks, rps, scale, out_t)  # noqa: E731
-        got, want = kern(), torch_fn()
-        err = (got.float() - want.float()).abs().max().item()
+        want = torch_fn()
+        t_torch, mem_torch = bench_time(torch_fn), peak_memory(torch_fn)
         shape = f"{name} pre={'/'.join(map(str, prefixes))} KW={kw} H={hq}/{hkv} D={hd}" + (
             f" win={window}" if window else "")
-        rows.append(dict(kernel="branch_attention", shape=shape, dtype=str(dtype).split(".")[-1],
-                         t_kernel=bench_time(kern), t_torch=bench_time(torch_fn),
-                         mem_kernel=peak_memory(kern), mem_torch=peak_memory(torch_fn), max_err=err))
+        fns = {"branch_attention": kern}
+        backend = K.prefix_backend()
+        if backend is not None and window == 0 and dtype in backend.dtypes:
+            cplan = K.plan_cascade_attention(q, kc, slot, qpos, plen, bstart)
+            fns[f"cascade ({backend.name} prefix)"] = lambda: K.cascade_attention(  # noqa: E731
+                q, kc, vc, slot, qpos, plen, bstart, scale, plan=cplan)
+        for label, fn in fns.items():
+            err = (fn().float() - want.float()).abs().max().item()
+            rows.append(dict(kernel=label, shape=shape, dtype=str(dtype).split(".")[-1], t_kernel=bench_time(fn),
+                             t_torch=t_torch, mem_kernel=peak_memory(fn), mem_torch=mem_torch, max_err=err))
         del q, kc, vc
     return rows
 

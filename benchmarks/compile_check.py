@@ -90,6 +90,7 @@ def resource_usage(cubin: bytes) -> dict:
 def variants(quick: bool):
     ss = _load("segment_score")
     ba = _load("branch_attention")
+    cas = _load("cascade")
     bf16, f16, f32, i32, i64 = torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.int64
 
     def score(dt, cfg, d=4096, v=128256, cap=False, prec="tf32"):
@@ -152,6 +153,13 @@ def variants(quick: bool):
         "attn merge D=128", ba._branch_merge_kernel,
         dict(po_ptr=f32, pm_ptr=f32, pl_ptr=f32, o_ptr=bf16, lse_ptr=f32, T=60, Hq=32, D=128, num_splits=8,
              stride_ot=4096, stride_oh=128), dict(RETURN_LSE=True, BLOCK_H=16, BLOCK_D=128), 4, 1))
+    for dt, d in ((bf16, 128), (f16, 256)):
+        out.append((
+            f"cascade merge {_TY[dt]} D={d}", cas._cascade_merge_kernel,
+            dict(op_ptr=dt, lp_ptr=f32, o_ptr=dt, lb_ptr=f32, scatter_ptr=i64, plen_ptr=i64, Hq=32, D=d, q_max=60,
+                 stride_op_r=32 * d, stride_op_h=d, stride_lp_b=32 * 60, stride_lp_h=60, stride_lp_q=1,
+                 stride_o_t=32 * d, stride_o_h=d),
+            dict(RETURN_LSE=True, BLOCK_H=max(1, min(32, 2048 // d)), BLOCK_D=d), 4, 1))
     return out
 
 

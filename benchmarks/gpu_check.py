@@ -11,7 +11,9 @@ installed, the kernels are imported from this checkout by path.
    branch_attention with and without key splits, LSE) against the fp64 torch
    reference, in bf16 / fp16 / fp32, over the GPU launch heuristics' code
    paths (every default tile config, split counts, GQA groups, head_dim
-   64/128/256, sliding window, ragged prefixes). Exits 1 on any failure.
+   64/128/256, sliding window, ragged prefixes); where flash-attn imports,
+   also cascade_attention (flash-attn prefix + our branch kernel + merge).
+   Exits 1 on any failure.
 2. Timing: copy bandwidth (-> LM-head read bound), then the issue's shapes,
    kernel vs eager torch, time and peak memory side by side (one table).
    With $OUT set, the table is also written to $OUT/gpu_check.md.
@@ -159,6 +161,37 @@ def check_attn(K, ba_mod):
         close(f"attn splits={ns}", K.branch_attention(q, kc, vc, slot, qpos, plen, bstart, 0.1, config=cfg), ref,
               3e-2, 1e-2)
     say("  forced splits checked")
+    check_cascade(K)
+
+
+def check_cascade(K):
+    """The flash-attn cascade path, only where flash-attn imports (the [gpu] extra)."""
+    backend = K.prefix_backend()
+    if backend is None:
+        say("cascade_attention: flash-attn not installed here, cascade path NOT checked")
+        return
+    say(f"cascade_attention correctness ({backend.name} prefix + branch kernel + LSE merge)")
+    cases = [  # prefixes, KW, Hq, Hkv, D: ragged, an empty prefix, GQA/MQA, head_dim 64/128/256
+        ([700], 20, 32, 8, 128), ([3000, 0, 129], 60, 32, 8, 128), ([100, 1500, 40], 25, 14, 2, 64),
+        ([2000], 50, 4, 1, 256), ([8192], 60, 32, 8, 128),
+    ]
+    for dtype in backend.dtypes:
+        for pre, kw, hq, hkv, hd in cases:
+            pre = shrink(p=pre)[3]
+            q, kc, vc, slot, qpos, plen, bstart = bk.make_attn_problem(pre, kw, hq, hkv, hd, dtype, DEV,
+                                                                       k=min(5, kw), seed=sum(pre) + 1)
+            perm = torch.randperm(q.shape[0], device=q.device)  # token order must not matter
+            q, slot, qpos, plen, bstart = q[perm].contiguous(), slot[perm], qpos[perm], plen[perm], bstart[perm]
+            t0 = time.time()
+            o, lse = K.cascade_attention(q, kc, vc, slot, qpos, plen, bstart, hd**-0.5, return_lse=True)
+            sync()
+            ref = K.branch_attention_reference(q.double(), kc.double(), vc.double(), slot, qpos, plen, bstart,
+                                               hd**-0.5)
+            name = f"cascade {str(dtype)[6:]} pre={pre} KW={kw} H={hq}/{hkv} D={hd}"
+            ok = close(name, o, ref, ATTN_ATOL[dtype], 1e-2)
+            ok &= close(name + " lse", lse, K.branch_attention_lse_reference(q, kc, slot, qpos, plen, bstart,
+                                                                             hd**-0.5), 2e-3, 1e-4)
+            say(f"  {'ok  ' if ok else 'FAIL'} {name} ({time.time() - t0:.1f}s incl. compile)")
 
 
 def sweep(K, ss_mod, ba_mod):
@@ -222,6 +255,13 @@ def main(argv=None) -> int:
     K = bk.load_kernels()
     ss_mod = sys.modules[K.__name__ + ".segment_score"]
     ba_mod = sys.modules[K.__name__ + ".branch_attention"]
+    if SMOKE and K.prefix_backend() is None:  # exercise the cascade checks with the tests' fp64 flash-attn double
+        spec = importlib.util.spec_from_file_location("flash_double", HERE.parent / "tests" / "flash_double.py")
+        double = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(double)
+        cascade = sys.modules[K.__name__ + ".cascade"]
+        cascade._backend = cascade.PrefixBackend("fp64 double", double.flash_attn_with_kvcache_double,
+                                                 (torch.float16, torch.bfloat16))
     for fn in (check_score, check_attn):
         try:
             fn(K, ss_mod if fn is check_score else ba_mod)

@@ -1,0 +1,22 @@
+"""benchmarks/gpu_check.py must work when a GPU is finally lent: run its CPU smoke mode."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Triton interpreter needs Linux")
+def test_gpu_check_cpu_smoke_passes(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "gpu_check.md").read_text()
+    assert "correctness: OK" in report and "FAIL" not in report
+    assert "ok   cascade bfloat16" in report  # the cascade section ran (fp64 flash-attn double)
+    assert "| branch_attention" in report and "| segment_score" in report
