@@ -23,11 +23,35 @@ from .scheduler import Request, Scheduler
 
 @dataclass
 class Segment:
-    """An accepted segment, as :meth:`Ensemble.stream` yields it."""
+    """Answer text released by :meth:`Ensemble.stream`, with the round that accepted it."""
 
     text: str
     model: str
     round: RoundRecord
+
+
+def release_segments(events: Iterator[RoundRecord | GenerationResult], stop: Sequence[str]
+                     ) -> Iterator[Segment | GenerationResult]:
+    """Turn one request's events into streamable text that is never taken back.
+
+    With stop strings, the last ``len(longest stop) - 1`` characters are held
+    until the next round or the end: a stop string that straddles two segments
+    cuts text the previous round had accepted. The segments' texts join to the
+    final answer exactly; the GenerationResult comes last.
+    """
+    hold = max((len(s) for s in stop), default=1) - 1
+    answer, sent, last = "", 0, None
+    for ev in events:
+        if isinstance(ev, RoundRecord):
+            answer = answer[: ev.answer_chars - len(ev.accepted)] + ev.accepted
+            last = ev
+            end = max(sent, len(answer) - hold)
+            yield Segment(answer[sent:end], ev.winner_model, ev)
+            sent = end
+        else:
+            if ev.text[sent:] and last is not None:
+                yield Segment(ev.text[sent:], last.winner_model, last)
+            yield ev
 
 
 class Ensemble:
@@ -108,12 +132,21 @@ class Ensemble:
         return results[0] if single else results
 
     def stream(self, prompt: str, **settings) -> Iterator[Segment]:
-        """Yield accepted segments as they are decided; the last item's round ends the answer."""
+        """Yield the answer's text round by round; the texts join to the final answer.
+
+        One segment per round (its text may be empty while a possible stop
+        string is held back), plus a last one for held-back text.
+        """
+        for ev in self.stream_with_result(prompt, **settings):
+            if isinstance(ev, Segment):
+                yield ev
+
+    def stream_with_result(self, prompt: str, **settings) -> Iterator[Segment | GenerationResult]:
+        """:meth:`stream`, then the GenerationResult as the last item."""
         if not isinstance(prompt, str):
             raise SpecEMError("stream() takes one prompt string; use generate() for a list")
-        for _, ev in self.events(prompt, settings):
-            if isinstance(ev, RoundRecord):
-                yield Segment(ev.candidates[ev.winner].text, ev.winner_model, ev)
+        st = GenerationSettings().with_overrides(**settings)
+        yield from release_segments((ev for _, ev in self.events(prompt, settings)), st.stop)
 
     def events(self, prompts: str | Sequence[str], overrides: dict) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
         """Drive the rounds; yields (prompt index, RoundRecord) per accepted segment

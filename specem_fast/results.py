@@ -25,6 +25,12 @@ class RoundRecord:
     winner: int  # index into candidates
     winner_model: str
     seconds: dict[str, float]  # draft / verify / commit
+    # What this round added to the answer: the winner's text after stop-string and
+    # token-budget cuts. A stop string straddling two segments also shortens the
+    # earlier text, so the answer after the round is
+    # answer[:answer_chars - len(accepted)] + accepted.
+    accepted: str = ""
+    answer_chars: int = 0
 
 
 @dataclass

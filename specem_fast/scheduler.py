@@ -140,8 +140,9 @@ class Scheduler:
                 win = fast[r.slot]
                 shown = ds if win in ds else ds + [win]
                 record = self._record(r, shown, {}, {}, [], shown.index(win), win)
-                self._commit(r, win, drafts[r.slot], {})
-                self._check_finished(r, win)
+                start = len(r.answer)
+                appended = self._commit(r, win, drafts[r.slot], {})
+                self._check_finished(r, win, appended)
                 if r.stop_reason != "stop_string":
                     r.stop_reason = "fast_eos"
             elif not ds:
@@ -149,8 +150,11 @@ class Scheduler:
                 continue
             else:
                 record, win = self._select(r, ds, raw[r.slot])
-                self._commit(r, win, drafts[r.slot], branches.get(r.slot, {}))
-                self._check_finished(r, win)
+                start = len(r.answer)
+                appended = self._commit(r, win, drafts[r.slot], branches.get(r.slot, {}))
+                self._check_finished(r, win, appended)
+            record.accepted = r.answer[start:]
+            record.answer_chars = len(r.answer)
             t3 = time.perf_counter()
             record.seconds = {"draft": t1 - t0, "verify": t2 - t1, "commit": t3 - t2}
             r.timings["draft_s"] += t1 - t0
@@ -332,9 +336,13 @@ class Scheduler:
             seconds={},
         )
 
-    def _commit(self, r: Request, win: Draft, drafts: list[Draft], branches: dict[str, list[Branch]]):
-        """Append the winner's text to every model's sequence, keeping reusable K/V."""
+    def _commit(self, r: Request, win: Draft, drafts: list[Draft], branches: dict[str, list[Branch]]) -> dict[str, int]:
+        """Append the winner's text to every model's sequence, keeping reusable K/V.
+
+        Returns how many ids each model's sequence grew by.
+        """
         r.answer += win.text
+        appended = {}
         for m, runner in self.runners.items():
             s = r.seqs[m]
             cache = runner.cache
@@ -356,8 +364,10 @@ class Scheduler:
             else:
                 ids = runner.codec.encode_segment(win.text)
             s.ids += ids
+            appended[m] = len(ids)
+        return appended
 
-    def _check_finished(self, r: Request, win: Draft) -> None:
+    def _check_finished(self, r: Request, win: Draft, appended: dict[str, int]) -> None:
         st = r.settings
         for stop in st.stop:
             cut = r.answer.find(stop)
@@ -367,8 +377,30 @@ class Scheduler:
                 return
         if win.ended_with_stop:
             r.stop_reason = "stop"
-        elif len(r.seqs[self.first].ids) - r.seqs[self.first].prompt_len >= st.max_new_tokens:
+            return
+        first = r.seqs[self.first]
+        excess = len(first.ids) - first.prompt_len - st.max_new_tokens
+        if excess >= 0:
             r.stop_reason = "length"
+            if excess:
+                self._trim_to_budget(r, win, appended, excess)
+
+    def _trim_to_budget(self, r: Request, win: Draft, appended: dict[str, int], excess: int) -> None:
+        """Cut the last segment so the answer is exactly max_new_tokens of the first model's tokens.
+
+        Another model's segment can be longer in the first model's tokens than
+        the window left. The request ends here, so the caches need no update.
+        """
+        first = r.seqs[self.first]
+        seg = first.ids[len(first.ids) - appended[self.first] :]
+        keep = seg[: len(seg) - excess]
+        text = self.runners[self.first].codec.decode(keep)
+        if not win.text.startswith(text):  # this tokenizer's prefix does not decode to a text prefix
+            return
+        r.answer = r.answer[: len(r.answer) - len(win.text)] + text
+        for m, s in r.seqs.items():
+            del s.ids[len(s.ids) - appended[m] :]
+            s.ids += keep if m == self.first else self.runners[m].codec.encode_segment(text)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

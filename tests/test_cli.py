@@ -87,3 +87,17 @@ def test_flash_attn_on_without_flash_attn_exits_2(capsys, tiny_dirs, monkeypatch
     code, _, err = run_cli(capsys, "generate", "--models", str(tiny_dirs["llama"]), "--prompt", "x",
                            "--kernels", "triton", "--flash-attn", "on")
     assert code == 2 and "flash-attn is not installed" in err and "Traceback" not in err
+
+
+def test_generate_prints_exactly_the_answer_with_a_stop_string(tiny_dirs, capsys):
+    args = ["--models", f"{tiny_dirs['llama']},{tiny_dirs['qwen2']}", "--prompt", "List three colours.",
+            "--max-new-tokens", "24", "--window", "4", "--cache-tokens", "512"]
+    code, full, _ = run_cli(capsys, "generate", *args)
+    assert code == 0 and len(full.strip()) > 6
+    full = full[:-1]  # the closing newline
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    code, out, _ = run_cli(capsys, "generate", *args, "--stop", stop, "--json")
+    res = json.loads(out)
+    assert res["stop_reason"] == "stop_string" and res["text"] == full[: full.find(stop)]
+    code, out, err = run_cli(capsys, "generate", *args, "--stop", stop)
+    assert code == 0 and out == res["text"] + "\n" and "stop: stop_string" in err

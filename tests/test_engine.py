@@ -62,7 +62,7 @@ def test_round_scores_equal_an_independent_transformers_computation(tiny):
                     lp = torch.log_softmax(hf(torch.tensor([prefix + ids])).logits[0], -1)
                 expect.append(float(torch.stack([lp[len(prefix) - 1 + j, t] for j, t in enumerate(ids)]).mean()))
             assert rd.raw_scores[v] == pytest.approx(expect, abs=2e-3)
-        answer_so_far += rd.candidates[rd.winner].text
+        answer_so_far += rd.accepted
 
 
 def test_hedge_weights_follow_the_recorded_scores(tiny):
@@ -83,7 +83,7 @@ def test_text_handoff_round_trips_for_every_model(tiny):
     for n, runner in tiny.runners.items():
         seq = []
         for rd in res.rounds:
-            seq += runner.codec.encode_segment(rd.candidates[rd.winner].text)
+            seq += runner.codec.encode_segment(rd.accepted)
         assert runner.codec.decode(seq) == res.text
         assert len(seq) == res.tokens_per_model[n]
 
@@ -106,13 +106,55 @@ def test_max_new_tokens_and_stop_strings(tiny):
     res = tiny.generate(PROMPTS[0], max_new_tokens=12, window=5)
     assert res.stop_reason in ("length", "stop", "empty")
     if res.stop_reason == "length":
-        assert 12 <= res.new_tokens <= 12 + 5
+        assert res.new_tokens == 12
     full = tiny.generate(PROMPTS[0], max_new_tokens=40, window=5).text
     words = [w for w in full.split(" ") if len(w) > 2]
     stop = words[len(words) // 2]
     cut = tiny.generate(PROMPTS[0], max_new_tokens=40, window=5, stop=[stop])
     assert cut.stop_reason == "stop_string"
     assert cut.text == full[: full.find(stop)]
+
+
+def test_length_stop_is_exactly_max_new_tokens(tiny):
+    """A segment from another tokenizer can be longer in the first model's tokens than
+    the window left: the last one is cut so the budget holds exactly."""
+    cut_rounds = 0
+    for budget in (7, 12, 13):
+        for res in tiny.generate(PROMPTS, max_new_tokens=budget, window=5):
+            assert res.stop_reason == "length" and res.new_tokens == budget
+            last = res.rounds[-1]
+            won = last.candidates[last.winner].text
+            assert won.startswith(last.accepted) and res.text.endswith(last.accepted)
+            cut_rounds += last.accepted != won
+            assert res.tokens_per_model[tiny.drafters[1]] == len(
+                sum((tiny.runners[tiny.drafters[1]].codec.encode_segment(r.accepted) for r in res.rounds), []))
+    assert cut_rounds  # the cut really happened on these prompts
+
+
+def test_stream_never_shows_text_a_straddling_stop_string_removes(tiny):
+    def straddling_stop(segs):
+        """A stop string whose first occurrence starts in one segment and ends in the next."""
+        full, end = "".join(segs), 0
+        for a, b in zip(segs, segs[1:]):
+            end += len(a)
+            for k in range(1, min(4, len(a)) + 1):
+                for m in range(1, min(4, len(b)) + 1):
+                    stop = a[-k:] + b[:m]
+                    if full.find(stop) == end - k:
+                        return stop
+        return None
+
+    for prompt in PROMPTS:
+        stop = straddling_stop([s.text for s in tiny.stream(prompt, max_new_tokens=30, window=5)])
+        if stop:
+            break
+    assert stop, "no segment boundary usable as a stop string"
+    full = tiny.generate(prompt, max_new_tokens=30, window=5).text
+    segs = list(tiny.stream(prompt, max_new_tokens=30, window=5, stop=[stop, "never-appears"]))
+    res = tiny.generate(prompt, max_new_tokens=30, window=5, stop=[stop, "never-appears"])
+    assert res.stop_reason == "stop_string" and res.text == full[: full.find(stop)]
+    assert "".join(s.text for s in segs) == res.text
+    assert res.rounds[-1].answer_chars == len(res.text)
 
 
 def test_stream_yields_the_accepted_segments(tiny):

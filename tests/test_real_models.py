@@ -30,7 +30,7 @@ def test_text_handoff_round_trips_for_every_default_model(real_ensemble, greedy)
     for name, runner in real_ensemble.runners.items():
         seq = []
         for rd in greedy.rounds:
-            seq += runner.codec.encode_segment(rd.candidates[rd.winner].text)
+            seq += runner.codec.encode_segment(rd.accepted)
         assert runner.codec.decode(seq) == greedy.text, name
         assert len(seq) == greedy.tokens_per_model[name]
 

@@ -48,12 +48,11 @@ def run(args: argparse.Namespace) -> int:
     ens = load_ensemble(args)
     result = None
     out = sys.stdout
-    for _, ev in ens.events(prompt, settings):
-        if not hasattr(ev, "winner_model"):
+    for ev in ens.stream_with_result(prompt, **settings):
+        if not hasattr(ev, "model"):
             result = ev
-        elif not args.json:
-            seg = ev.candidates[ev.winner].text
-            out.write(f"\x1b[2m[{ev.winner_model}]\x1b[0m{seg}" if out.isatty() else seg)
+        elif not args.json and ev.text:
+            out.write(f"\x1b[2m[{ev.model}]\x1b[0m{ev.text}" if out.isatty() else ev.text)
             out.flush()
     if args.trace:
         from ..measure.trace import write_trace

@@ -102,6 +102,7 @@ def trace_lines(results: Any, labels: Sequence[str] | None = None) -> list[dict[
                     "raw_scores": r["raw_scores"],
                     "combined": r["combined"],
                     "candidates": r["candidates"],
+                    "accepted": r.get("accepted", ""),
                     "seconds": r["seconds"],
                 }
             )
