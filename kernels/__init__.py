@@ -17,6 +17,7 @@ from .reference import (
     branch_attention_lse_reference,
     branch_attention_reference,
     segment_score_reference,
+    segment_score_torch,
     visibility_mask,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "segment_score",
     "segment_score_grouped",
     "segment_score_reference",
+    "segment_score_torch",
     "use_triton",
     "visibility_mask",
 ]

@@ -158,7 +158,7 @@ def score_all(runners: list[ModelRunner], problems: list[tuple]) -> list[kernels
         if r.triton:
             groups.setdefault(r.device, []).append(i)
         else:
-            out[i] = kernels.segment_score_reference(*problems[i])
+            out[i] = kernels.segment_score_torch(*problems[i])
     for idx in groups.values():
         # host-side checks already ran in scoring_problem: skip the device sync
         res = kernels.segment_score_grouped([problems[i] for i in idx], check_values=False)

@@ -178,3 +178,20 @@ def test_device_mismatch_raises():
     h, w, t, o = make_problem(6, 32, 100, lengths=[2, 4], seed=9)
     with pytest.raises(ValueError, match="is on"):
         segment_score(h, w.cpu(), t, o)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,v,softcap", [(1, 777, None), (23, 10_000, 30.0), (300, 4097, None)])
+def test_cpu_path_matches_the_fp64_reference(wdtype, n, v, softcap):
+    """segment_score_torch (the engine's CPU scorer): fp32 hidden states, LM head in the model's
+    dtype, vocabulary chunks (V not a multiple of the chunk) merged by online log-sum-exp."""
+    from specem_fast.kernels import segment_score_torch
+
+    hidden, weight, targets, offsets = (x.cpu() for x in make_problem(n, 48, v, c=min(n, 5), seed=n, scale=1.0))
+    weight = weight.to(wdtype)
+    got = segment_score_torch(hidden, weight, targets, offsets, softcap, vocab_chunk=1000)
+    ref = segment_score_reference(hidden.double(), weight.double(), targets, offsets, softcap)
+    for name, a, b in zip(ref._fields, got, ref):
+        assert a.dtype == torch.float32, name
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5, msg=name)
+    assert got.token_logprob.max() < 0 and got.token_logprob.min() < -3  # real spread, not a flat softmax
