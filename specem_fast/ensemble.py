@@ -30,8 +30,8 @@ class Segment:
     round: RoundRecord
 
 
-def release_segments(events: Iterator[RoundRecord | GenerationResult], stop: Sequence[str]
-                     ) -> Iterator[Segment | GenerationResult]:
+def _release_segments(events: Iterator[RoundRecord | GenerationResult], stop: Sequence[str]
+                      ) -> Iterator[Segment | GenerationResult]:
     """Turn one request's events into streamable text that is never taken back.
 
     With stop strings, the last ``len(longest stop) - 1`` characters are held
@@ -146,7 +146,7 @@ class Ensemble:
         if not isinstance(prompt, str):
             raise SpecEMError("stream() takes one prompt string; use generate() for a list")
         st = GenerationSettings().with_overrides(**settings)
-        yield from release_segments((ev for _, ev in self.events(prompt, settings)), st.stop)
+        yield from _release_segments((ev for _, ev in self.events(prompt, settings)), st.stop)
 
     def events(self, prompts: str | Sequence[str], overrides: dict) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
         """Drive the rounds; yields (prompt index, RoundRecord) per accepted segment

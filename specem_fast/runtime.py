@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import kernels
+from .config import FLASH_ATTN_CHOICES
 from .errors import SpecEMError
 from .kv_cache import CacheShape, ModelCache
 from .modeling.loader import load_transformer, read_config
@@ -80,7 +81,7 @@ class ModelRunner:
     def _flash_threshold(self, setting: str) -> int | None:
         """Shortest prefix whose attention goes through flash-attn (cascade path); None: never."""
         choice = os.environ.get("SPECEM_FLASH_ATTN", "").strip().lower() or setting
-        if choice not in ("auto", "on", "off"):
+        if choice not in FLASH_ATTN_CHOICES:
             raise SpecEMError(f"flash_attn / SPECEM_FLASH_ATTN must be auto, on or off (got {choice!r})")
         if choice == "off":
             return None
