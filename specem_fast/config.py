@@ -110,3 +110,24 @@ class EngineConfig:
         for dt in (self.dtype, *self.dtypes):
             if dt not in (None, "float32", "bfloat16", "float16"):
                 raise SpecEMError(f"dtype must be float32, bfloat16 or float16 (got {dt!r})")
+        for dev in (self.device, *self.devices):
+            check_device(dev)
+
+
+def check_device(dev: str) -> None:
+    """A clear error for a device this machine does not have (before any model loads)."""
+    import torch
+
+    try:
+        d = torch.device(dev)
+    except (RuntimeError, TypeError, ValueError):
+        raise SpecEMError(f"unknown device {dev!r}: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+            raise SpecEMError(f"device {dev!r} asked for, but CUDA is not available ({why}); use --device cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise SpecEMError(f"device {dev!r} does not exist: {n} GPU(s) visible, cuda:0 to cuda:{n - 1}")
+    elif d.type != "cpu":
+        raise SpecEMError(f"device type {d.type!r} is not supported: use cpu or cuda[:N]")

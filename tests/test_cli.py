@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from specem_fast.cli import main
 
@@ -101,3 +102,14 @@ def test_generate_prints_exactly_the_answer_with_a_stop_string(tiny_dirs, capsys
     assert res["stop_reason"] == "stop_string" and res["text"] == full[: full.find(stop)]
     code, out, err = run_cli(capsys, "generate", *args, "--stop", stop)
     assert code == 0 and out == res["text"] + "\n" and "stop: stop_string" in err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "unknown device 'gpu'"), ("mps", "device type 'mps' is not supported"),
+     ("cuda:99", "does not exist" if torch.cuda.is_available() else "CUDA is not available")],
+)
+def test_bad_device_exits_2_before_loading(capsys, tiny_dirs, device, message):
+    code, _, err = run_cli(capsys, "generate", "--models", str(tiny_dirs["llama"]), "--prompt", "x",
+                           "--device", device)
+    assert code == 2 and message in err and "Traceback" not in err
