@@ -51,6 +51,28 @@ def test_flash_attn_cascade_path_gives_the_same_greedy_text(tiny_dirs, monkeypat
             assert a.raw_scores[v] == pytest.approx(b.raw_scores[v], abs=1e-3)
 
 
+def test_a_flash_attn_that_disagrees_is_turned_off(tiny_dirs, monkeypatch):
+    """A flash-attn build with another LSE convention (here: off by a constant) must not
+    change the answer: the first cascade call is compared with the branch kernel."""
+    from flash_double import flash_attn_with_kvcache_double
+
+    from specem_fast.kernels import cascade
+
+    def wrong(*args, **kw):
+        out, lse = flash_attn_with_kvcache_double(*args, **kw)
+        return out, lse + 2.0
+
+    names = [str(tiny_dirs["llama"])]
+    kw = dict(max_new_tokens=8, window=4)
+    ref = Ensemble.from_pretrained(names, cache_tokens=256, max_batch=1, kernels="torch").generate("Hello.", **kw)
+    monkeypatch.setattr(cascade, "_backend", cascade.PrefixBackend("wrong double", wrong, (torch.float32,)))
+    ens = Ensemble.from_pretrained(names, cache_tokens=256, max_batch=1, kernels="triton", flash_attn="on")
+    with pytest.warns(RuntimeWarning, match="disagrees with the branch kernel"):
+        got = ens.generate("Hello.", **kw)
+    assert got.text == ref.text
+    assert set(got.metadata["kernels"].values()) == {"triton"}
+
+
 def test_flash_attn_settings_are_checked(tiny_dirs, monkeypatch):
     from specem_fast.kernels import cascade
 
