@@ -28,6 +28,7 @@ when the K*W packed queries share one row of the padded batch.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,11 +51,15 @@ class PrefixBackend:
 
 
 def _load_flash_attn() -> PrefixBackend | None:
-    try:
-        from flash_attn import flash_attn_with_kvcache
-    except Exception:  # noqa: BLE001 - not installed, or built against another torch / CUDA
-        return None
-    return PrefixBackend("flash-attn", flash_attn_with_kvcache, (torch.float16, torch.bfloat16))
+    """FlashAttention-3 (Hopper build, module ``flash_attn_interface``) if present, else
+    FlashAttention-2 (``flash_attn``): both take the keyword arguments used here."""
+    for module, name in (("flash_attn_interface", "flash-attn-3"), ("flash_attn", "flash-attn")):
+        try:
+            fn = getattr(importlib.import_module(module), "flash_attn_with_kvcache")
+        except Exception:  # noqa: BLE001 - not installed, or built against another torch / CUDA
+            continue
+        return PrefixBackend(name, fn, (torch.float16, torch.bfloat16))
+    return None
 
 
 _UNSET = object()

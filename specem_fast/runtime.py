@@ -78,7 +78,9 @@ class ModelRunner:
     def kernel_path(self) -> str:
         if not self.triton:
             return "torch"
-        return "triton" if self.flash_min_prefix is None else f"triton+flash-attn(prefix>={self.flash_min_prefix})"
+        if self.flash_min_prefix is None:
+            return "triton"
+        return f"triton+{kernels.prefix_backend().name}(prefix>={self.flash_min_prefix})"
 
     def _flash_threshold(self, setting: str) -> int | None:
         """Shortest prefix whose attention goes through flash-attn (cascade path); None: never."""

@@ -43,7 +43,7 @@ def test_flash_attn_cascade_path_gives_the_same_greedy_text(tiny_dirs, monkeypat
     monkeypatch.setattr(cascade, "_backend", cascade.PrefixBackend("fp64 double", counted, (torch.float32,)))
     ens = Ensemble.from_pretrained(names, cache_tokens=256, max_batch=1, kernels="triton", flash_attn="on")
     got = ens.generate("Name a fruit.", **kw)
-    assert set(got.metadata["kernels"].values()) == {"triton+flash-attn(prefix>=1)"}
+    assert set(got.metadata["kernels"].values()) == {"triton+fp64 double(prefix>=1)"}
     assert got.text == ref.text and got.text
     assert calls and max(calls) > 0
     for a, b in zip(got.rounds, ref.rounds):
