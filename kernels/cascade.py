@@ -211,10 +211,11 @@ def cascade_attention(
     if plan.max_prefix == 0 or t_ == 0:
         return (out, lse) if return_lse else out
     q_pad = q[plan.gather].view(plan.num_rows, plan.q_max, hq, d)
-    o_pad, lse_pad = backend.fn(
+    res = backend.fn(
         q_pad, k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens=plan.seqlens,
         cache_batch_idx=plan.batch_idx, softmax_scale=float(scale), causal=False, return_softmax_lse=True,
     )
+    o_pad, lse_pad = res[0], res[1]  # FlashAttention-3 may return more
     o_rows = o_pad.reshape(plan.num_rows * plan.q_max, hq, d)
     block_d = max(16, _next_pow2(d))
     block_h = max(1, min(_next_pow2(hq), 2048 // block_d))

@@ -72,6 +72,14 @@ def test_a_flash_attn_that_disagrees_is_turned_off(tiny_dirs, monkeypatch):
     assert got.text == ref.text
     assert set(got.metadata["kernels"].values()) == {"triton"}
 
+    def broken(*args, **kw):
+        raise TypeError("flash_attn_with_kvcache() got an unexpected keyword argument 'return_softmax_lse'")
+
+    monkeypatch.setattr(cascade, "_backend", cascade.PrefixBackend("broken", broken, (torch.float32,)))
+    ens = Ensemble.from_pretrained(names, cache_tokens=256, max_batch=1, kernels="triton", flash_attn="on")
+    with pytest.warns(RuntimeWarning, match="fails .TypeError"):
+        assert ens.generate("Hello.", **kw).text == ref.text
+
 
 def test_flash_attn_settings_are_checked(tiny_dirs, monkeypatch):
     from specem_fast.kernels import cascade
