@@ -6,10 +6,11 @@
 # Installs nothing. Carry .device/models, built beforehand with
 #   python benchmarks/engine_cuda_check.py --build .device/models
 # About 6 minutes on an H200 including Triton compiles; give it timeout_s >= 480.
+# The image has no flash-attn: the cascade path is checked only where it is installed.
 set -u
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the device image's python3 holds torch, triton, transformers
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 $PY -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>/dev/null || echo "flash-attn: not installed"
