@@ -158,20 +158,30 @@ class Ensemble:
         prepared = [self._prepare(p, st) for p in prompts]
         queue = deque(enumerate(prepared))
         active: dict[int, tuple[int, Request]] = {}
-        while queue or active:
-            while queue and self.cache.free_slots:
-                i, (p, ids) = queue.popleft()
-                req = self.scheduler.open(p, st, ids)
-                active[req.slot] = (i, req)
-            reqs = [r for _, r in active.values()]
-            index = {r.slot: i for i, r in active.values()}
-            for req, record in self.scheduler.round(reqs):
-                yield index[req.slot], record
-            for slot in [s for s, (_, r) in active.items() if r.stop_reason]:
-                i, req = active.pop(slot)
-                res = self.scheduler.close(req)
-                res.metadata = self.metadata
-                yield i, res
+        try:
+            while queue or active:
+                while queue and self.cache.free_slots:
+                    i, (p, ids) = queue.popleft()
+                    req = self.scheduler.open(p, st, ids)
+                    active[req.slot] = (i, req)
+                if not active:
+                    raise SpecEMError(
+                        f"all {self.cache.num_slots} request slots are held by another generation of this "
+                        "ensemble that is still running (an unfinished stream?); finish or close it first"
+                    )
+                reqs = [r for _, r in active.values()]
+                index = {r.slot: i for i, r in active.values()}
+                for req, record in self.scheduler.round(reqs):
+                    yield index[req.slot], record
+                for slot in [s for s, (_, r) in active.items() if r.stop_reason]:
+                    i, req = active.pop(slot)
+                    res = self.scheduler.close(req)
+                    res.metadata = self.metadata
+                    yield i, res
+        finally:
+            # an error, or a consumer that stopped iterating: give the slots back
+            for _, req in active.values():
+                self.cache.free(req.slot)
 
     def _prepare(self, prompt: str, st: GenerationSettings, names: Sequence[str] | None = None) -> tuple[str, dict[str, list[int]]]:
         if not isinstance(prompt, str) or not prompt.strip():

@@ -37,7 +37,7 @@ class RoundRecord:
 class GenerationResult:
     prompt: str
     text: str
-    stop_reason: str  # "stop" (a stop token), "stop_string", "length", "fast_eos", "empty"
+    stop_reason: str  # "stop" (a stop token), "stop_string", "length", "fast_eos", "empty", "cache_full"
     new_tokens: int  # answer length in the first model's tokens
     tokens_per_model: dict[str, int]  # answer length in each model's tokens
     rounds: list[RoundRecord]

@@ -113,6 +113,10 @@ class Scheduler:
 
     # -- one round for all active requests ---------------------------------------
     def round(self, reqs: list[Request]) -> Iterator[tuple[Request, RoundRecord]]:
+        for r in reqs:  # no room to draft: the request ends with what it has
+            if any(len(r.seqs[m].ids) + self._window(r) > self.runners[m].cache.capacity for m in self.drafters):
+                r.stop_reason = "cache_full"
+        reqs = [r for r in reqs if not r.stop_reason]
         recompute = {r.slot for r in reqs if r.settings.mode == "recompute"}
         t0 = time.perf_counter()
         drafts = {r.slot: [] for r in reqs}
@@ -131,6 +135,10 @@ class Scheduler:
                 if ended:
                     fast[r.slot] = ended[0]
         to_verify = [r for r in reqs if r.slot not in fast and cands[r.slot]]
+        for r in to_verify:
+            if not self._verify_fits(r, cands[r.slot]):
+                r.stop_reason = "cache_full"
+        to_verify = [r for r in to_verify if not r.stop_reason]
         branches, raw = self._verify(to_verify, cands, recompute)
         t2 = time.perf_counter()
 
@@ -145,6 +153,8 @@ class Scheduler:
                 self._check_finished(r, win, appended)
                 if r.stop_reason != "stop_string":
                     r.stop_reason = "fast_eos"
+            elif r.stop_reason == "cache_full":
+                continue
             elif not ds:
                 r.stop_reason = "stop" if any(d.ended_with_stop for d in drafts[r.slot]) else "empty"
                 continue
@@ -251,6 +261,16 @@ class Scheduler:
         return max(1, min(r.settings.window, r.settings.max_new_tokens - done))
 
     # -- verify ------------------------------------------------------------------
+    def _verify_fits(self, r: Request, cands: list[Draft]) -> bool:
+        """Whether every verifier has cache room for the request's packed candidates."""
+        for v in self.verifiers:
+            codec = self.runners[v].codec
+            need = len(r.seqs[v].ids) + sum(len(d.own_ids if d.model == v else codec.encode_segment(d.text))
+                                            for d in cands)
+            if need > self.runners[v].cache.capacity:
+                return False
+        return True
+
     def _verify(self, reqs: list[Request], cands: dict[int, list[Draft]], recompute: set[int]):
         """One forward per verifier over every request's packed candidates."""
         branches: dict[int, dict[str, list[Branch]]] = {r.slot: {} for r in reqs}

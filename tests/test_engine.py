@@ -232,3 +232,54 @@ def test_more_prompts_than_slots_queue_and_match(tiny_dirs, tiny):
     got = small.generate(PROMPTS, max_new_tokens=20, window=5)
     assert texts(got) == texts(tiny.generate(PROMPTS, max_new_tokens=20, window=5))
     assert small.cache.free_slots == 2
+
+
+def test_cache_budget_ends_the_answer_instead_of_failing(tiny_dirs):
+    """An answer that outgrows cache_tokens stops with 'cache_full' and keeps its text;
+    every slot is free afterwards and the engine keeps working."""
+    names = [str(tiny_dirs[a]) for a in ("llama", "qwen2")]
+    ens = Ensemble.from_pretrained(names, cache_tokens=128, max_batch=2)
+    long_run = Ensemble.from_pretrained(names, cache_tokens=1024, max_batch=2)
+    got = ens.generate(PROMPTS[:2], max_new_tokens=400, window=5)
+    ref = long_run.generate(PROMPTS[:2], max_new_tokens=400, window=5)
+    for g, r in zip(got, ref):
+        assert g.stop_reason == "cache_full" and 20 < g.new_tokens < 128
+        assert r.text.startswith(g.text) and len(r.text) > len(g.text)  # the same answer, cut short
+        for name in names:  # the budget holds in every model
+            prompt = ens.runners[name].codec.prompt_ids(g.prompt)
+            assert len(prompt) + g.tokens_per_model[name] <= 128
+    assert ens.cache.free_slots == 2
+    assert ens.generate(PROMPTS[2], max_new_tokens=6, window=3).stop_reason == "length"
+
+
+def test_slots_come_back_after_an_error_or_an_abandoned_stream(tiny_dirs, monkeypatch):
+    names = [str(tiny_dirs[a]) for a in ("llama", "qwen2")]
+    ens = Ensemble.from_pretrained(names, cache_tokens=512, max_batch=2)
+    for seg in ens.stream(PROMPTS[0], max_new_tokens=30, window=5):
+        break  # the caller stops listening after the first segment
+    stream = ens.stream(PROMPTS[0], max_new_tokens=30, window=5)
+    next(stream)
+    stream.close()
+    assert ens.cache.free_slots == 2
+    # two unfinished streams hold both slots: a third generation is refused, not hung
+    a, b = (ens.stream(p, max_new_tokens=30, window=5) for p in PROMPTS[:2])
+    next(a), next(b)
+    with pytest.raises(SpecEMError, match="held by another generation"):
+        ens.generate(PROMPTS[2], max_new_tokens=5)
+    a.close(), b.close()
+    runner = ens.runners[names[1]]
+    calls = {"n": 0}
+    real_forward = runner.forward
+
+    def failing(runs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("device lost")
+        return real_forward(runs)
+
+    monkeypatch.setattr(runner, "forward", failing)
+    with pytest.raises(RuntimeError, match="device lost"):
+        ens.generate(PROMPTS, max_new_tokens=30, window=5)
+    monkeypatch.undo()
+    assert ens.cache.free_slots == 2
+    assert ens.generate(PROMPTS[1], max_new_tokens=6, window=3).new_tokens == 6
