@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class Ensemble:
         for r in runners.values():
             r.cache = self.cache[r.name]
         self.scheduler = Scheduler(runners, drafters, verifiers, self.cache)
+        self._lock = threading.Condition(threading.RLock())
+        self._holders: dict[int, int] = {}  # slot -> thread id of the generation holding it
 
     @classmethod
     def from_pretrained(
@@ -160,28 +163,47 @@ class Ensemble:
         active: dict[int, tuple[int, Request]] = {}
         try:
             while queue or active:
-                while queue and self.cache.free_slots:
-                    i, (p, ids) = queue.popleft()
-                    req = self.scheduler.open(p, st, ids)
-                    active[req.slot] = (i, req)
-                if not active:
-                    raise SpecEMError(
-                        f"all {self.cache.num_slots} request slots are held by another generation of this "
-                        "ensemble that is still running (an unfinished stream?); finish or close it first"
-                    )
-                reqs = [r for _, r in active.values()]
-                index = {r.slot: i for i, r in active.values()}
-                for req, record in self.scheduler.round(reqs):
-                    yield index[req.slot], record
-                for slot in [s for s, (_, r) in active.items() if r.stop_reason]:
-                    i, req = active.pop(slot)
-                    res = self.scheduler.close(req)
-                    res.metadata = self.metadata
-                    yield i, res
+                # One round at a time per ensemble (threads share the models and the
+                # cache); the lock is never held while the caller has the results.
+                with self._lock:
+                    if not active:
+                        self._wait_for_slots(1)
+                    while queue and self.cache.free_slots:
+                        i, (p, ids) = queue.popleft()
+                        req = self.scheduler.open(p, st, ids)
+                        active[req.slot] = (i, req)
+                        self._holders[req.slot] = threading.get_ident()
+                    index = {r.slot: i for i, r in active.values()}
+                    events = [(index[req.slot], rec) for req, rec in self.scheduler.round([r for _, r in active.values()])]
+                    for slot in [s for s, (_, r) in active.items() if r.stop_reason]:
+                        i, req = active.pop(slot)
+                        res = self.scheduler.close(req)
+                        res.metadata = self.metadata
+                        events.append((i, res))
+                        self._release(slot, free=False)
+                yield from events
         finally:
             # an error, or a consumer that stopped iterating: give the slots back
-            for _, req in active.values():
-                self.cache.free(req.slot)
+            with self._lock:
+                for slot in list(active):
+                    self._release(slot)
+
+    def _wait_for_slots(self, n: int) -> None:
+        """Block (lock released) until n slots are free; refuse where only this thread could free them."""
+        while self.cache.free_slots < n:
+            me = threading.get_ident()
+            if all(t == me for t in self._holders.values()):
+                raise SpecEMError(
+                    f"all {self.cache.num_slots} request slots are held by unfinished generations of this thread "
+                    "(an open stream?); finish or close them first, or raise max_batch"
+                )
+            self._lock.wait()
+
+    def _release(self, slot: int, free: bool = True) -> None:
+        if free:
+            self.cache.free(slot)
+        self._holders.pop(slot, None)
+        self._lock.notify_all()
 
     def _prepare(self, prompt: str, st: GenerationSettings, names: Sequence[str] | None = None) -> tuple[str, dict[str, list[int]]]:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -229,15 +251,19 @@ class Ensemble:
         runner = self.runners[model]
         out: list[SingleResult] = []
         for start in range(0, len(plist), self.config.max_batch):
-            out += self._decode_alone(runner, plist[start : start + self.config.max_batch], st, ignore_eos)
+            with self._lock:
+                out += self._decode_alone(runner, plist[start : start + self.config.max_batch], st, ignore_eos)
         return out[0] if single else out
 
     @torch.inference_mode()
     def _decode_alone(self, runner: ModelRunner, prompts: list[str], st: GenerationSettings, ignore_eos: bool):
         t0 = time.perf_counter()
         ids = [self._prepare(p, st, [runner.name])[1][runner.name] for p in prompts]
-        slots = [self.cache.allocate() for _ in prompts]
+        slots: list[int] = []
         try:
+            self._wait_for_slots(len(prompts))
+            for _ in prompts:
+                slots.append(self.cache.allocate())
             gens = [None if st.greedy else torch.Generator().manual_seed(st.seed) for _ in prompts]
             h = runner.forward([Run(s, p, 0, 0, 0) for s, p in zip(slots, ids)])
             ends = torch.tensor([len(p) for p in ids]).cumsum(0) - 1
@@ -258,8 +284,12 @@ class Ensemble:
                         reason[i] = "stop"
                         continue
                     new[i].append(tok)
-                    if len(new[i]) < st.max_new_tokens:
-                        feed.append(i)
+                    if len(new[i]) >= st.max_new_tokens:
+                        continue
+                    if len(ids[i]) + len(new[i]) > runner.cache.capacity:
+                        reason[i] = "cache_full"  # this token has no cache room to be fed: end here
+                        continue
+                    feed.append(i)
                 if not feed:
                     break
                 pos = [runner.cache.append(slots[i], 1) for i in feed]
@@ -267,7 +297,7 @@ class Ensemble:
                 live = feed
         finally:
             for s in slots:
-                self.cache.free(s)
+                self._release(s)
         dt = time.perf_counter() - t0
         return [
             SingleResult(runner.name, p, runner.codec.decode(n), len(n), r, dt, f)

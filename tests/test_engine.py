@@ -264,7 +264,7 @@ def test_slots_come_back_after_an_error_or_an_abandoned_stream(tiny_dirs, monkey
     # two unfinished streams hold both slots: a third generation is refused, not hung
     a, b = (ens.stream(p, max_new_tokens=30, window=5) for p in PROMPTS[:2])
     next(a), next(b)
-    with pytest.raises(SpecEMError, match="held by another generation"):
+    with pytest.raises(SpecEMError, match="held by unfinished generations of this thread"):
         ens.generate(PROMPTS[2], max_new_tokens=5)
     a.close(), b.close()
     runner = ens.runners[names[1]]
@@ -283,3 +283,39 @@ def test_slots_come_back_after_an_error_or_an_abandoned_stream(tiny_dirs, monkey
     monkeypatch.undo()
     assert ens.cache.free_slots == 2
     assert ens.generate(PROMPTS[1], max_new_tokens=6, window=3).new_tokens == 6
+
+
+def test_threads_share_one_ensemble(tiny_dirs):
+    """Rounds of generations from several threads are serialised; answers match running alone."""
+    import threading
+
+    names = [str(tiny_dirs[a]) for a in ("llama", "qwen2")]
+    ens = Ensemble.from_pretrained(names, cache_tokens=512, max_batch=2)
+    alone = [ens.generate(p, max_new_tokens=15, window=5).text for p in PROMPTS]
+    single = ens.generate_single(names[0], PROMPTS[0], max_new_tokens=10).text
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            got[i] = ens.generate(PROMPTS[i], max_new_tokens=15, window=5).text
+            got[("single", i)] = ens.generate_single(names[0], PROMPTS[0], max_new_tokens=10).text
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]  # 3 requests, 2 slots
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert [got[i] for i in range(3)] == alone
+    assert all(got[("single", i)] == single for i in range(3))
+    assert ens.cache.free_slots == 2
+
+
+def test_single_model_baseline_stops_at_the_cache_budget(tiny_dirs):
+    ens = Ensemble.from_pretrained([str(tiny_dirs["llama"])], cache_tokens=64, max_batch=1)
+    prompt_len = ens.count_tokens(PROMPTS[0])
+    out = ens.generate_single(ens.model_names[0], PROMPTS[0], max_new_tokens=500, ignore_eos=True)
+    assert out.stop_reason == "cache_full" and out.new_tokens == 64 - prompt_len + 1
+    assert ens.cache.free_slots == 1
