@@ -303,7 +303,7 @@ def _default_config(n: int, d: int, device: torch.device, dtype: torch.dtype = t
     elif n <= 32:
         cfg = SegmentScoreConfig(32, 128, 64, num_warps=8, num_stages=4)
     elif n <= 64:
-        cfg = SegmentScoreConfig(64, 128, 64, num_warps=4, num_stages=4)
+        cfg = SegmentScoreConfig(64, 128, 64, num_warps=8, num_stages=4)
     else:  # compute bound: 128x128 wgmma tiles
         cfg = SegmentScoreConfig(128, 128, 64, num_warps=8, num_stages=3)
     if d % cfg.block_d:
