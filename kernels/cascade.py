@@ -136,9 +136,10 @@ def plan_cascade_attention(
     *,
     block_r: int | None = None,
 ) -> CascadePlan:
-    """Group queries by (slot, prefix_len) and plan the branch-only pass (one host sync)."""
-    zeros = torch.zeros(q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 3 else 0, dtype=torch.int32,
-                        device=q.device if isinstance(q, torch.Tensor) else None)
+    """Group queries by (slot, prefix_len) and plan the branch-only pass (host syncs: once per forward)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError("q must be a [T, Hq, D] tensor")
+    zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
     branch = plan_branch_attention(q, k_cache, slot, qpos, zeros, branch_start, block_r=block_r)
     if not isinstance(prefix_len, torch.Tensor) or prefix_len.shape != (q.shape[0],):
         raise ValueError(f"prefix_len must be an int32/int64 tensor of shape [T={q.shape[0]}]")
