@@ -46,6 +46,7 @@ class Draft:
     text: str = ""
     own_ids: list[int] = field(default_factory=list)  # the drafter's encoding of text
     reuse: int = 0  # leading own_ids whose K/V from drafting is kept
+    encoded: dict[str, list[int]] = field(default_factory=dict)  # text in other models' tokens, encoded once
 
 
 @dataclass
@@ -264,12 +265,18 @@ class Scheduler:
     def _verify_fits(self, r: Request, cands: list[Draft]) -> bool:
         """Whether every verifier has cache room for the request's packed candidates."""
         for v in self.verifiers:
-            codec = self.runners[v].codec
-            need = len(r.seqs[v].ids) + sum(len(d.own_ids if d.model == v else codec.encode_segment(d.text))
-                                            for d in cands)
+            need = len(r.seqs[v].ids) + sum(len(self._ids_in(d, v)) for d in cands)
             if need > self.runners[v].cache.capacity:
                 return False
         return True
+
+    def _ids_in(self, d: Draft, m: str) -> list[int]:
+        """The draft's text in model m's tokens (the fit check and the verify pass share it)."""
+        if d.model == m:
+            return d.own_ids
+        if m not in d.encoded:
+            d.encoded[m] = self.runners[m].codec.encode_segment(d.text)
+        return d.encoded[m]
 
     def _verify(self, reqs: list[Request], cands: dict[int, list[Draft]], recompute: set[int]):
         """One forward per verifier over every request's packed candidates."""
@@ -293,7 +300,7 @@ class Scheduler:
                 own = [d for d in cands[r.slot] if d.model == v]
                 cursor = P + (own[0].reuse if own else 0)
                 for d in cands[r.slot]:
-                    ids = d.own_ids if d.model == v else runner.codec.encode_segment(d.text)
+                    ids = self._ids_in(d, v)
                     reuse = d.reuse if d.model == v else 0
                     run = Run(r.slot, ids[reuse:], cursor, P + reuse, P + reuse)
                     cursor += len(run.tokens)
@@ -382,7 +389,7 @@ class Scheduler:
                     if win.reuse == len(ids):
                         s.last_hidden = win.hiddens[win.reuse]
             else:
-                ids = runner.codec.encode_segment(win.text)
+                ids = self._ids_in(win, m)
             s.ids += ids
             appended[m] = len(ids)
         return appended
