@@ -9,8 +9,14 @@ converts it once with transformers into ``$SPECEM_FAST_HOME/models/<name>/``.
 
 A folder counts as ready only when its marker file exists. The marker is written
 last into a temporary sibling folder which is then renamed into place, so an
-interrupted fetch never leaves a folder that looks ready; leftovers are removed
-by the next fetch.
+interrupted fetch never leaves a folder that looks ready; leftovers (temporary
+folders named after the model, whose process is gone) are removed by the next
+fetch. A fetch never deletes a folder it did not create: one in the final place
+without our marker is reported, not replaced.
+
+The marker records the size and sha256 of every converted file. `models fetch`
+and `models verify` check the hashes; loading checks the sizes (cheap), and the
+loader itself refuses malformed safetensors and non-finite weights.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata as md
+import importlib.util
 import json
 import os
 import shutil
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Iterable
 
 from specem_fast.errors import SpecEMError
+from specem_fast.text import refuse_remote_code
 from specem_fast.registry import (
     DEFAULT_MODELS,
     SUPPORTED_ARCHITECTURES,
@@ -38,7 +46,7 @@ from specem_fast.registry import (
 )
 
 MARKER = "specem_fast.json"
-MARKER_FORMAT = 1
+MARKER_FORMAT = 2  # 2: "files" records size and sha256 of each converted file; 1 had none
 _TMP_TAG = ".partial-"  # temp folders: models/.<name>.partial-<pid>-<rand>
 _CHUNK = 4 << 20
 
@@ -67,11 +75,65 @@ def is_ready(name: str) -> bool:
 
 
 def read_marker(name: str) -> dict | None:
-    """The marker of a ready model (name, sha256, versions), or None."""
+    """The marker of a ready model (name, sha256, files, versions), or None.
+
+    An unreadable marker reads as an empty dict: the folder is ours but cannot
+    be verified.
+    """
     path = model_dir(name) / MARKER
     if not path.is_file():
         return None
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def file_records(folder: Path, with_sha256: bool = True) -> dict[str, dict]:
+    """Size (and sha256) of every file in a converted folder except the marker."""
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.name == MARKER or not f.is_file():
+            continue
+        rec: dict = {"size": f.stat().st_size}
+        if with_sha256:
+            rec["sha256"] = sha256_file(f)
+        out[f.name] = rec
+    return out
+
+
+def verify_model(name: str, full: bool = True) -> list[str]:
+    """What is wrong with the converted folder of ``name`` (empty list: nothing).
+
+    ``full`` hashes every file (seconds per GB); otherwise only sizes and
+    presence are checked, which is what loading does. A marker written before
+    checksums were recorded (format 1) cannot be verified: with ``full`` that is
+    a problem, without it the folder is accepted.
+    """
+    folder = model_dir(name)
+    marker = read_marker(name)
+    if marker is None:
+        return [f"not fetched ({folder} has no {MARKER})"]
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        if marker.get("format") in (None, 1) and marker.get("name") == name:
+            return ["fetched by an older specem-fast that recorded no checksums"] if full else []
+        return [f"its marker {folder / MARKER} is unreadable or damaged"]
+    problems = []
+    for fname, rec in files.items():
+        path = folder / fname
+        if not path.is_file():
+            problems.append(f"{fname} is missing")
+        elif not isinstance(rec, dict) or path.stat().st_size != rec.get("size"):
+            problems.append(f"{fname} has {path.stat().st_size} bytes, expected {rec.get('size') if isinstance(rec, dict) else '?'}")
+        elif full and sha256_file(path) != rec.get("sha256"):
+            problems.append(f"{fname} does not match its recorded sha256 (the file was changed or damaged)")
+    return problems
+
+
+def repair_hint(name: str) -> str:
+    return f"run `specem-fast models fetch --force {name}` to convert it again"
 
 
 # ------------------------------------------------------------------ assemble/verify
@@ -216,9 +278,9 @@ def _convert(entry: ModelEntry, gguf_dir: Path, gguf_name: str, out: Path, progr
         hf_logging.disable_progress_bar()
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32, low_cpu_mem_usage=True
+        str(gguf_dir), gguf_file=gguf_name, dtype=torch.float32, low_cpu_mem_usage=True, trust_remote_code=False
     )
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name, trust_remote_code=False)
 
     # The GGUF loader dequantizes to plain float but leaves quantizer flags that
     # make save_pretrained refuse; the weights are ordinary tensors, so drop them.
@@ -310,6 +372,20 @@ def _fix_config(entry: ModelEntry, out: Path) -> None:
         raise SpecEMError(f"conversion of {entry.name} wrote {shards}, expected one model.safetensors")
 
 
+FETCH_EXTRA_MODULES = ("gguf", "accelerate")
+
+
+def require_fetch_extra() -> None:
+    """Conversion needs gguf and accelerate (the `fetch` extra); say so before any work."""
+    missing = [m for m in FETCH_EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SpecEMError(
+            f"converting the default models needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed; install "
+            "the fetch extra: `pip install 'specem-fast[fetch]'` (or `pip install gguf accelerate`)"
+        )
+
+
 def _versions() -> dict[str, str | None]:
     names = ["transformers", "torch", "gguf", "accelerate", "safetensors", "specem-fast"]
     return {n: _installed_version(n) for n in names}
@@ -331,8 +407,8 @@ def _pid_alive(pid: int) -> bool:
 def clean_leftovers(name: str) -> list[Path]:
     """Remove temp folders of interrupted fetches of ``name`` (owner process gone).
 
-    A folder in the final place without a marker is also removed: it is not ready
-    and would block the rename. Returns what was removed.
+    Only folders named like our temporary ones are touched; the final folder is
+    never removed here. Returns what was removed.
     """
     removed = []
     root = models_root()
@@ -350,11 +426,24 @@ def clean_leftovers(name: str) -> list[Path]:
             continue  # another fetch is working on it right now
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
-    final = model_dir(name)
-    if final.exists() and not (final / MARKER).is_file():
-        shutil.rmtree(final, ignore_errors=True)
-        removed.append(final)
     return removed
+
+
+def _refuse_foreign(final: Path) -> None:
+    """A folder in the final place that has no marker of ours is not ours to replace."""
+    if (final.exists() or final.is_symlink()) and not (final / MARKER).is_file():
+        raise SpecEMError(
+            f"{final} exists but was not made by `specem-fast models fetch` (it has no {MARKER}); "
+            "it is left untouched: move or delete it yourself, or set SPECEM_FAST_HOME to another folder"
+        )
+
+
+def _publish(out: Path, final: Path, tmp: Path) -> None:
+    """Move the converted folder into place; an older folder of ours is moved aside first."""
+    _refuse_foreign(final)
+    if final.exists():
+        os.replace(final, tmp / "replaced")  # ours (it has our marker); removed with tmp
+    os.replace(out, final)
 
 
 def _check_space(entry: ModelEntry) -> None:
@@ -369,11 +458,17 @@ def _check_space(entry: ModelEntry) -> None:
         )
 
 
-def fetch_one(entry: ModelEntry, progress: bool = True) -> Path:
-    """Install, assemble, verify, convert and publish one model (atomic)."""
+def fetch_one(entry: ModelEntry, progress: bool = True, force: bool = False) -> Path:
+    """Install, assemble, verify, convert and publish one model (atomic).
+
+    A ready folder is kept unless ``force``; it is replaced only if it carries
+    our marker.
+    """
     final = model_dir(entry.name)
-    if is_ready(entry.name):
+    if is_ready(entry.name) and not force:
         return final
+    _refuse_foreign(final)
+    require_fetch_extra()
     root = models_root()
     root.mkdir(parents=True, exist_ok=True)
     clean_leftovers(entry.name)
@@ -394,6 +489,8 @@ def fetch_one(entry: ModelEntry, progress: bool = True) -> Path:
             print(f"[{entry.name}] converting GGUF -> fp32 safetensors (about a minute)", flush=True)
         _convert(entry, gguf_dir, entry.gguf_name, out, progress)
         shutil.rmtree(gguf_dir)
+        for f in out.iterdir():  # safetensors writes 0600 temp files; others may share the cache
+            f.chmod(0o644)
         marker = {
             "format": MARKER_FORMAT,
             "name": entry.name,
@@ -403,14 +500,11 @@ def fetch_one(entry: ModelEntry, progress: bool = True) -> Path:
             "packages": {d: v for d, v in entry.packages},
             "versions": _versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": file_records(out),
         }
-        for f in out.iterdir():  # safetensors writes 0600 temp files; others may share the cache
-            f.chmod(0o644)
         # Marker last: before this line the folder cannot count as ready.
         (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if final.exists():  # not ready (no marker), else we would have returned
-            shutil.rmtree(final)
-        os.replace(out, final)
+        _publish(out, final, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if progress:
@@ -418,10 +512,12 @@ def fetch_one(entry: ModelEntry, progress: bool = True) -> Path:
     return final
 
 
-def fetch_models(names: list[str] | None = None, progress: bool = True) -> list[Path]:
+def fetch_models(names: list[str] | None = None, progress: bool = True, force: bool = False) -> list[Path]:
     """Make the named default models (all by default) ready; returns their folders.
 
-    Idempotent: ready models are skipped without touching their packages.
+    Idempotent: a ready model whose files match the sha256 recorded in its
+    marker is kept; one that does not (or has no checksums) is converted again,
+    as is every named model with ``force``.
     """
     names = list(names) if names else model_names()
     entries = []
@@ -435,12 +531,15 @@ def fetch_models(names: list[str] | None = None, progress: bool = True) -> list[
         entries.append(e)
     out = []
     for e in entries:
-        if is_ready(e.name):
-            if progress:
-                print(f"[{e.name}] already fetched: {model_dir(e.name)}", flush=True)
-            out.append(model_dir(e.name))
-        else:
-            out.append(fetch_one(e, progress))
+        if is_ready(e.name) and not force:
+            problems = verify_model(e.name, full=True)
+            if not problems:
+                if progress:
+                    print(f"[{e.name}] already fetched, files verified: {model_dir(e.name)}", flush=True)
+                out.append(model_dir(e.name))
+                continue
+            print(f"[{e.name}] converting again: {'; '.join(problems)}", flush=True)
+        out.append(fetch_one(e, progress, force=True))
     return out
 
 
@@ -471,6 +570,9 @@ def resolve_model(spec: str) -> Path:
             raise SpecEMError(
                 f"model {spec} is not fetched yet; run `specem-fast models fetch {spec}`"
             )
+        problems = verify_model(spec, full=False)  # sizes only: cheap enough for every load
+        if problems:
+            raise SpecEMError(f"the converted files of {spec} are damaged ({'; '.join(problems)}); {repair_hint(spec)}")
         return model_dir(spec)
 
     path = Path(spec).expanduser()
@@ -502,9 +604,14 @@ def resolve_model(spec: str) -> Path:
             "tokenizer with `AutoTokenizer.from_pretrained(...).save_pretrained(folder)`"
         )
     try:
-        cfg = json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SpecEMError(f"{cfg_path} is not valid JSON ({exc}); fix or re-save the config") from None
+    if not isinstance(cfg, dict):
+        raise SpecEMError(
+            f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object; a Hugging Face config.json is "
+            "one object of settings: re-save the model's config"
+        )
     mtype = cfg.get("model_type")
     text = cfg.get("text_config")
     if mtype == "gemma3" and isinstance(text, dict) and text.get("model_type") == "gemma3_text":
@@ -514,12 +621,16 @@ def resolve_model(spec: str) -> Path:
             f"{path} is a {mtype!r} model, which specem_fast does not support; supported "
             f"architectures (config model_type): {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
         )
+    refuse_remote_code(path)
     return path.resolve()
 
 
 __all__ = [
     "DEFAULT_MODELS",
     "MARKER",
+    "file_records",
+    "require_fetch_extra",
+    "verify_model",
     "assemble_and_verify",
     "clean_leftovers",
     "fetch_models",

@@ -51,10 +51,16 @@ def _hf_folder(root: Path, model_type="llama", weights=True, tokenizer=True, con
     return root
 
 
-def _mark_ready(name: str) -> Path:
+def _mark_ready(name: str, files: dict[str, bytes] | None = None, legacy: bool = False) -> Path:
+    """A converted folder as fetch leaves it: some files and a marker recording them."""
     d = model_dir(name)
     d.mkdir(parents=True)
-    (d / MARKER).write_text(json.dumps({"name": name, "sha256": get_entry(name).sha256}))
+    for fname, data in (files or {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"x" * 64}).items():
+        (d / fname).write_bytes(data)
+    marker = {"format": 1, "name": name, "sha256": get_entry(name).sha256}
+    if not legacy:
+        marker.update(format=fetch.MARKER_FORMAT, files=fetch.file_records(d))
+    (d / MARKER).write_text(json.dumps(marker))
     return d
 
 
@@ -186,9 +192,12 @@ def test_ready_only_with_marker_and_leftovers_cleaned(home):
     assert read_marker(name) is None
 
     removed = clean_leftovers(name)
-    assert set(removed) == {dead, model_dir(name)}
-    assert not dead.exists() and not model_dir(name).exists()
+    assert removed == [dead]
+    assert not dead.exists()
     assert live.exists()  # another fetch may be working in it
+    assert model_dir(name).exists()  # not ours (no marker): never removed
+    (model_dir(name) / "config.json").unlink()
+    model_dir(name).rmdir()
 
     _mark_ready(name)
     assert is_ready(name)
@@ -242,11 +251,14 @@ def test_fetch_one_publishes_with_marker(home, tmp_path, monkeypatch):
     marker = read_marker("fake-model")
     assert marker["sha256"] == entry.sha256 and marker["name"] == "fake-model"
     assert marker["packages"] == {"pytest": entry.packages[0][1]}
+    cfg = json.dumps({"model_type": "llama"}).encode()
+    assert marker["format"] == 2
+    assert marker["files"] == {"config.json": {"size": len(cfg), "sha256": hashlib.sha256(cfg).hexdigest()}}
     assert sorted(p.name for p in d.iterdir()) == ["config.json", MARKER]  # no GGUF left behind
     assert [p.name for p in (home / "models").iterdir()] == ["fake-model"]
 
 
-def test_fetch_models_skips_ready_and_rejects_unknown(home, monkeypatch):
+def test_fetch_models_skips_verified_and_rejects_unknown(home, monkeypatch):
     for n in NAMES:
         _mark_ready(n)
 
@@ -258,6 +270,107 @@ def test_fetch_models_skips_ready_and_rejects_unknown(home, monkeypatch):
     assert fetch_models(["gemma3-270m"], progress=False) == [model_dir("gemma3-270m")]
     with pytest.raises(SpecEMError, match="unknown model 'nope'.*smollm2-135m-instruct"):
         fetch_models(["nope"], progress=False)
+
+
+# ------------------------------------------------------- cache integrity
+
+
+def _counting_convert(calls: list):
+    def convert(entry, gguf_dir, gguf_name, out, progress=True):
+        calls.append(entry.name)
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"model_type": "llama", "n": len(calls)}))
+        (out / "model.safetensors").write_bytes(b"w" * 100)
+
+    return convert
+
+
+def test_verify_detects_changed_and_truncated_files(home):
+    name = "smollm2-135m-instruct"
+    d = _mark_ready(name, {"config.json": b"{}", "model.safetensors": b"\x00" * 1000})
+    assert fetch.verify_model(name) == [] and fetch.verify_model(name, full=False) == []
+    assert resolve_model(name) == d
+
+    # random bytes of the same size: the cheap check at load cannot see it, the hash can
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 3 + b"\x01" * 232)
+    assert fetch.verify_model(name, full=False) == []
+    assert fetch.verify_model(name) == ["model.safetensors does not match its recorded sha256 (the file was changed or damaged)"]
+
+    # truncated: refused at load with the repair command
+    (d / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert fetch.verify_model(name, full=False) == ["model.safetensors has 10 bytes, expected 1000"]
+    with pytest.raises(SpecEMError) as ei:
+        resolve_model(name)
+    assert str(ei.value) == (
+        f"the converted files of {name} are damaged (model.safetensors has 10 bytes, expected 1000); "
+        f"run `specem-fast models fetch --force {name}` to convert it again"
+    )
+    (d / "config.json").unlink()
+    assert "config.json is missing" in fetch.verify_model(name, full=False)
+
+    # a marker of an older version (no checksums) loads, but cannot be verified
+    legacy = "gemma3-270m"
+    _mark_ready(legacy, legacy=True)
+    assert fetch.verify_model(legacy, full=False) == []
+    assert fetch.verify_model(legacy) == ["fetched by an older specem-fast that recorded no checksums"]
+    (model_dir(legacy) / MARKER).write_text("not json")
+    assert fetch.verify_model(legacy, full=False) == [f"its marker {model_dir(legacy) / MARKER} is unreadable or damaged"]
+
+
+def test_fetch_converts_again_only_when_needed(home, tmp_path, monkeypatch):
+    entry = _fake_entry(tmp_path)
+    monkeypatch.setattr(fetch, "get_entry", lambda n: entry if n == "fake-model" else None)
+    calls: list = []
+    monkeypatch.setattr(fetch, "_convert", _counting_convert(calls))
+
+    d = fetch_models(["fake-model"], progress=False)[0]
+    assert calls == ["fake-model"] and fetch.verify_model("fake-model") == []
+    fetch_models(["fake-model"], progress=False)
+    assert len(calls) == 1  # verified: kept
+
+    (d / "model.safetensors").write_bytes(b"X" * 100)  # same size, other bytes
+    fetch_models(["fake-model"], progress=False)
+    assert len(calls) == 2 and fetch.verify_model("fake-model") == []
+    assert (d / "model.safetensors").read_bytes() == b"w" * 100
+
+    fetch_models(["fake-model"], progress=False, force=True)
+    assert len(calls) == 3
+    assert json.loads((d / "config.json").read_text())["n"] == 3
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["fake-model"]  # old copy and temp gone
+
+
+def test_fetch_never_deletes_a_folder_it_did_not_create(home, tmp_path, monkeypatch):
+    entry = _fake_entry(tmp_path)
+    calls: list = []
+    monkeypatch.setattr(fetch, "_convert", _counting_convert(calls))
+    mine = model_dir("fake-model")
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my own files")
+    for force in (False, True):
+        with pytest.raises(SpecEMError) as ei:
+            fetch.fetch_one(entry, progress=False, force=force)
+        assert str(ei.value) == (
+            f"{mine} exists but was not made by `specem-fast models fetch` (it has no {MARKER}); it is left "
+            "untouched: move or delete it yourself, or set SPECEM_FAST_HOME to another folder"
+        )
+    assert (mine / "notes.txt").read_text() == "my own files" and calls == []
+    # a temporary folder whose name is not ours is not touched either
+    other = home / "models" / ".fake-model-backup"
+    other.mkdir()
+    clean_leftovers("fake-model")
+    assert other.exists()
+
+
+def test_fetch_names_the_extra_it_needs(home, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real(n, *a))
+    with pytest.raises(SpecEMError) as ei:
+        fetch.fetch_one(_fake_entry(tmp_path), progress=False)
+    assert str(ei.value).startswith("converting the default models needs gguf")
+    assert "pip install 'specem-fast[fetch]'" in str(ei.value)
+    assert not (home / "models").exists() or not any((home / "models").iterdir())
 
 
 # ---------------------------------------------------------------------- CLI
@@ -277,6 +390,45 @@ def test_models_list_cli(home, capsys):
     assert rows["smollm2-135m-instruct"][5] == "no"
     assert rows["qwen2.5-coder-0.5b-instruct"][1:3] == ["qwen2", "0.5B"]
     assert "specem-fast models fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct" in out
+
+
+def test_models_list_and_verify_cli_report_damage(home, capsys):
+    from specem_fast.cli import main
+
+    d = _mark_ready("gemma3-270m", {"model.safetensors": b"\x00" * 100})
+    _mark_ready("smollm2-135m-instruct")
+    assert main(["models", "verify", "gemma3-270m", "smollm2-135m-instruct"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines() == [
+        "gemma3-270m: ok (every file matches its recorded size and sha256)",
+        "smollm2-135m-instruct: ok (every file matches its recorded size and sha256)",
+    ]
+    (d / "model.safetensors").write_bytes(b"\x01" * 100)
+    assert main(["models", "verify", "gemma3-270m"]) == 1
+    assert capsys.readouterr().out.strip() == (
+        "gemma3-270m: FAILED: model.safetensors does not match its recorded sha256 (the file was changed or "
+        "damaged); run `specem-fast models fetch --force gemma3-270m` to convert it again"
+    )
+    (d / "model.safetensors").write_bytes(b"\x01" * 7)
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[5] for line in out.splitlines()[1:4]}
+    assert rows == {"smollm2-135m-instruct": "yes", "qwen2.5-coder-0.5b-instruct": "no", "gemma3-270m": "damaged"}
+    assert "specem-fast models fetch --force gemma3-270m" in out
+    assert main(["models", "verify"]) == 1  # qwen is not fetched
+    assert "qwen2.5-coder-0.5b-instruct: FAILED: not fetched" in capsys.readouterr().out
+    assert main(["models", "verify", "nope"]) == 2
+
+
+def test_models_fetch_cli_force(home, monkeypatch, capsys):
+    from specem_fast.cli import main
+
+    seen = []
+    monkeypatch.setattr("specem_fast.cli.models.fetch_models",
+                        lambda names, progress, force: seen.append((names, force)) or [])
+    assert main(["models", "fetch", "--force", "gemma3-270m"]) == 0
+    assert main(["models", "fetch"]) == 0
+    assert seen == [(["gemma3-270m"], True), (None, False)]
 
 
 def test_models_fetch_cli_unknown_name(home, capsys):
