@@ -37,6 +37,9 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        """Read and check a config.json; bad or inconsistent values raise SpecEMError."""
+        if not isinstance(cfg, dict):
+            raise SpecEMError(f"config.json holds a JSON {type(cfg).__name__}, not an object of settings; re-save the model")
         if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
             cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
         arch = cfg.get("model_type")
@@ -44,32 +47,51 @@ class ModelArgs:
             raise SpecEMError(
                 f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
-        n_layers = cfg["num_hidden_layers"]
-        n_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+        n_layers = _pos_int(cfg, "num_hidden_layers")
+        n_heads = _pos_int(cfg, "num_attention_heads")
+        hidden = _pos_int(cfg, "hidden_size")
+        n_kv = _pos_int(cfg, "num_key_value_heads", n_heads)
+        if n_heads % n_kv:
+            raise SpecEMError(
+                f"config.json: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; "
+                "fix config.json to match the weights"
+            )
+        head_dim = _pos_int(cfg, "head_dim", 0)
+        if not head_dim:
+            if hidden % n_heads:
+                raise SpecEMError(
+                    f"config.json: hidden_size={hidden} is not divisible by num_attention_heads={n_heads} and "
+                    "head_dim is not given; fix config.json to match the weights"
+                )
+            head_dim = hidden // n_heads
         gemma = arch == "gemma3_text"
         windows = _layer_windows(cfg, arch, n_layers)
         rope = _layer_rope(cfg, gemma, n_layers)
-        scale = cfg["query_pre_attn_scalar"] ** -0.5 if gemma else head_dim**-0.5
+        scale = _pos_num(cfg, "query_pre_attn_scalar") ** -0.5 if gemma else head_dim**-0.5
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+        if act not in _ACTIVATIONS:
+            raise SpecEMError(f"config.json: activation {act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
         tie = cfg.get("tie_word_embeddings", gemma)
+        softcap = cfg.get("final_logit_softcapping")
+        if softcap is not None:
+            softcap = _pos_num(cfg, "final_logit_softcapping")
         return cls(
             arch=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
+            vocab_size=_pos_int(cfg, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_pos_int(cfg, "intermediate_size"),
             num_layers=n_layers,
             num_heads=n_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            num_kv_heads=n_kv,
             head_dim=head_dim,
-            rms_eps=cfg.get("rms_norm_eps", 1e-6),
+            rms_eps=_pos_num(cfg, "rms_norm_eps", 1e-6),
             attn_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
             tie_embeddings=bool(tie),
             attn_scale=scale,
             hidden_act=act,
             windows=windows,
             rope=rope,
-            final_softcap=cfg.get("final_logit_softcapping"),
+            final_softcap=softcap,
         )
 
     def inv_freq(self, layer: int) -> tuple[torch.Tensor, float]:
@@ -94,18 +116,59 @@ class ModelArgs:
         raise SpecEMError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3")
 
 
+# what transformer.py implements (gelu variants are computed with the tanh approximation)
+_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu")
+
+
+def _bad(key: str, value: Any, want: str) -> SpecEMError:
+    return SpecEMError(f"config.json: {key} must be {want} (got {value!r}); fix config.json to match the weights")
+
+
+def _pos_int(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise SpecEMError(f"config.json has no {key}; it is needed to build the model: re-save the model's config")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(key, value, "a positive integer")
+    return value
+
+
+def _pos_num(cfg: dict[str, Any], key: str, default: float | None = None) -> float:
+    value = cfg.get(key, default)
+    if value is None:
+        raise SpecEMError(f"config.json has no {key}; it is needed to build the model: re-save the model's config")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise _bad(key, value, "a positive number")
+    return float(value)
+
+
+def _layer_types(cfg: dict[str, Any], n: int) -> list[str] | None:
+    types = cfg.get("layer_types")
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != n or any(
+        t not in ("sliding_attention", "full_attention") for t in types
+    ):
+        raise _bad("layer_types", types, f"a list of {n} 'sliding_attention'/'full_attention' entries (one per layer)")
+    return types
+
+
 def _layer_windows(cfg: dict[str, Any], arch: str, n: int) -> tuple[int, ...]:
     sw = cfg.get("sliding_window") or 0
+    if isinstance(sw, bool) or not isinstance(sw, int) or sw < 0:
+        raise _bad("sliding_window", sw, "a non-negative integer or null")
     if arch == "gemma3_text":
-        types = cfg.get("layer_types")
+        types = _layer_types(cfg, n)
         if not types:
-            pattern = cfg.get("sliding_window_pattern", 6)
+            pattern = _pos_int(cfg, "sliding_window_pattern", 6)
             types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
         return tuple(sw if t == "sliding_attention" else 0 for t in types)
     if arch == "qwen2":
         if not cfg.get("use_sliding_window", False):
             return (0,) * n
-        types = cfg.get("layer_types")
+        types = _layer_types(cfg, n)
         if types:
             return tuple(sw if t == "sliding_attention" else 0 for t in types)
         first_full = cfg.get("max_window_layers", n)
@@ -114,8 +177,13 @@ def _layer_windows(cfg: dict[str, Any], arch: str, n: int) -> tuple[int, ...]:
 
 
 def _rope_params(p: dict[str, Any] | None, fallback_theta: float) -> tuple[str, dict[str, Any]]:
+    if p is not None and not isinstance(p, dict):
+        raise _bad("rope_parameters/rope_scaling", p, "an object")
     p = dict(p or {})
     p.setdefault("rope_theta", fallback_theta)
+    theta = p["rope_theta"]
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 1:
+        raise _bad("rope_theta", theta, "a number greater than 1")
     kind = p.get("rope_type") or p.get("type") or "default"
     return kind, p
 
