@@ -2,7 +2,9 @@
 
 The official IFBench scorer imports nltk, spacy, emoji and syllapy (and downloads
 models at import time). Here every constraint that can be checked with plain
-string work is re-implemented in a few lines; the rest are reported as skipped,
+string work is re-implemented in a few lines; `format:emoji` and
+`words:odd_even_syllables` use the small pure-Python emoji and syllapy packages
+(the `eval` extra) when they are installed; the rest are reported as skipped,
 with the reason, so a summary never pretends to have checked them. Word and
 sentence splitting are simple regex rules, close to (not identical with) the
 official tokenizers, so scores are comparable between our systems but may differ
@@ -642,6 +644,37 @@ def _first_word(r: str, kw: dict) -> bool:
     return bool(ws) and ws[0].lower() == str(kw["first_word"]).lower()
 
 
+try:  # the `eval` extra
+    import emoji as _emoji
+except ImportError:  # pragma: no cover - exercised without the extra
+    _emoji = None
+try:
+    import syllapy as _syllapy
+except ImportError:  # pragma: no cover
+    _syllapy = None
+
+
+def _emoji_sentences(r: str, kw: dict) -> bool:
+    """Every sentence ends with an emoji (or the next sentence starts with one), punctuation aside."""
+    sentences = split_sentences(r)
+    for i, sentence in enumerate(sentences):
+        bare = sentence.translate(_NO_PUNCT).strip()
+        if not bare:
+            return False
+        if _emoji.is_emoji(bare[-1]) or _emoji.is_emoji(bare[-2:-1] or bare[-1]):
+            continue
+        nxt = sentences[i + 1].translate(_NO_PUNCT).strip() if i + 1 < len(sentences) else ""
+        if not nxt or not _emoji.is_emoji(nxt[0]):
+            return False
+    return True
+
+
+def _odd_even_syllables(r: str, kw: dict) -> bool:
+    """Consecutive words alternate between odd and even syllable counts."""
+    parity = [_syllapy.count(w) % 2 for w in r.translate(_NO_PUNCT).lower().split()]
+    return all(a != b for a, b in zip(parity, parity[1:]))
+
+
 CHECKERS: dict[str, Callable[[str, dict], bool]] = {
     # IFBench
     "count:conjunctions": _conjunctions,
@@ -723,10 +756,16 @@ CHECKERS: dict[str, Callable[[str, dict], bool]] = {
 # stop-word list: reported as skipped, never guessed.
 SKIPPED: dict[str, str] = {
     "words:start_verb": "needs a part-of-speech tagger (nltk)",
-    "words:odd_even_syllables": "needs a syllable dictionary (syllapy)",
-    "format:emoji": "needs the emoji table (emoji package)",
     "ratio:stop_words": "needs the nltk English stop-word list",
 }
+if _emoji is not None:
+    CHECKERS["format:emoji"] = _emoji_sentences
+else:  # pragma: no cover
+    SKIPPED["format:emoji"] = "needs the emoji package: pip install 'specem-fast[eval]'"
+if _syllapy is not None:
+    CHECKERS["words:odd_even_syllables"] = _odd_even_syllables
+else:  # pragma: no cover
+    SKIPPED["words:odd_even_syllables"] = "needs the syllapy package: pip install 'specem-fast[eval]'"
 
 
 @dataclass
