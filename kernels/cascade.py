@@ -55,7 +55,7 @@ def _load_flash_attn() -> PrefixBackend | None:
     FlashAttention-2 (``flash_attn``): both take the keyword arguments used here."""
     for module, name in (("flash_attn_interface", "flash-attn-3"), ("flash_attn", "flash-attn")):
         try:
-            fn = getattr(importlib.import_module(module), "flash_attn_with_kvcache")
+            fn = importlib.import_module(module).flash_attn_with_kvcache
         except Exception:  # noqa: BLE001 - not installed, or built against another torch / CUDA
             continue
         return PrefixBackend(name, fn, (torch.float16, torch.bfloat16))

@@ -69,3 +69,20 @@ def test_plot_errors(tmp_path):
     other.write_text('{"hello": 1}')
     with pytest.raises(SpecEMError, match="neither a trace nor a bench report"):
         _cli([str(other), "--out-dir", str(tmp_path)])
+
+
+def test_plotting_leaves_the_host_backend_alone(tmp_path):
+    """Library code never selects a matplotlib backend (before: matplotlib.use("Agg", force=True))."""
+    import subprocess
+
+    write_trace(tmp_path / "t.jsonl", FakeEnsemble().generate(["p1"]))
+    code = (
+        "import sys, matplotlib\n"
+        "from specem_fast.measure.plot import plot_trace\n"
+        f"paths = plot_trace({str(tmp_path / 't.jsonl')!r}, {str(tmp_path / 'out')!r})\n"
+        "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules, len(paths))\n"
+    )
+    env = {**__import__("os").environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["svg", "False", "2"]
+    assert all(p.read_bytes().startswith(PNG) for p in (tmp_path / "out").iterdir())

@@ -1,4 +1,4 @@
-"""Figures from traces and bench reports (matplotlib, Agg backend, PNG files).
+"""Figures from traces and bench reports (matplotlib Figure objects, PNG files; no backend is selected).
 
 * ``weights.png``: the Hedge weight of each model over the rounds (mean over
   requests, with the 10-90 percentile band when there are several requests);
@@ -19,15 +19,31 @@ from .trace import iter_requests, read_trace
 __all__ = ["plot_trace", "plot_bench", "plot_file"]
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise SpecEMError("plotting needs matplotlib: pip install 'matplotlib>=3.8'") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+class _Figures:
+    """The two pyplot calls we use, without pyplot.
 
-    return plt
+    A bare ``matplotlib.figure.Figure`` saves itself to PNG with no backend
+    selected, so the library never touches the host application's matplotlib
+    backend (nor pyplot's global figure list).
+    """
+
+    def __init__(self, figure_cls):
+        self._figure = figure_cls
+
+    def subplots(self, figsize, dpi):
+        fig = self._figure(figsize=figsize, dpi=dpi)
+        return fig, fig.subplots()
+
+    def close(self, fig) -> None:
+        fig.clear()
+
+
+def _pyplot() -> _Figures:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SpecEMError("plotting needs matplotlib: pip install 'specem-fast[plot]'") from None
+    return _Figures(Figure)
 
 
 def _percentile(sorted_vals: list[float], q: float) -> float:
