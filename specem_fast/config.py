@@ -11,6 +11,10 @@ from .errors import SpecEMError
 SCORE_MODES = ("logprob", "logit")
 RUN_MODES = ("cached", "recompute")
 KERNEL_CHOICES = ("auto", "triton", "torch")
+HEDGE_SCHEDULES = ("reference", "constant", "sqrt")
+INIT_WEIGHTS = ("uniform", "prior", "learned")
+# Per-model generators are seeded with seed * 1_000_003 + i, which must fit in 64 bits.
+MAX_SEED = 2**40
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
 
 
@@ -19,8 +23,18 @@ class GenerationSettings:
     """Per-request settings of an ensemble generation.
 
     ``hedge_lr=None`` switches the online weights off (candidates' scores are
-    summed unweighted). The Hedge learning rate of round t is
-    ``hedge_lr / 10 * sqrt(1/K) / t`` as in the reference implementation.
+    summed unweighted). ``hedge_schedule`` sets the Hedge learning rate of
+    round t (see :func:`specem_fast.scoring.hedge_learning_rate`); "reference"
+    is ``hedge_lr / 10 * sqrt(1/K) / t`` as in the reference implementation.
+
+    Quality options (all off by default, which is the reference method):
+    ``init_weights`` starts a request from uniform weights, the ensemble's
+    prior weights, or the weights it learned on earlier requests;
+    ``exit_threshold``/``exit_patience`` stop a drafter whose weight was below
+    the threshold at the start of ``exit_patience`` consecutive rounds (model
+    exit; it keeps verifying); ``skip_agreed`` accepts identical candidates
+    without a verify pass; ``self_votes=False`` leaves a candidate's own
+    drafter out of its combined score and out of the win-rate rewards.
     """
 
     window: int = 10
@@ -33,6 +47,12 @@ class GenerationSettings:
     fast_eos: bool = False
     mode: str = "cached"
     stop: tuple[str, ...] = ()
+    hedge_schedule: str = "reference"
+    init_weights: str = "uniform"
+    exit_threshold: float | None = None
+    exit_patience: int = 3
+    skip_agreed: bool = False
+    self_votes: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
@@ -43,14 +63,31 @@ class GenerationSettings:
             raise SpecEMError(f"temperature must be >= 0 (got {self.temperature!r}); use 0 for greedy decoding")
         if not _is_finite(self.top_p) or not (0 < self.top_p <= 1):
             raise SpecEMError(f"top_p must be in (0, 1] (got {self.top_p!r}); use 1 to disable nucleus sampling")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise SpecEMError(f"seed must be an integer (got {self.seed!r})")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
+            raise SpecEMError(f"seed must be an integer in [0, 2**40) (got {self.seed!r})")
         if self.score not in SCORE_MODES:
             raise SpecEMError(f"score must be one of {', '.join(SCORE_MODES)} (got {self.score!r})")
         if self.hedge_lr is not None and (not _is_finite(self.hedge_lr) or self.hedge_lr < 0):
             raise SpecEMError(f"hedge_lr must be a number >= 0 or None/'off' (got {self.hedge_lr!r})")
         if self.mode not in RUN_MODES:
             raise SpecEMError(f"mode must be one of {', '.join(RUN_MODES)} (got {self.mode!r})")
+        if self.hedge_schedule not in HEDGE_SCHEDULES:
+            raise SpecEMError(
+                f"hedge_schedule must be one of {', '.join(HEDGE_SCHEDULES)} (got {self.hedge_schedule!r})"
+            )
+        if self.init_weights not in INIT_WEIGHTS:
+            raise SpecEMError(f"init_weights must be one of {', '.join(INIT_WEIGHTS)} (got {self.init_weights!r})")
+        if self.exit_threshold is not None and (
+            not _is_finite(self.exit_threshold) or not 0 < self.exit_threshold < 1
+        ):
+            raise SpecEMError(
+                f"exit_threshold must be a weight in (0, 1) or None to keep every drafter (got {self.exit_threshold!r})"
+            )
+        if not isinstance(self.exit_patience, int) or isinstance(self.exit_patience, bool) or self.exit_patience < 1:
+            raise SpecEMError(f"exit_patience must be an integer >= 1 (rounds; got {self.exit_patience!r})")
+        for name in ("fast_eos", "skip_agreed", "self_votes"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecEMError(f"{name} must be True or False (got {getattr(self, name)!r})")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise SpecEMError("stop strings must be non-empty strings")

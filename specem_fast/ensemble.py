@@ -20,6 +20,7 @@ from .results import GenerationResult, RoundRecord, SingleResult
 from .runtime import ModelRunner, Run
 from .sampling import choose_tokens
 from .scheduler import Request, Scheduler
+from .weights import WeightBook
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Ensemble:
         for r in runners.values():
             r.cache = self.cache[r.name]
         self.scheduler = Scheduler(runners, drafters, verifiers, self.cache)
+        self.weights = WeightBook(verifiers)
         self._lock = threading.Condition(threading.RLock())
         self._holders: dict[int, int] = {}  # slot -> thread id of the generation holding it
 
@@ -90,6 +92,7 @@ class Ensemble:
         devices: Sequence[str] = (),
         dtypes: Sequence[str | None] = (),
         progress: bool = False,
+        weights: str | None = None,
     ) -> "Ensemble":
         drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
         verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
@@ -107,7 +110,10 @@ class Ensemble:
             folder = folders[spec]
             runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), precision.get(spec, dtype), kernels,
                                         flash_attn)
-        return cls(runners, drafters, verifiers_, config)
+        ens = cls(runners, drafters, verifiers_, config)
+        if weights is not None:
+            ens.load_weights(weights)
+        return ens
 
     @property
     def model_names(self) -> list[str]:
@@ -124,15 +130,50 @@ class Ensemble:
             "cache_tokens": self.config.cache_tokens,
         }
 
+    # -- weights across requests ---------------------------------------------------
+    def set_prior_weights(self, weights: dict[str, float] | None) -> None:
+        """Prior weights per verifier (normalised), used by ``init_weights="prior"``
+        and as the start of the running estimate; None clears them."""
+        with self._lock:
+            self.weights.set_prior(weights)
+
+    def load_weights(self, path: str) -> None:
+        """Load prior and learned weights from a JSON file (``save_weights``, ``calibrate``)."""
+        with self._lock:
+            self.weights.load(path)
+
+    def save_weights(self, path: str) -> None:
+        """Write the prior and the weights learned so far, so a deployment warms up once."""
+        with self._lock:
+            self.weights.save(path)
+
     # -- ensemble generation -------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str], **settings) -> GenerationResult | list[GenerationResult]:
-        """Generate an answer for one prompt (returns one result) or a list."""
+    def generate(self, prompts: str | Sequence[str], settings: GenerationSettings | Sequence[GenerationSettings] | None = None,
+                 **overrides) -> GenerationResult | list[GenerationResult]:
+        """Generate an answer for one prompt (returns one result) or a list.
+
+        ``settings``: one :class:`GenerationSettings` for all prompts or one per
+        prompt; keyword overrides apply on top.
+        """
         single = isinstance(prompts, str)
         results = [None] * (1 if single else len(prompts))
-        for i, res in self.events(prompts, settings):
+        for i, res in self.events(prompts, self._settings_for(prompts, settings, overrides)):
             if isinstance(res, GenerationResult):
                 results[i] = res
         return results[0] if single else results
+
+    @staticmethod
+    def _settings_for(prompts, settings, overrides: dict) -> list[GenerationSettings]:
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        if settings is None or isinstance(settings, GenerationSettings):
+            base = [settings or GenerationSettings()] * n
+        else:
+            base = list(settings)
+            if len(base) != n or not all(isinstance(x, GenerationSettings) for x in base):
+                raise SpecEMError(f"settings must be one GenerationSettings or a list of one per prompt ({n})")
+        if not overrides:
+            return base
+        return [b.with_overrides(**overrides) for b in base]
 
     def stream(self, prompt: str, **settings) -> Iterator[Segment]:
         """Yield the answer's text round by round; the texts join to the final answer.
@@ -148,17 +189,19 @@ class Ensemble:
         """:meth:`stream`, then the GenerationResult as the last item."""
         if not isinstance(prompt, str):
             raise SpecEMError("stream() takes one prompt string; use generate() for a list")
-        st = GenerationSettings().with_overrides(**settings)
-        yield from _release_segments((ev for _, ev in self.events(prompt, settings)), st.stop)
+        st = self._settings_for(prompt, settings.pop("settings", None), settings)
+        yield from _release_segments((ev for _, ev in self.events(prompt, st)), st[0].stop)
 
-    def events(self, prompts: str | Sequence[str], overrides: dict) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
+    def events(self, prompts: str | Sequence[str], settings: Sequence[GenerationSettings]
+               ) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
         """Drive the rounds; yields (prompt index, RoundRecord) per accepted segment
         and (prompt index, GenerationResult) when a request finishes."""
-        st = GenerationSettings().with_overrides(**overrides)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise SpecEMError("no prompts given")
-        prepared = [self._prepare(p, st) for p in prompts]
+        prepared = [self._prepare(p, st) + (st,) for p, st in zip(prompts, settings)]
+        for st in settings:
+            self.weights.initial(st.init_weights)  # a missing prior is an error before any slot is taken
         queue = deque(enumerate(prepared))
         active: dict[int, tuple[int, Request]] = {}
         try:
@@ -169,8 +212,8 @@ class Ensemble:
                     if not active:
                         self._wait_for_slots(1)
                     while queue and self.cache.free_slots:
-                        i, (p, ids) = queue.popleft()
-                        req = self.scheduler.open(p, st, ids)
+                        i, (p, ids, st) = queue.popleft()
+                        req = self.scheduler.open(p, st, ids, self.weights.initial(st.init_weights))
                         active[req.slot] = (i, req)
                         self._holders[req.slot] = threading.get_ident()
                     index = {r.slot: i for i, r in active.values()}
@@ -179,6 +222,8 @@ class Ensemble:
                         i, req = active.pop(slot)
                         res = self.scheduler.close(req)
                         res.metadata = self.metadata
+                        if (req.settings.init_weights == "learned" and req.settings.hedge_lr is not None and any(rd.verified for rd in req.rounds)):
+                            self.weights.observe(req.weights)
                         events.append((i, res))
                         self._release(slot, free=False)
                 yield from events
@@ -239,32 +284,41 @@ class Ensemble:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         ignore_eos: bool = False,
     ) -> SingleResult | list[SingleResult]:
-        """Plain autoregressive decoding with one member (same template, same runtime)."""
+        """Plain autoregressive decoding with one member (same template, same runtime).
+
+        ``seed`` may be a list with one seed per prompt.
+        """
         if model not in self.runners:
             raise SpecEMError(f"{model!r} is not part of this ensemble ({', '.join(self.runners)})")
-        st = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         single = isinstance(prompts, str)
         plist = [prompts] if single else list(prompts)
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(plist)
+        if len(seeds) != len(plist):
+            raise SpecEMError(f"seed lists {len(seeds)} seeds for {len(plist)} prompts; give one per prompt")
+        sts = [GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=s)
+               for s in seeds]
         runner = self.runners[model]
         out: list[SingleResult] = []
         for start in range(0, len(plist), self.config.max_batch):
+            end = start + self.config.max_batch
             with self._lock:
-                out += self._decode_alone(runner, plist[start : start + self.config.max_batch], st, ignore_eos)
+                out += self._decode_alone(runner, plist[start:end], sts[start:end], ignore_eos)
         return out[0] if single else out
 
     @torch.inference_mode()
-    def _decode_alone(self, runner: ModelRunner, prompts: list[str], st: GenerationSettings, ignore_eos: bool):
+    def _decode_alone(self, runner: ModelRunner, prompts: list[str], sts: list[GenerationSettings], ignore_eos: bool):
         t0 = time.perf_counter()
+        st = sts[0]  # the batch shares everything but the seed
         ids = [self._prepare(p, st, [runner.name])[1][runner.name] for p in prompts]
         slots: list[int] = []
         try:
             self._wait_for_slots(len(prompts))
             for _ in prompts:
                 slots.append(self.cache.allocate())
-            gens = [None if st.greedy else torch.Generator().manual_seed(st.seed) for _ in prompts]
+            gens = [None if st.greedy else torch.Generator().manual_seed(x.seed) for x in sts]
             h = runner.forward([Run(s, p, 0, 0, 0) for s, p in zip(slots, ids)])
             ends = torch.tensor([len(p) for p in ids]).cumsum(0) - 1
             last = h[ends]

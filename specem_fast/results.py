@@ -31,6 +31,8 @@ class RoundRecord:
     # answer[:answer_chars - len(accepted)] + accepted.
     accepted: str = ""
     answer_chars: int = 0
+    drafters: list[str] = field(default_factory=list)  # models that drafted this round (model exit drops some)
+    verified: bool = True  # False: accepted without a verify pass (one candidate, agreement, fast_eos)
 
 
 @dataclass
@@ -51,6 +53,16 @@ class GenerationResult:
         for r in self.rounds:
             counts[r.winner_model] = counts.get(r.winner_model, 0) + 1
         return counts
+
+    @property
+    def mean_drafters(self) -> float:
+        """Mean number of models that drafted per round."""
+        return sum(len(r.drafters) for r in self.rounds) / len(self.rounds) if self.rounds else 0.0
+
+    @property
+    def skipped_verify(self) -> int:
+        """Rounds accepted without a verify pass."""
+        return sum(1 for r in self.rounds if not r.verified)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

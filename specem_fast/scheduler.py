@@ -67,12 +67,14 @@ class Request:
     slot: int
     seqs: dict[str, SeqState]
     weights: dict[str, float]
+    drafting: list[str]  # drafters that have not exited
     answer: str = ""
     rounds: list[RoundRecord] = field(default_factory=list)
     stop_reason: str | None = None
     timings: dict[str, float] = field(default_factory=lambda: {"draft_s": 0.0, "verify_s": 0.0, "commit_s": 0.0})
     started: float = field(default_factory=time.perf_counter)
     first_segment_s: float | None = None
+    low_rounds: dict[str, int] = field(default_factory=dict)  # rounds in a row a drafter started below exit_threshold
 
 
 class Scheduler:
@@ -85,16 +87,17 @@ class Scheduler:
         self.first = drafters[0]
 
     # -- requests ---------------------------------------------------------------
-    def open(self, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]]) -> Request:
-        slot = self.cache.allocate()
+    def open(self, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]],
+             weights: dict[str, float]) -> Request:
+        """A request in a fresh slot, starting from ``weights`` (one per verifier)."""
         seqs = {}
         for i, (name, r) in enumerate(self.runners.items()):
             gen = None
             if not settings.greedy:
                 gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
             seqs[name] = SeqState(ids=list(prompt_ids[name]), prompt_len=len(prompt_ids[name]), generator=gen)
-        weights = {v: 1.0 / len(self.verifiers) for v in self.verifiers}
-        return Request(prompt, settings, slot, seqs, weights)
+        slot = self.cache.allocate()  # last: nothing above can fail with a slot held
+        return Request(prompt, settings, slot, seqs, dict(weights), list(self.drafters))
 
     def close(self, req: Request) -> GenerationResult:
         self.cache.free(req.slot)
@@ -118,11 +121,14 @@ class Scheduler:
             if any(len(r.seqs[m].ids) + self._window(r) > self.runners[m].cache.capacity for m in self.drafters):
                 r.stop_reason = "cache_full"
         reqs = [r for r in reqs if not r.stop_reason]
+        for r in reqs:
+            self._apply_exit(r)
         recompute = {r.slot for r in reqs if r.settings.mode == "recompute"}
         t0 = time.perf_counter()
         drafts = {r.slot: [] for r in reqs}
         for m in self.drafters:
-            for r, d in zip(reqs, self._draft(m, reqs, recompute)):
+            mine = [r for r in reqs if m in r.drafting]
+            for r, d in zip(mine, self._draft(m, mine, recompute)):
                 drafts[r.slot].append(d)
         t1 = time.perf_counter()
 
@@ -135,6 +141,12 @@ class Scheduler:
                 ended = [d for d in ds if d.ended_with_stop]
                 if ended:
                     fast[r.slot] = ended[0]
+            texts = {d.text for d in cands[r.slot]}
+            # One candidate: verifying cannot change the pick (and with one
+            # candidate every reward is 0, so the weights stay). Identical
+            # candidates: the verifiers would score the same ids alike.
+            if r.slot not in fast and (len(cands[r.slot]) == 1 or (r.settings.skip_agreed and len(texts) == 1)):
+                fast[r.slot] = cands[r.slot][0]
         to_verify = [r for r in reqs if r.slot not in fast and cands[r.slot]]
         for r in to_verify:
             if not self._verify_fits(r, cands[r.slot]):
@@ -148,11 +160,11 @@ class Scheduler:
             if r.slot in fast:
                 win = fast[r.slot]
                 shown = ds if win in ds else ds + [win]
-                record = self._record(r, shown, {}, {}, [], shown.index(win), win)
+                record = self._record(r, shown, {}, {}, [], shown.index(win), win, drafts[r.slot], verified=False)
                 start = len(r.answer)
                 appended = self._commit(r, win, drafts[r.slot], {})
                 self._check_finished(r, win, appended)
-                if r.stop_reason != "stop_string":
+                if win.ended_with_stop and r.settings.fast_eos and r.stop_reason != "stop_string":
                     r.stop_reason = "fast_eos"
             elif r.stop_reason == "cache_full":
                 continue
@@ -160,7 +172,7 @@ class Scheduler:
                 r.stop_reason = "stop" if any(d.ended_with_stop for d in drafts[r.slot]) else "empty"
                 continue
             else:
-                record, win = self._select(r, ds, raw[r.slot])
+                record, win = self._select(r, ds, raw[r.slot], drafts[r.slot])
                 start = len(r.answer)
                 appended = self._commit(r, win, drafts[r.slot], branches.get(r.slot, {}))
                 self._check_finished(r, win, appended)
@@ -257,6 +269,26 @@ class Scheduler:
                 out[i] = t
         return out
 
+    def _apply_exit(self, r: Request) -> None:
+        """Model exit: a drafter whose weight started ``exit_patience`` rounds in a
+        row below ``exit_threshold`` stops drafting for the rest of the request.
+
+        Only drafters with a weight (those that verify) can exit, and the
+        heaviest drafter never does, so someone always drafts.
+        """
+        st = r.settings
+        if st.exit_threshold is None or st.hedge_lr is None:
+            return
+        weighted = [m for m in r.drafting if m in r.weights]
+        if not weighted:
+            return
+        keep = max(weighted, key=lambda m: r.weights[m])
+        for m in weighted:
+            low = r.weights[m] < st.exit_threshold
+            r.low_rounds[m] = r.low_rounds.get(m, 0) + 1 if low else 0
+            if m != keep and r.low_rounds[m] >= st.exit_patience:
+                r.drafting.remove(m)
+
     def _window(self, r: Request) -> int:
         done = len(r.seqs[self.first].ids) - r.seqs[self.first].prompt_len
         return max(1, min(r.settings.window, r.settings.max_new_tokens - done))
@@ -335,22 +367,23 @@ class Scheduler:
         return branches, raw
 
     # -- select & commit -----------------------------------------------------------
-    def _select(self, r: Request, ds: list[Draft], raw: dict[str, list[float]]):
+    def _select(self, r: Request, ds: list[Draft], raw: dict[str, list[float]], drafted: list[Draft]):
         st = r.settings
         t = len(r.rounds) + 1
         norm = {v: scoring.normalise(raw[v], st.score) for v in self.verifiers}
+        models = [d.model for d in ds]
         if st.hedge_lr is None:
             weights = None
         else:
-            rewards = scoring.win_rate_rewards(norm, [d.model for d in ds], self.learners)
-            eta = scoring.hedge_learning_rate(st.hedge_lr, len(self.learners), t)
+            rewards = scoring.win_rate_rewards(norm, models, self.learners, st.self_votes)
+            eta = scoring.hedge_learning_rate(st.hedge_lr, len(self.learners), t, st.hedge_schedule)
             r.weights = scoring.hedge_update(r.weights, rewards, eta)
             weights = r.weights
-        combined = scoring.combine(norm, weights)
+        combined = scoring.combine(norm, weights, None if st.self_votes else models)
         w = scoring.argmax_first(combined)
-        return self._record(r, ds, raw, norm, combined, w, ds[w]), ds[w]
+        return self._record(r, ds, raw, norm, combined, w, ds[w], drafted, verified=True), ds[w]
 
-    def _record(self, r, ds, raw, norm, combined, w, win) -> RoundRecord:
+    def _record(self, r, ds, raw, norm, combined, w, win, drafted, verified) -> RoundRecord:
         return RoundRecord(
             index=len(r.rounds) + 1,
             candidates=[Candidate(d.model, d.text, d.ended_with_stop, len(d.tokens)) for d in ds],
@@ -361,6 +394,8 @@ class Scheduler:
             winner=w,
             winner_model=win.model,
             seconds={},
+            drafters=[d.model for d in drafted],
+            verified=verified,
         )
 
     def _commit(self, r: Request, win: Draft, drafts: list[Draft], branches: dict[str, list[Branch]]) -> dict[str, int]:
@@ -382,12 +417,14 @@ class Scheduler:
                 cache.commit(r.slot, P, b.reuse)
                 cache.commit(r.slot, b.qpos, b.fed)
                 s.last_hidden = b.final_hidden
-            elif win.model == m:
-                ids = win.own_ids
+            elif (own := _same_text_draft(drafts, m, win)) is not None:
+                # m drafted the winning text (or, skipping verification on
+                # agreement, the same text): keep the K/V it wrote drafting it
+                ids = own.own_ids
                 if P == len(s.ids):
-                    cache.commit(r.slot, P, win.reuse)
-                    if win.reuse == len(ids):
-                        s.last_hidden = win.hiddens[win.reuse]
+                    cache.commit(r.slot, P, own.reuse)
+                    if own.reuse == len(ids):
+                        s.last_hidden = own.hiddens[own.reuse]
             else:
                 ids = self._ids_in(win, m)
             s.ids += ids
@@ -428,6 +465,12 @@ class Scheduler:
         for m, s in r.seqs.items():
             del s.ids[len(s.ids) - appended[m] :]
             s.ids += keep if m == self.first else self.runners[m].codec.encode_segment(text)
+
+
+def _same_text_draft(drafts: list[Draft], m: str, win: Draft) -> Draft | None:
+    if win.model == m:
+        return win
+    return next((d for d in drafts if d.model == m and d.text == win.text), None)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -27,61 +27,103 @@ def normalise(raw: list[float], mode: str) -> list[float]:
 
 
 def win_rate_rewards(
-    scores: dict[str, list[float]], candidate_models: list[str], learners: list[str]
+    scores: dict[str, list[float]],
+    candidate_models: list[str],
+    learners: list[str],
+    self_votes: bool = True,
 ) -> dict[str, float]:
-    """Reward of each learner = how often its own candidate beat its rivals.
+    """Reward of each learner = the share of comparisons its own candidate won.
 
-    Over verifiers j != i and rival candidates k != i, count
-    ``score_j(i) >= score_j(k)`` and divide by (K-1)^2, K = number of learners
-    (models that both draft and verify). A learner with no candidate this
-    round (empty draft) gets 0.
+    A comparison is one verifier j != i rating i's candidate against one rival
+    candidate k: a win when ``score_j(i) >= score_j(k)``. With
+    ``self_votes=False`` verifier j is also left out when it drafted k (it
+    would be judging its own draft). The reward is wins / comparisons made, in
+    [0, 1]. When every learner drafted a candidate and verifies (the usual
+    setup) that is (K-1)^2 comparisons, the reference's divisor; verifiers that
+    do not draft add comparisons, and a round with fewer candidates has fewer,
+    instead of a reward above 1 or a penalty for a rival's empty draft. A
+    learner with no candidate this round gets 0.
     """
-    k = len(learners)
     rewards = {m: 0.0 for m in learners}
-    if k < 2:
+    if len(learners) < 2:
         return rewards
     for i in learners:
         if i not in candidate_models:
             continue
         ci = candidate_models.index(i)
-        wins = 0
+        wins = made = 0
         for j, s in scores.items():
             if j == i:
                 continue
-            wins += sum(1 for ck in range(len(candidate_models)) if ck != ci and s[ci] >= s[ck])
-        rewards[i] = wins / (k - 1) ** 2
+            for ck, k in enumerate(candidate_models):
+                if ck == ci or (not self_votes and j == k):
+                    continue
+                made += 1
+                wins += s[ci] >= s[ck]
+        rewards[i] = wins / made if made else 0.0
     return rewards
 
 
-def hedge_learning_rate(lr: float, num_learners: int, t: int) -> float:
-    """eta_t = (lr / 10) * sqrt(1/K) / t (the reference's schedule)."""
-    return lr / 10.0 * math.sqrt(1.0 / max(num_learners, 1)) / t
+def hedge_learning_rate(lr: float, num_learners: int, t: int, schedule: str = "reference") -> float:
+    """Learning rate of round t (1-based).
+
+    - ``reference``: (lr / 10) * sqrt(1/K) / t, the authors' schedule. It
+      decays so fast that weights move a few percent over a whole answer.
+    - ``constant``: lr every round, so weights keep moving within an answer.
+    - ``sqrt``: lr * sqrt(ln(K) / t), the textbook anytime Hedge rate.
+    """
+    k = max(num_learners, 1)
+    if schedule == "reference":
+        return lr / 10.0 * math.sqrt(1.0 / k) / t
+    if schedule == "constant":
+        return lr
+    if schedule == "sqrt":
+        return lr * math.sqrt(math.log(max(k, 2)) / t)
+    raise ValueError(f"unknown hedge schedule {schedule!r}")
 
 
 def hedge_update(weights: dict[str, float], rewards: dict[str, float], eta: float) -> dict[str, float]:
     """w_i <- w_i * exp(eta * reward_i) for learners, renormalised to their total mass.
 
-    Verifiers that do not draft earn no reward; their weights stay as they are.
+    Computed in log space (a softmax), so a huge learning rate cannot
+    overflow. Verifiers that do not draft earn no reward; their weights stay
+    as they are.
     """
     new = dict(weights)
     if not rewards:
         return new
     mass = sum(weights[m] for m in rewards)
-    raised = {m: weights[m] * math.exp(eta * r) for m, r in rewards.items()}
+    logs = {m: (math.log(weights[m]) if weights[m] > 0 else -math.inf) + eta * r for m, r in rewards.items()}
+    top = max(logs.values())
+    if top == -math.inf:
+        return new
+    raised = {m: math.exp(v - top) for m, v in logs.items()}
     total = sum(raised.values())
     for m, w in raised.items():
         new[m] = w / total * mass
     return new
 
 
-def combine(scores: dict[str, list[float]], weights: dict[str, float] | None) -> list[float]:
-    """Per-candidate sum over verifiers of w_j * score_j(c) (unweighted when off)."""
+def combine(
+    scores: dict[str, list[float]],
+    weights: dict[str, float] | None,
+    candidate_models: list[str] | None = None,
+) -> list[float]:
+    """Per-candidate sum over verifiers of w_j * score_j(c) (unweighted when off).
+
+    With ``candidate_models`` (no self-votes), candidate c's drafter is left
+    out of c's sum and the other verifiers' weights are renormalised to 1, so
+    every candidate is judged on the same scale; a candidate whose drafter is
+    the only verifier keeps its vote.
+    """
     n = len(next(iter(scores.values())))
     out = [0.0] * n
-    for j, s in scores.items():
-        w = 1.0 if weights is None else weights[j]
-        for c in range(n):
-            out[c] += w * s[c]
+    for c in range(n):
+        judges = [j for j in scores if candidate_models is None or j != candidate_models[c]] or list(scores)
+        ws = {j: 1.0 if weights is None else weights[j] for j in judges}
+        norm = sum(ws.values()) if candidate_models is not None else 1.0
+        for j in judges:
+            out[c] += ws[j] * scores[j][c] / (norm if norm > 0 else 1.0)
     return out
 
 

@@ -54,7 +54,7 @@ def test_eval_on_tiny_models_resumes(tiny_ensemble, tmp_path):
     settings = {"max_new_tokens": 8, "window": 4}
     ens = Counting(tiny_ensemble)
     summary = run_eval(ens, items, out_path=out, dataset="gsm8k", settings=settings, trace_path=trace, progress=False)
-    assert ens.calls == 2 * 4
+    assert ens.calls == 4  # one batched call per system
     lines = out.read_text().splitlines()
     assert len(lines) == 1 + 2 * 4
     recs = [json.loads(x) for x in lines[1:]]
@@ -81,6 +81,11 @@ def test_eval_on_tiny_models_resumes(tiny_ensemble, tmp_path):
     assert ens2.calls == 0 and out.read_bytes() == before
     assert again["systems"] == summary["systems"]
     assert "gsm8k: 2 items" in format_summary(summary)
+    # one item at a time gives the same greedy float32 answers as the batch
+    single = tmp_path / "one.jsonl"
+    run_eval(tiny_ensemble, items, out_path=single, dataset="gsm8k", settings=settings, progress=False, batch=1)
+    one = {(r["system"], r["item_id"]): r["output"] for r in map(json.loads, single.read_text().splitlines()[1:])}
+    assert one == {(r["system"], r["item_id"]): r["output"] for r in recs}
 
 
 def test_bench_on_tiny_models_and_plot(small_vocab_ensemble, tmp_path):

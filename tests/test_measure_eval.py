@@ -44,7 +44,7 @@ def item_records(path):
 def test_full_run_summary_and_stream(tmp_path, items):
     out = tmp_path / "res.jsonl"
     ens = FakeEnsemble(right_for)
-    summary = run_eval(ens, items, out_path=out, dataset="data", seed=3, settings={"max_new_tokens": 32}, progress=False, trace_path=tmp_path / "t.jsonl")
+    summary = run_eval(ens, items, out_path=out, dataset="data", seed=3, settings={"max_new_tokens": 32}, progress=False, trace_path=tmp_path / "t.jsonl", batch=1)
     recs = item_records(out)
     assert len(recs) == N_ITEMS * 4
     # item-major fixed order, per-item seeds seed+index
@@ -78,14 +78,14 @@ def test_resume_after_kill_and_torn_line(tmp_path, items):
     out = tmp_path / "res.jsonl"
     # the process "dies" on its 11th answer: 10 records are on disk
     with pytest.raises(Killed):
-        run_eval(FakeEnsemble(right_for, die_after=11), items, out_path=out, dataset="d", progress=False)
+        run_eval(FakeEnsemble(right_for, die_after=11), items, out_path=out, dataset="d", progress=False, batch=1)
     assert len(item_records(out)) == 10
     before = out.read_bytes()
     # ... and the kill tore a half-written line
     with open(out, "ab") as fh:
         fh.write(b'{"type": "item", "system": "m-beta", "item_id": "line-3", "outp')
     ens = FakeEnsemble(right_for)
-    summary = run_eval(ens, items, out_path=out, dataset="d", progress=False)
+    summary = run_eval(ens, items, out_path=out, dataset="d", progress=False, batch=1)
     after = out.read_bytes()
     assert after.startswith(before)  # earlier bytes untouched
     recs = item_records(out)
@@ -95,18 +95,18 @@ def test_resume_after_kill_and_torn_line(tmp_path, items):
     assert {r["system"]: r["accuracy"]["correct"] for r in summary["systems"]} == {ENSEMBLE: 6, "m-alpha": 4, "m-beta": 0, "m-gamma": 0}
     # a third run does nothing and leaves the file byte-identical
     ens3 = FakeEnsemble(right_for)
-    run_eval(ens3, items, out_path=out, dataset="d", progress=False)
+    run_eval(ens3, items, out_path=out, dataset="d", progress=False, batch=1)
     assert ens3.calls == [] and out.read_bytes() == after
 
 
 def test_resume_keeps_complete_record_missing_newline(tmp_path, items):
     out = tmp_path / "res.jsonl"
     with pytest.raises(Killed):
-        run_eval(FakeEnsemble(right_for, die_after=3), items, out_path=out, dataset="d", progress=False)
+        run_eval(FakeEnsemble(right_for, die_after=3), items, out_path=out, dataset="d", progress=False, batch=1)
     data = out.read_bytes()
     out.write_bytes(data[:-1])  # the record is whole, only its newline is missing
     ens = FakeEnsemble(right_for)
-    run_eval(ens, items, out_path=out, dataset="d", progress=False)
+    run_eval(ens, items, out_path=out, dataset="d", progress=False, batch=1)
     assert out.read_bytes().startswith(data)
     assert len(ens.calls) == N_ITEMS * 4 - 2
     assert len(item_records(out)) == N_ITEMS * 4
@@ -121,69 +121,69 @@ def test_exception_mid_run_keeps_finished_records(tmp_path, items):
         return right_for(system, prompt, seed)
 
     with pytest.raises(RuntimeError):
-        run_eval(FakeEnsemble(flaky), items, out_path=out, dataset="d", progress=False)
+        run_eval(FakeEnsemble(flaky), items, out_path=out, dataset="d", progress=False, batch=1)
     recs = item_records(out)
     assert len(recs) == 2 * 4 + 2  # items 1-2 complete, item 3: ensemble and m-alpha
-    run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", progress=False)
+    run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", progress=False, batch=1)
     assert len(item_records(out)) == N_ITEMS * 4
 
 
 def test_limit_then_extend(tmp_path, items):
     out = tmp_path / "res.jsonl"
-    s1 = run_eval(FakeEnsemble(right_for), items[:2], out_path=out, dataset="d", progress=False)
+    s1 = run_eval(FakeEnsemble(right_for), items[:2], out_path=out, dataset="d", progress=False, batch=1)
     assert s1["n_items"] == 2 and s1["systems"][0]["n_done"] == 2
     ens = FakeEnsemble(right_for)
-    s2 = run_eval(ens, items, out_path=out, dataset="d", progress=False)
+    s2 = run_eval(ens, items, out_path=out, dataset="d", progress=False, batch=1)
     assert len(ens.calls) == 4 * 4 and s2["systems"][0]["n_done"] == 6
     # a smaller limit summarises only its items, from the file
-    s3 = run_eval(FakeEnsemble(right_for), items[:3], out_path=out, dataset="d", progress=False)
+    s3 = run_eval(FakeEnsemble(right_for), items[:3], out_path=out, dataset="d", progress=False, batch=1)
     assert s3["systems"][0]["accuracy"]["n"] == 3
 
 
 def test_systems_subset_and_errors(tmp_path, items):
     out = tmp_path / "res.jsonl"
-    s = run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", systems=[ENSEMBLE], progress=False)
+    s = run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", systems=[ENSEMBLE], progress=False, batch=1)
     assert [r["system"] for r in s["systems"]] == [ENSEMBLE]
     with pytest.raises(SpecEMError, match="unknown system"):
-        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", systems=["gpt-9"], progress=False)
+        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", systems=["gpt-9"], progress=False, batch=1)
     # different settings must not be mixed into the same file
     with pytest.raises(SpecEMError, match="different run.*temperature"):
-        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", settings={"temperature": 0.7}, progress=False)
+        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", settings={"temperature": 0.7}, progress=False, batch=1)
     with pytest.raises(SpecEMError, match="different run.*seed"):
-        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", seed=1, progress=False)
+        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", seed=1, progress=False, batch=1)
 
 
 def test_corrupt_file_is_refused_not_rewritten(tmp_path, items):
     out = tmp_path / "res.jsonl"
-    run_eval(FakeEnsemble(right_for), items[:1], out_path=out, dataset="d", progress=False)
+    run_eval(FakeEnsemble(right_for), items[:1], out_path=out, dataset="d", progress=False, batch=1)
     lines = out.read_bytes().split(b"\n")
     lines[2] = b"garbage"
     out.write_bytes(b"\n".join(lines))
     before = out.read_bytes()
     with pytest.raises(SpecEMError, match=r"res\.jsonl:3: not valid JSON"):
-        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", progress=False)
+        run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", progress=False, batch=1)
     assert out.read_bytes() == before
     other = tmp_path / "other.jsonl"
     other.write_text('{"some": "thing"}\n')
     with pytest.raises(SpecEMError, match="not a results file"):
-        run_eval(FakeEnsemble(right_for), items, out_path=other, dataset="d", progress=False)
+        run_eval(FakeEnsemble(right_for), items, out_path=other, dataset="d", progress=False, batch=1)
 
 
 def test_changed_prompt_is_detected(tmp_path, items):
     out = tmp_path / "res.jsonl"
-    run_eval(FakeEnsemble(right_for), items[:2], out_path=out, dataset="d", progress=False)
+    run_eval(FakeEnsemble(right_for), items[:2], out_path=out, dataset="d", progress=False, batch=1)
     changed = [type(items[0])(**{**items[0].__dict__, "prompt": "Double 9 please"})] + list(items[1:])
     with pytest.raises(SpecEMError, match="different prompt"):
-        run_eval(FakeEnsemble(right_for), changed, out_path=out, dataset="d", progress=False)
+        run_eval(FakeEnsemble(right_for), changed, out_path=out, dataset="d", progress=False, batch=1)
 
 
 def test_cache_full_is_recorded_not_graded(tmp_path, items):
     out = tmp_path / "res.jsonl"
     ens = FakeEnsemble(right_for, max_prompt_chars=17)  # "Double 1000 please" is too long
-    s = run_eval(ens, items, out_path=out, dataset="d", progress=False)
+    s = run_eval(ens, items, out_path=out, dataset="d", progress=False, batch=1)
     row = s["systems"][0]
     assert row["n_errors"] == 1 and row["accuracy"]["n"] == 5
-    assert "did not fit" in format_summary(s)
+    assert "refused by the engine" in format_summary(s)
 
 
 def test_ifbench_items_graded_with_checks(tmp_path):
@@ -193,7 +193,7 @@ def test_ifbench_items_graded_with_checks(tmp_path):
         + json.dumps({"prompt": "start with a verb", "instruction_id_list": ["words:start_verb", "punctuation:no_comma"], "kwargs": [{}, {}]}) + "\n"
     )
     its = load_items(str(f))
-    s = run_eval(FakeEnsemble(lambda sy, p, se: "all lower, with comma"), its, out_path=tmp_path / "r.jsonl", dataset="if", progress=False)
+    s = run_eval(FakeEnsemble(lambda sy, p, se: "all lower, with comma"), its, out_path=tmp_path / "r.jsonl", dataset="if", progress=False, batch=1)
     row = s["systems"][0]
     assert row["accuracy"]["n"] == 1 and row["accuracy"]["correct"] == 1  # prompt 2 has a skipped check
     assert row["instructions_checked"] == 2 and row["instructions_skipped"] == 1
@@ -206,7 +206,7 @@ def test_eval_cli_with_fake(tmp_path, items, monkeypatch, capsys):
 
     from specem_fast.cli import eval as cli_eval
 
-    monkeypatch.setattr(cli_eval, "load_ensemble", lambda args: FakeEnsemble(right_for))
+    monkeypatch.setattr(cli_eval, "load_ensemble", lambda args, max_batch=1: FakeEnsemble(right_for))
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
     cli_eval.register(sub)
@@ -240,7 +240,7 @@ class Slow(FakeEnsemble):
         time.sleep(0.03)
         super()._tick(*a)
 
-run_eval(Slow(right_for), load_items({data!r}), out_path={out!r}, dataset="d", progress=False)
+run_eval(Slow(right_for), load_items({data!r}), out_path={out!r}, dataset="d", progress=False, batch=1)
 """
 
 
@@ -269,9 +269,40 @@ def test_real_sigkill_then_resume(tmp_path):
     assert 11 <= done_before < 160
     ens = FakeEnsemble(right_for)
     items = load_items(str(data))
-    summary = run_eval(ens, items, out_path=out, dataset="d", progress=False)
+    summary = run_eval(ens, items, out_path=out, dataset="d", progress=False, batch=1)
     assert out.read_bytes()[: before.rfind(b"\n") + 1] == before[: before.rfind(b"\n") + 1]
     keys = [(r["system"], r["item_id"]) for r in item_records(out)]
     assert len(keys) == len(set(keys)) == 160
     assert len(ens.calls) == 160 - done_before
     assert summary["systems"][0]["accuracy"]["correct"] == 40
+
+
+def test_batched_run_equals_one_at_a_time(tmp_path, items):
+    one = run_eval(FakeEnsemble(right_for), items, out_path=tmp_path / "a.jsonl", dataset="d", seed=5,
+                   progress=False, batch=1)
+    ens = FakeEnsemble(right_for)
+    four = run_eval(ens, items, out_path=tmp_path / "b.jsonl", dataset="d", seed=5, progress=False, batch=4)
+    keep = ("system", "item_id", "seed", "output", "correct", "new_tokens")
+    a = sorted(tuple(r[k] for k in keep) for r in item_records(tmp_path / "a.jsonl"))
+    b = [tuple(r[k] for k in keep) for r in item_records(tmp_path / "b.jsonl")]
+    assert sorted(b) == a  # the same answers, each with its own seed
+    # batch-major order: items 1-4 for every system, then items 5-6
+    assert [(r[1], r[0]) for r in b[:8]] == [(f"line-{i}", ENSEMBLE) for i in range(1, 5)] + [
+        (f"line-{i}", "m-alpha") for i in range(1, 5)]
+    assert [c[2]["seed"] for c in ens.calls if c[0] == ENSEMBLE] == [5, 6, 7, 8, 9, 10]
+    assert [r["accuracy"] for r in one["systems"]] == [r["accuracy"] for r in four["systems"]]
+
+
+def test_a_refused_item_in_a_batch_is_recorded_and_the_rest_run(tmp_path, items):
+    ens = FakeEnsemble(right_for, max_prompt_chars=17)  # "Double 1000 please" is refused
+    s = run_eval(ens, items, out_path=tmp_path / "r.jsonl", dataset="d", progress=False, batch=8)
+    recs = item_records(tmp_path / "r.jsonl")
+    bad = [r for r in recs if r["item_id"] == "line-6"]
+    assert len(bad) == 4 and all(r["stop_reason"] == "error" and r["correct"] is None for r in bad)
+    assert {r["system"]: r["n_done"] for r in s["systems"]} == {sys_: 6 for sys_ in SYSTEMS}
+    assert s["systems"][0]["accuracy"]["n"] == 5
+
+
+def test_bad_batch_is_refused(tmp_path, items):
+    with pytest.raises(SpecEMError, match="batch must be"):
+        run_eval(FakeEnsemble(right_for), items, out_path=tmp_path / "x.jsonl", dataset="d", progress=False, batch=0)

@@ -43,10 +43,12 @@ class FakeEnsemble:
         if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
             raise CacheFullError(f"prompt of {len(prompt)} chars does not fit")
 
-    def generate(self, prompt, **settings):
+    def generate(self, prompt, settings=None, **overrides):
         if isinstance(prompt, list):
-            return [self.generate(p, **settings) for p in prompt]
-        s = GenerationSettings().with_overrides(**settings)
+            per = settings if isinstance(settings, list) else [settings] * len(prompt)
+            return [self.generate(p, st, **overrides) for p, st in zip(prompt, per)]
+        s = (settings or GenerationSettings()).with_overrides(**overrides)
+        settings = s.to_dict()
         self._tick("ensemble", prompt, settings)
         text = self.answer_fn("ensemble", prompt, s.seed)
         k = len(self.model_names)
@@ -87,7 +89,9 @@ class FakeEnsemble:
 
     def generate_single(self, model_name, prompt, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, ignore_eos=False):
         if isinstance(prompt, list):
-            return [self.generate_single(model_name, p, max_new_tokens, temperature, top_p, seed, ignore_eos) for p in prompt]
+            seeds = seed if isinstance(seed, list) else [seed] * len(prompt)
+            return [self.generate_single(model_name, p, max_new_tokens, temperature, top_p, sd, ignore_eos)
+                    for p, sd in zip(prompt, seeds)]
         assert model_name in self.model_names
         self._tick(model_name, prompt, {"max_new_tokens": max_new_tokens, "seed": seed, "ignore_eos": ignore_eos})
         text = self.answer_fn(model_name, prompt, seed)

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SpecEMError
 
-SUBCOMMANDS = ("generate", "models", "bench", "eval", "plot")
+SUBCOMMANDS = ("generate", "models", "bench", "eval", "calibrate", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

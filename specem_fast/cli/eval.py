@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import SpecEMError
-from .options import add_generation_args, add_model_args, csv_list, load_ensemble, settings_from_args
+from .options import add_generation_args, add_model_args, check_writable, csv_list, load_ensemble, settings_from_args
 
 HELP = "evaluate the ensemble and each member alone on gsm8k, gpqa, ifbench or a JSONL file"
 
@@ -24,7 +24,12 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("data", metavar="DATA", help="gsm8k, gpqa, ifbench, or a .jsonl file")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items (after --skip)")
+    p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N items (default 0)")
+    p.add_argument("--batch", type=int, default=8, metavar="N",
+                   help="items decoded together per system (default 8; each keeps its own seed)")
+    p.add_argument("--save-weights", default=None, metavar="FILE",
+                   help="after the run, write the ensemble's prior and learned weights (JSON) here")
     p.add_argument(
         "--seed", type=int, default=0, help="sampling seed (item i uses seed+i) and GPQA choice shuffle (default 0)"
     )
@@ -59,12 +64,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise SpecEMError(f"--limit must be >= 1 (got {args.limit})")
+    if args.batch < 1:
+        raise SpecEMError(f"--batch must be >= 1 (got {args.batch})")
+    check_writable(args.save_weights, "--save-weights")
     settings = settings_from_args(args, seed=args.seed)
-    items = load_items(args.data, seed=args.seed, limit=args.limit)
+    items = load_items(args.data, seed=args.seed, limit=args.limit, skip=args.skip)
     systems = args.systems
     if args.no_singles:
         systems = [ENSEMBLE]
-    ens = load_ensemble(args)
+    ens = load_ensemble(args, max_batch=args.batch)
     out = args.out or default_out(args.data)
     summary = run_eval(
         ens,
@@ -78,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
         summary_path=args.summary,
         progress=not args.no_progress,
         verifiers=args.verifiers,
+        batch=args.batch,
     )
+    if args.save_weights:
+        ens.save_weights(args.save_weights)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

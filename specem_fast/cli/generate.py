@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import SpecEMError
-from .options import add_generation_args, add_model_args, load_ensemble, settings_from_args
+from .options import add_generation_args, add_model_args, check_writable, load_ensemble, settings_from_args
 
 
 def register(sub) -> None:
@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the whole result")
     p.add_argument("--trace", metavar="FILE", help="write the rounds as JSONL to this file")
+    p.add_argument("--save-weights", default=None, metavar="FILE",
+                   help="after the answer, write the ensemble's prior and learned weights (JSON) here")
     add_model_args(p)
     add_generation_args(p)
     p.set_defaults(func=run)
@@ -45,6 +47,8 @@ def read_prompt(args) -> str:
 def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     settings = settings_from_args(args)  # validates before any model loads
+    check_writable(args.trace, "--trace")
+    check_writable(args.save_weights, "--save-weights")
     ens = load_ensemble(args)
     result = None
     out = sys.stdout
@@ -58,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         from ..measure.trace import write_trace
 
         write_trace(args.trace, [result])
+    if args.save_weights:
+        ens.save_weights(args.save_weights)
     if args.json:
         json.dump(result.to_dict(), out, ensure_ascii=False)
         out.write("\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import RUN_MODES, SCORE_MODES, GenerationSettings
+from ..config import HEDGE_SCHEDULES, INIT_WEIGHTS, RUN_MODES, SCORE_MODES, GenerationSettings
 from ..errors import SpecEMError
 
 
@@ -40,6 +40,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                    help="prefix attention through flash-attn, merged with the branch kernel (default auto: "
                         "when installed, on CUDA, for prefixes of at least 1024 tokens)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="load prior and learned model weights from this JSON file (written by `calibrate` "
+                        "or --save-weights)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_new_tokens: bool = True) -> None:
@@ -60,6 +63,21 @@ def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_
     )
     g.add_argument("--fast-eos", action="store_true", default=None, help="finish as soon as any draft ends")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    q = p.add_argument_group("ensemble quality options (default: the reference method)")
+    q.add_argument("--hedge-schedule", choices=HEDGE_SCHEDULES, default=None,
+                   help=f"Hedge learning-rate schedule (default {d.hedge_schedule}: lr/10*sqrt(1/K)/t; "
+                        "constant: lr every round; sqrt: lr*sqrt(ln K/t))")
+    q.add_argument("--init-weights", choices=INIT_WEIGHTS, default=None,
+                   help=f"start each request from uniform weights, the prior (--weights FILE) or the weights "
+                        f"learned on earlier requests (default {d.init_weights})")
+    q.add_argument("--exit-threshold", type=float, default=None, metavar="W",
+                   help="model exit: a drafter whose weight stays below W stops drafting (default off)")
+    q.add_argument("--exit-patience", type=int, default=None, metavar="N",
+                   help=f"rounds in a row below --exit-threshold before a drafter exits (default {d.exit_patience})")
+    q.add_argument("--skip-agreed", action="store_true", default=None,
+                   help="accept identical candidates without a verify pass")
+    q.add_argument("--no-self-votes", dest="self_votes", action="store_false", default=None,
+                   help="leave a candidate's own drafter out of its score and of the rewards")
     if window:  # bench runs both modes itself
         g.add_argument("--mode", choices=RUN_MODES, default=None, help=f"engine mode (default {d.mode})")
 
@@ -67,7 +85,8 @@ def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_
 def settings_from_args(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
     """The GenerationSettings overrides given on the command line (validated)."""
     over: dict[str, Any] = {}
-    for name in ("window", "max_new_tokens", "temperature", "top_p", "seed", "score", "fast_eos", "mode"):
+    for name in ("window", "max_new_tokens", "temperature", "top_p", "seed", "score", "fast_eos", "mode",
+                 "hedge_schedule", "init_weights", "exit_threshold", "exit_patience", "skip_agreed", "self_votes"):
         v = getattr(args, name, None)
         if v is not None:
             over[name] = v
@@ -82,8 +101,27 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]
     if getattr(args, "stop", None):
         over["stop"] = tuple(args.stop)
     over.update(fixed)
-    GenerationSettings().with_overrides(**over)  # raises SpecEMError on bad values
+    st = GenerationSettings().with_overrides(**over)  # raises SpecEMError on bad values
+    if st.init_weights == "prior" and not getattr(args, "weights", None):
+        raise SpecEMError("--init-weights prior needs prior weights: give --weights FILE (see `specem-fast calibrate`)")
+    if getattr(args, "weights", None):
+        from ..weights import read_weights_file
+
+        read_weights_file(args.weights)  # a bad file is an error before any model loads
     return over
+
+
+def check_writable(path: str | None, option: str) -> None:
+    """An output path whose folder is missing is an error before any work starts."""
+    if path is None:
+        return
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise SpecEMError(f"{option} {path!r} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise SpecEMError(f"cannot write {option} {path!r}: folder {str(p.parent)!r} does not exist")
 
 
 def load_ensemble(args: argparse.Namespace, max_batch: int = 1):
@@ -102,4 +140,5 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1):
         kernels=args.kernels,
         flash_attn=args.flash_attn,
         progress=True,
+        weights=getattr(args, "weights", None),
     )

@@ -260,20 +260,31 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[EvalItem]:
     return items
 
 
-def load_items(source: str, *, seed: int = 0, limit: int | None = None) -> list[EvalItem]:
-    """Items of a named data set (gsm8k, gpqa, ifbench) or a JSONL file path."""
+def load_items(source: str, *, seed: int = 0, limit: int | None = None, skip: int = 0) -> list[EvalItem]:
+    """Items of a named data set (gsm8k, gpqa, ifbench) or a JSONL file path.
+
+    ``skip`` leaves out the first items (a development split disjoint from the
+    evaluation's first N); item ids keep their position in the file.
+    """
     if limit is not None and limit < 1:
         raise SpecEMError(f"limit must be >= 1 (got {limit})")
+    if not isinstance(skip, int) or skip < 0:
+        raise SpecEMError(f"skip must be an integer >= 0 (got {skip!r})")
+    upto = None if limit is None else skip + limit
     name = source.lower()
     if name == "gsm8k":
-        return load_gsm8k(limit)
-    if name in ("gpqa", "gpqa-diamond", "gpqa_diamond"):
-        return load_gpqa(seed, limit)
-    if name == "ifbench":
-        return load_ifbench(limit)
-    if source.endswith(".jsonl") or Path(source).exists():
-        return load_jsonl(source, limit)
-    raise SpecEMError(f"unknown data set {source!r}; use one of {', '.join(DATASET_NAMES)} or a .jsonl file")
+        items = load_gsm8k(upto)
+    elif name in ("gpqa", "gpqa-diamond", "gpqa_diamond"):
+        items = load_gpqa(seed, upto)
+    elif name == "ifbench":
+        items = load_ifbench(upto)
+    elif source.endswith(".jsonl") or Path(source).exists():
+        items = load_jsonl(source, upto)
+    else:
+        raise SpecEMError(f"unknown data set {source!r}; use one of {', '.join(DATASET_NAMES)} or a .jsonl file")
+    if skip and skip >= len(items):
+        raise SpecEMError(f"skip {skip} leaves no items: {source} has {len(items)}")
+    return items[skip:]
 
 
 def _iter_jsonl(path: Path):

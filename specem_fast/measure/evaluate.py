@@ -8,8 +8,10 @@ torn last line left by a killed process is repaired by cutting only that
 incomplete tail. A header that does not match the new run is an error (mixing
 settings in one file would make the accuracy meaningless).
 
-Order of work is item-major (item 1 for every system, then item 2, ...), so an
-interrupted run still compares the systems on the same items.
+Order of work is item-major in batches (items 1..N for every system, then
+N+1..2N, ...), so an interrupted run still compares the systems on the same
+items. A batch runs as one batched call; each item keeps its own seed, so
+greedy float32 answers do not depend on the batch size (bf16 rounding can).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import GenerationSettings
-from ..errors import CacheFullError, SpecEMError
+from ..errors import SpecEMError
 from .answers import grade
 from .datasets import EvalItem
 from .ifbench import check_instructions
@@ -140,13 +142,17 @@ def run_eval(
     summary_path: str | os.PathLike | None = None,
     progress: bool = True,
     verifiers: Sequence[str] | None = None,
+    batch: int = 8,
 ) -> dict[str, Any]:
     """Evaluate, resuming from ``out_path``; returns the summary (also written as JSON).
 
     ``systems``: ``"ensemble"`` and/or member model names (default: all).
     Item i is decoded with seed ``settings.seed + i`` (``settings.seed`` defaults
     to ``seed``) so a resumed run samples exactly what an uninterrupted one would.
+    ``batch`` items run together per system (capped by the engine's max_batch).
     """
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise SpecEMError(f"batch must be an integer >= 1 (got {batch!r})")
     sdict = _settings_dict(settings)
     if settings is None or (isinstance(settings, dict) and "seed" not in settings):
         sdict["seed"] = seed  # --seed drives sampling too, unless the settings say otherwise
@@ -200,35 +206,74 @@ def run_eval(
         if it is not None and rec.get("system") in systems:
             running.add(rec["system"], rec.get("correct"))
 
-    todo = [(i, it, s) for i, it in enumerate(items) for s in systems if (s, it.id) not in done]
     total = len(items) * len(systems)
-    bar = _progress(total=total, initial=total - len(todo), enabled=progress, desc=f"eval {dataset}")
+    left = sum(1 for it in items for s in systems if (s, it.id) not in done)
+    bar = _progress(total=total, initial=total - left, enabled=progress, desc=f"eval {dataset}")
     try:
-        for i, item, system in todo:
-            record, result = _run_one(ensemble, item, i, system, sdict)
-            results.append(record)
-            running.add(system, record.get("correct"))
-            if trace_path is not None and result is not None and system == ENSEMBLE:
-                write_trace(trace_path, result, labels=[item.id], append=True)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(running.postfix(systems), refresh=False)
+        for start in range(0, len(items), batch):
+            chunk = list(enumerate(items))[start : start + batch]
+            for system in systems:
+                todo = [(i, it) for i, it in chunk if (system, it.id) not in done]
+                if not todo:
+                    continue
+                for (i, item), (record, result) in zip(todo, _run_batch(ensemble, todo, system, sdict)):
+                    results.append(record)
+                    running.add(system, record.get("correct"))
+                    if trace_path is not None and result is not None and system == ENSEMBLE:
+                        write_trace(trace_path, result, labels=[item.id], append=True)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix_str(running.postfix(systems), refresh=False)
     finally:
         if bar is not None:
             bar.close()
 
     _, records, _ = results.load()
     summary = summarize(records, items, systems, dataset=dataset, seed=seed, settings=sdict, out_path=results.path)
+    book = getattr(ensemble, "weights", None)
+    if hasattr(book, "to_dict"):  # what the weights learned across these requests ended at
+        summary["weights"] = book.to_dict()
     spath = Path(summary_path) if summary_path is not None else summary_path_for(results.path)
     spath.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary["summary_path"] = str(spath)
     return summary
 
 
-def _run_one(ensemble: Any, item: EvalItem, index: int, system: str, sdict: dict) -> tuple[dict[str, Any], Any]:
-    """(results record, the raw result for the trace) of one system on one item."""
-    seed = int(sdict.get("seed", 0)) + index
-    rec: dict[str, Any] = {
+def _run_batch(ensemble: Any, todo: list[tuple[int, EvalItem]], system: str, sdict: dict
+               ) -> list[tuple[dict[str, Any], Any]]:
+    """(results record, raw result for the trace) per item, decoded as one batch.
+
+    ``seconds`` is the item's share of the batch's time (the longest reported
+    time in the batch: its requests start together), so tokens/s over records
+    is the throughput; ``latency_s`` is the item's own time from admission to
+    answer. An item the engine refuses (a prompt over the cache
+    budget, text it cannot encode) is recorded as an error, not graded, and
+    the others still run.
+    """
+    base = int(sdict.get("seed", 0))
+    seeds = [base + i for i, _ in todo]
+    prompts = [it.prompt for _, it in todo]
+    try:
+        if system == ENSEMBLE:
+            settings = GenerationSettings().with_overrides(**sdict)
+            outs = ensemble.generate(prompts, settings=[settings.with_overrides(seed=sd) for sd in seeds])
+        else:
+            outs = ensemble.generate_single(system, prompts, max_new_tokens=sdict["max_new_tokens"],
+                                            temperature=sdict["temperature"], top_p=sdict["top_p"], seed=seeds)
+    except (SpecEMError, UnicodeError) as exc:
+        if len(todo) == 1:
+            return [(_error_record(todo[0][1], todo[0][0], system, seeds[0], exc), None)]
+        return [pair for one in todo for pair in _run_batch(ensemble, [one], system, sdict)]
+    share = max(_reported_seconds(res) for res in outs) / len(todo)
+    return [(_record(item, i, system, sd, res, share), res) for (i, item), sd, res in zip(todo, seeds, outs)]
+
+
+def _reported_seconds(res: Any) -> float:
+    return float(res.timings.get("total_s", 0.0)) if hasattr(res, "timings") else float(res.seconds)
+
+
+def _base_record(item: EvalItem, index: int, system: str, seed: int) -> dict[str, Any]:
+    return {
         "type": "item",
         "system": system,
         "item_id": item.id,
@@ -237,45 +282,32 @@ def _run_one(ensemble: Any, item: EvalItem, index: int, system: str, sdict: dict
         "prompt_sha": item.prompt_sha,
         "seed": seed,
     }
-    try:
-        if system == ENSEMBLE:
-            res = ensemble.generate(item.prompt, **{**sdict, "seed": seed})
-            seconds = float(res.timings.get("total_s", 0.0))
-            rounds = len(res.rounds)
-            rec.update(
-                output=res.text,
-                new_tokens=int(res.new_tokens),
-                seconds=seconds,
-                stop_reason=res.stop_reason,
-                rounds=rounds,
-                wins=dict(res.wins),
-                tokens_per_model=dict(res.tokens_per_model),
-                first_segment_s=res.timings.get("first_segment_s"),
-            )
-        else:
-            res = ensemble.generate_single(
-                system,
-                item.prompt,
-                max_new_tokens=sdict["max_new_tokens"],
-                temperature=sdict["temperature"],
-                top_p=sdict["top_p"],
-                seed=seed,
-            )
-            seconds = float(res.seconds)
-            rec.update(
-                output=res.text,
-                new_tokens=int(res.new_tokens),
-                seconds=seconds,
-                stop_reason=res.stop_reason,
-                first_token_s=res.first_token_s,
-            )
-    except CacheFullError as exc:
-        # the prompt does not fit the engine's budget: recorded, not graded
-        rec.update(output="", new_tokens=0, seconds=0.0, stop_reason="error", error=str(exc), correct=None)
-        return rec, None
-    rec["tokens_per_s"] = rec["new_tokens"] / rec["seconds"] if rec["seconds"] > 0 else None
+
+
+def _error_record(item: EvalItem, index: int, system: str, seed: int, exc: Exception) -> dict[str, Any]:
+    rec = _base_record(item, index, system, seed)
+    rec.update(output="", new_tokens=0, seconds=0.0, stop_reason="error", error=str(exc), correct=None)
+    return rec
+
+
+def _record(item: EvalItem, index: int, system: str, seed: int, res: Any, seconds: float) -> dict[str, Any]:
+    rec = _base_record(item, index, system, seed)
+    rec.update(output=res.text, new_tokens=int(res.new_tokens), seconds=seconds, stop_reason=res.stop_reason)
+    if system == ENSEMBLE:
+        rec.update(
+            latency_s=_reported_seconds(res),
+            rounds=len(res.rounds),
+            wins=dict(res.wins),
+            tokens_per_model=dict(res.tokens_per_model),
+            first_segment_s=res.timings.get("first_segment_s"),
+            mean_drafters=res.mean_drafters,
+            skipped_verify=res.skipped_verify,
+        )
+    else:
+        rec.update(latency_s=_reported_seconds(res), first_token_s=res.first_token_s)
+    rec["tokens_per_s"] = rec["new_tokens"] / seconds if seconds > 0 else None
     rec.update(_score(item, rec["output"]))
-    return rec, res
+    return rec
 
 
 def summarize(
@@ -324,6 +356,10 @@ def summarize(
             n_rounds = sum(wins.values())
             row["mean_rounds"] = mean(r.get("rounds") for r in ok)
             row["win_share"] = {m: c / n_rounds for m, c in wins.items()} if n_rounds else {}
+            rounds = sum(r.get("rounds") or 0 for r in ok)
+            if rounds and all("mean_drafters" in r for r in ok):
+                row["mean_drafters"] = sum(r["mean_drafters"] * (r.get("rounds") or 0) for r in ok) / rounds
+                row["skipped_verify_share"] = sum(r.get("skipped_verify", 0) for r in ok) / rounds
         rows.append(row)
     return {
         "dataset": dataset,
@@ -371,8 +407,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         if r.get("win_share"):
             share = ", ".join(f"{m} {100 * v:.0f}%" for m, v in sorted(r["win_share"].items(), key=lambda kv: -kv[1]))
             lines.append(f"ensemble segments won: {share} (mean {r['mean_rounds']:.1f} rounds)")
+            if "mean_drafters" in r:
+                lines.append(f"ensemble: {r['mean_drafters']:.2f} models drafting per round, "
+                             f"{100 * r['skipped_verify_share']:.0f}% of rounds without a verify pass")
         if r.get("n_errors"):
-            lines.append(f"{r['system']}: {r['n_errors']} item(s) did not fit the cache budget (not graded)")
+            lines.append(f"{r['system']}: {r['n_errors']} item(s) were refused by the engine (see their 'error' field; not graded)")
         if r.get("instructions_skipped"):
             lines.append(
                 f"{r['system']}: {r['instructions_checked']} instruction checks made, "

@@ -1,0 +1,197 @@
+"""Issue 8's quality options on the real engine (tiny random models, real tokenizers):
+model exit, the agreement fast path, weights across requests, no self-votes,
+Hedge schedules."""
+
+import json
+import shutil
+
+import pytest
+
+from specem_fast import Ensemble, scoring
+from specem_fast.config import GenerationSettings
+from specem_fast.errors import SpecEMError
+from specem_fast.weights import WeightBook, apply_floor
+
+PROMPTS = ["Write a short poem about the sea.", "What is 17 plus 25?", "List three colours."]
+
+
+@pytest.fixture(scope="module")
+def names(tiny_dirs):
+    return [str(tiny_dirs[a]) for a in ("llama", "qwen2", "gemma3_text")]
+
+
+@pytest.fixture(scope="module")
+def tiny(names):
+    return Ensemble.from_pretrained(names, cache_tokens=1024, max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def twins(tiny_dirs, tmp_path_factory):
+    """Two copies of one model drafting (their drafts always agree); a third model only verifies."""
+    copy = tmp_path_factory.mktemp("twin") / "llama-copy"
+    shutil.copytree(tiny_dirs["llama"], copy)
+    drafters = [str(tiny_dirs["llama"]), str(copy)]
+    return Ensemble.from_pretrained(drafters, drafters + [str(tiny_dirs["qwen2"])], cache_tokens=1024, max_batch=2)
+
+
+def _reset_book(ens):
+    ens.weights = WeightBook(ens.verifiers)
+
+
+# -- model exit -----------------------------------------------------------------------
+def test_model_exit_triggers_after_patience_and_is_recorded(tiny, names):
+    _reset_book(tiny)
+    tiny.set_prior_weights({names[0]: 0.8, names[1]: 0.1, names[2]: 0.1})
+    res = tiny.generate(PROMPTS[0], max_new_tokens=40, window=4, init_weights="prior",
+                        exit_threshold=0.2, exit_patience=2)
+    assert len(res.rounds) >= 3
+    assert res.rounds[0].drafters == names  # below the threshold for 1 round: still drafting
+    for rd in res.rounds[1:]:
+        assert rd.drafters == [names[0]]  # exited at the start of round 2, for good
+        assert not rd.verified and rd.raw_scores == {}  # one candidate: no verify pass
+        assert rd.winner_model == names[0]
+    assert res.mean_drafters == pytest.approx((3 + (len(res.rounds) - 1)) / len(res.rounds))
+    assert res.skipped_verify == len(res.rounds) - 1 + (not res.rounds[0].verified)
+
+
+def test_model_exit_off_and_heaviest_never_exits(tiny, names):
+    _reset_book(tiny)
+    tiny.set_prior_weights({names[0]: 0.8, names[1]: 0.1, names[2]: 0.1})
+    res = tiny.generate(PROMPTS[0], max_new_tokens=24, window=4, init_weights="prior")
+    assert all(rd.drafters == names for rd in res.rounds)  # no threshold: nobody exits
+    # a threshold above every weight still leaves the heaviest drafter
+    res = tiny.generate(PROMPTS[0], max_new_tokens=24, window=4, init_weights="prior",
+                        exit_threshold=0.9, exit_patience=1)
+    assert all(rd.drafters == [names[0]] for rd in res.rounds)
+
+
+def test_model_exit_keeps_caches_exact(tiny, names):
+    _reset_book(tiny)
+    tiny.set_prior_weights({names[0]: 0.2, names[1]: 0.7, names[2]: 0.1})
+    kw = dict(max_new_tokens=40, window=5, init_weights="prior", exit_threshold=0.15, exit_patience=2)
+    for r in tiny.runners.values():
+        r.tokens_refed = 0
+    cached = tiny.generate(PROMPTS[1], **kw)
+    assert all(r.tokens_refed == 0 for r in tiny.runners.values())
+    rec = tiny.generate(PROMPTS[1], mode="recompute", **kw)
+    assert cached.text == rec.text and len(cached.rounds) >= 3
+    assert [rd.drafters for rd in cached.rounds] == [rd.drafters for rd in rec.rounds]
+    assert names[2] not in cached.rounds[-1].drafters
+
+
+# -- agreement fast path --------------------------------------------------------------
+def test_agreement_skips_verification_and_keeps_caches_exact(twins):
+    for r in twins.runners.values():
+        r.tokens_refed = r.tokens_fed = 0
+    kw = dict(max_new_tokens=40, window=5, skip_agreed=True)
+    fast = twins.generate(PROMPTS[2], **kw)
+    assert all(r.tokens_refed == 0 for r in twins.runners.values())
+    fed_fast = {n: r.tokens_fed for n, r in twins.runners.items()}
+    for r in twins.runners.values():
+        r.tokens_fed = 0
+    slow = twins.generate(PROMPTS[2], max_new_tokens=40, window=5)
+    fed_slow = {n: r.tokens_fed for n, r in twins.runners.items()}
+    rec = twins.generate(PROMPTS[2], mode="recompute", **kw)
+    assert fast.text == slow.text == rec.text and len(fast.text) > 0
+    assert len(fast.rounds) >= 3
+    assert all(len({c.text for c in rd.candidates}) == 1 for rd in fast.rounds)
+    assert fast.skipped_verify == len(fast.rounds) and all(rd.raw_scores == {} for rd in fast.rounds)
+    assert all(rd.verified for rd in slow.rounds)  # off by default
+    assert slow.rounds[-1].weights == pytest.approx(fast.rounds[-1].weights)  # agreement taught Hedge nothing
+    # skipped verify passes are work not done: the verifier-only model processed the accepted
+    # text once instead of both candidates
+    judge = twins.verifiers[2]
+    assert fed_fast[judge] < 0.75 * fed_slow[judge]
+
+
+# -- weights across requests ------------------------------------------------------------
+def test_learned_weights_carry_over_persist_and_reload(tiny, names, tmp_path):
+    _reset_book(tiny)
+    kw = dict(max_new_tokens=16, window=4, hedge_lr=5.0, hedge_schedule="constant", init_weights="learned")
+    first = tiny.generate(PROMPTS[0], **kw)
+    assert tiny.weights.requests == 1
+    after_one = apply_floor(first.rounds[-1].weights, 0.1)  # running mean of one request, floored
+    assert tiny.weights.learned == pytest.approx(after_one)
+    assert max(after_one.values()) > 0.5  # it learned something
+    second = tiny.generate(PROMPTS[1], **kw)
+    assert tiny.weights.requests == 2
+    expect = {n: (after_one[n] + second.rounds[-1].weights[n]) / 2 for n in names}
+    assert tiny.weights.learned == pytest.approx(apply_floor(expect, 0.1))
+    # the next request starts from the learned weights (lr 0: they stay put)
+    third = tiny.generate(PROMPTS[2], max_new_tokens=12, window=4, hedge_lr=0.0, init_weights="learned")
+    assert third.rounds[0].weights == pytest.approx(tiny.weights.learned)
+    # other requests neither read nor move them
+    before = dict(tiny.weights.learned)
+    tiny.generate(PROMPTS[2], max_new_tokens=12, window=4, hedge_lr=20.0)
+    assert tiny.weights.learned == before
+    path = tmp_path / "w.json"
+    tiny.save_weights(str(path))
+    data = json.loads(path.read_text())
+    assert data["format"] == "specem-fast-weights/1" and data["requests"] == 3
+    learned = dict(tiny.weights.learned)
+    _reset_book(tiny)  # a fresh process
+    tiny.load_weights(str(path))
+    assert tiny.weights.learned == pytest.approx(learned) and tiny.weights.requests == 3
+    again = tiny.generate(PROMPTS[2], max_new_tokens=12, window=4, hedge_lr=0.0, init_weights="learned")
+    assert again.text == third.text and again.rounds[0].weights == pytest.approx(third.rounds[0].weights)
+
+
+def test_prior_weights_start_the_request(tiny, names, tmp_path):
+    _reset_book(tiny)
+    with pytest.raises(SpecEMError, match="no prior weights"):
+        tiny.generate(PROMPTS[0], max_new_tokens=8, init_weights="prior")
+    assert tiny.cache.free_slots == tiny.config.max_batch  # refused before a slot was taken
+    tiny.set_prior_weights({names[0]: 2, names[1]: 1, names[2]: 1})
+    res = tiny.generate(PROMPTS[0], max_new_tokens=8, window=4, hedge_lr=0.0, init_weights="prior")
+    assert res.rounds[0].weights == pytest.approx({names[0]: 0.5, names[1]: 0.25, names[2]: 0.25})
+    with pytest.raises(SpecEMError, match="missing"):
+        tiny.set_prior_weights({names[0]: 1.0})
+    with pytest.raises(SpecEMError, match="finite number > 0"):
+        tiny.set_prior_weights({names[0]: 1.0, names[1]: float("nan"), names[2]: 1.0})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "specem-fast-weights/1", "verifiers": ["x", "y"]}))
+    with pytest.raises(SpecEMError, match="holds weights for"):
+        tiny.load_weights(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(SpecEMError, match="cannot read weights file"):
+        tiny.load_weights(str(bad))
+    _reset_book(tiny)
+
+
+# -- no self-votes, schedules -----------------------------------------------------------
+@pytest.mark.parametrize("schedule,self_votes", [("constant", False), ("sqrt", True), ("reference", False)])
+def test_weights_and_winner_follow_the_recorded_scores(tiny, names, schedule, self_votes):
+    res = tiny.generate(PROMPTS[0], max_new_tokens=40, window=4, hedge_lr=3.0, hedge_schedule=schedule,
+                        self_votes=self_votes)
+    w = {n: 1 / 3 for n in names}
+    checked = 0
+    for rd in res.rounds:
+        if not rd.verified:
+            continue
+        models = [c.model for c in rd.candidates]
+        rewards = scoring.win_rate_rewards(rd.scores, models, names, self_votes)
+        w = scoring.hedge_update(w, rewards, scoring.hedge_learning_rate(3.0, 3, rd.index, schedule))
+        assert rd.weights == pytest.approx(w)
+        combined = scoring.combine(rd.scores, w, None if self_votes else models)
+        assert rd.combined == pytest.approx(combined)
+        assert rd.winner == scoring.argmax_first(combined)
+        checked += 1
+    assert checked >= 3
+    if schedule == "constant":  # weights move within one answer
+        assert max(abs(v - 1 / 3) for v in w.values()) > 0.05
+
+
+def test_bad_quality_settings_are_clear_errors():
+    for kw, msg in [
+        (dict(hedge_schedule="fast"), "hedge_schedule"),
+        (dict(init_weights="best"), "init_weights"),
+        (dict(exit_threshold=1.5), "exit_threshold"),
+        (dict(exit_threshold=float("nan")), "exit_threshold"),
+        (dict(exit_patience=0), "exit_patience"),
+        (dict(skip_agreed="yes"), "skip_agreed"),
+        (dict(self_votes=0), "self_votes"),
+        (dict(fast_eos="no"), "fast_eos"),
+        (dict(seed=10**14), "seed"),
+    ]:
+        with pytest.raises(SpecEMError, match=msg):
+            GenerationSettings(**kw)
