@@ -17,7 +17,11 @@ PROMPTS = ["Write a short poem about the sea.", "What is 17 plus 25?", "List thr
 
 @pytest.fixture(scope="module")
 def names(tiny_dirs):
-    return [str(tiny_dirs[a]) for a in ("llama", "qwen2", "gemma3_text")]
+    """Three small-vocabulary members (the SmolLM2 tokenizer): cheap rounds, three votes."""
+    from tiny_models import make_tiny_model_dir
+
+    third = make_tiny_model_dir(tiny_dirs["llama"].parent, "llama", "smollm2-135m-instruct", seed=1)
+    return [str(tiny_dirs["llama"]), str(tiny_dirs["mistral"]), str(third)]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,7 @@ def twins(tiny_dirs, tmp_path_factory):
     """Two copies of one model drafting (their drafts always agree); a third model only verifies."""
     copy = tmp_path_factory.mktemp("twin") / "llama-copy"
     shutil.copytree(tiny_dirs["llama"], copy)
-    drafters = [str(tiny_dirs["llama"]), str(copy)]
+    drafters = [str(tiny_dirs["llama"]), str(copy)]  # the judge has another tokenizer
     return Ensemble.from_pretrained(drafters, drafters + [str(tiny_dirs["qwen2"])], cache_tokens=1024, max_batch=2)
 
 

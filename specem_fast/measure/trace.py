@@ -7,7 +7,8 @@ line per round::
     {"type": "round", "request": "gsm8k-0", "round": 1, "winner_model": "...",
      "winner": 0, "weights": {...}, "scores": {...}, "raw_scores": {...},
      "combined": [...], "candidates": [{"model", "text", "ended_with_stop",
-     "draft_tokens"}], "seconds": {"draft", "verify", "commit"}}
+     "draft_tokens"}], "seconds": {"draft", "verify", "commit"},
+     "drafters": [...], "verified": true}
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def trace_lines(results: Any, labels: Sequence[str] | None = None) -> list[dict[
                     "candidates": r["candidates"],
                     "accepted": r.get("accepted", ""),
                     "seconds": r["seconds"],
+                    "drafters": r.get("drafters", [c["model"] for c in r["candidates"]]),
+                    "verified": r.get("verified", True),
                 }
             )
     return out
