@@ -26,20 +26,52 @@ from .reference import (
 # TRITON_INTERPRET=1 (CPU interpreter) must be set before this import.
 from .branch_attention import BranchAttentionPlan, branch_attention, plan_branch_attention
 from .cascade import CascadePlan, cascade_attention, plan_cascade_attention, prefix_backend
-from .segment_score import HAS_TRITON, segment_score, segment_score_grouped
+from .segment_score import HAS_TRITON, _interpreting, segment_score, segment_score_grouped
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def kernel_choice(setting: str = "auto") -> str:
+    """The kernel path asked for: ``SPECEM_KERNELS`` when set, else ``setting``.
+
+    An unknown value (a typo in the environment variable) raises ValueError
+    instead of silently meaning 'auto'.
+    """
+    raw = os.environ.get("SPECEM_KERNELS", "")
+    choice = raw.strip().lower() or setting
+    if choice not in KERNEL_CHOICES:
+        where = f"SPECEM_KERNELS={raw!r}" if raw.strip() else f"kernel setting {setting!r}"
+        raise ValueError(f"{where} is not one of {', '.join(KERNEL_CHOICES)}")
+    return choice
+
+
+def triton_problem(device: torch.device | str) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None: they can).
+
+    On CPU they run only under Triton's interpreter, which must be switched on
+    (TRITON_INTERPRET=1) before this package is imported.
+    """
+    if not HAS_TRITON:
+        return "triton is not installed (it comes with the [gpu] extra on CUDA machines)"
+    if torch.device(device).type != "cuda" and not _interpreting():
+        return ("the Triton kernels need a CUDA device; on a CPU they run only under the interpreter "
+                "(TRITON_INTERPRET=1 set before specem_fast is imported; slow, for tests)")
+    return None
 
 
 def use_triton(device: torch.device | str, setting: str = "auto") -> bool:
-    choice = os.environ.get("SPECEM_KERNELS", "").strip().lower() or setting
+    """Whether the Triton kernels serve ``device``: 'auto' picks them on CUDA when triton is installed."""
+    choice = kernel_choice(setting)
     if choice == "torch":
         return False
     if choice == "triton":
         return True
-    return torch.device(device).type == "cuda"
+    return torch.device(device).type == "cuda" and HAS_TRITON
 
 
 __all__ = [
     "HAS_TRITON",
+    "KERNEL_CHOICES",
     "BranchAttentionPlan",
     "CascadePlan",
     "SegmentScores",
@@ -54,6 +86,8 @@ __all__ = [
     "segment_score_grouped",
     "segment_score_reference",
     "segment_score_torch",
+    "kernel_choice",
+    "triton_problem",
     "use_triton",
     "visibility_mask",
 ]

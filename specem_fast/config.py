@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -16,6 +17,10 @@ INIT_WEIGHTS = ("uniform", "prior", "learned")
 # Per-model generators are seeded with seed * 1_000_003 + i, which must fit in 64 bits.
 MAX_SEED = 2**40
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
+# Sampling temperatures below this are refused: logits / T overflows float32 for
+# T around 1e-38 (NaN probabilities), and long before that the softmax is one-hot,
+# i.e. greedy. 0 is the way to ask for greedy decoding.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,11 @@ class GenerationSettings:
             raise SpecEMError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
         if not _is_finite(self.temperature) or self.temperature < 0:
             raise SpecEMError(f"temperature must be >= 0 (got {self.temperature!r}); use 0 for greedy decoding")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise SpecEMError(
+                f"temperature {self.temperature!r} is too small to sample with (the minimum is {MIN_TEMPERATURE:g}; "
+                "below it sampling is greedy anyway and the scaled logits overflow); use 0 for greedy decoding"
+            )
         if not _is_finite(self.top_p) or not (0 < self.top_p <= 1):
             raise SpecEMError(f"top_p must be in (0, 1] (got {self.top_p!r}); use 1 to disable nucleus sampling")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
@@ -91,6 +101,8 @@ class GenerationSettings:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise SpecEMError("stop strings must be non-empty strings")
+        for s in stop:
+            check_text(s, "a stop string")
         object.__setattr__(self, "stop", stop)
 
     @property
@@ -110,6 +122,34 @@ class GenerationSettings:
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse a str that is not valid Unicode (a lone surrogate: what invalid UTF-8 bytes
+    in argv or a file read with errors='surrogateescape' become)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SpecEMError(
+            f"{what} is not valid Unicode text: it has a lone surrogate U+{ord(text[exc.start]):04X} at character "
+            f"{exc.start} (invalid UTF-8 or a broken escape); remove it, or decode the input with errors='replace'"
+        ) from None
+
+
+def env_choice(var: str, setting: str, choices: tuple[str, ...]) -> str:
+    """``setting``, unless the environment variable ``var`` overrides it; a value of
+    ``var`` that is not one of ``choices`` is an error (never silently 'auto')."""
+    raw = os.environ.get(var, "")
+    env = raw.strip().lower()
+    if env and env not in choices:
+        raise SpecEMError(
+            f"environment variable {var}={raw!r} is not one of {', '.join(choices)}; fix it or unset it"
+        )
+    return env or setting
+
+
+def _is_whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_finite(x: Any) -> bool:
@@ -136,10 +176,11 @@ class EngineConfig:
     dtypes: tuple[str | None, ...] = field(default=())  # optional per-model dtype override
 
     def __post_init__(self) -> None:
-        if self.cache_tokens < 16:
-            raise SpecEMError(f"cache_tokens must be >= 16 (got {self.cache_tokens})")
-        if self.max_batch < 1:
-            raise SpecEMError(f"max_batch must be >= 1 (got {self.max_batch})")
+        if not _is_whole(self.cache_tokens) or self.cache_tokens < 16:
+            raise SpecEMError(f"cache_tokens must be a whole number of tokens >= 16 (got {self.cache_tokens!r}); "
+                              "default 4096")
+        if not _is_whole(self.max_batch) or self.max_batch < 1:
+            raise SpecEMError(f"max_batch must be a whole number >= 1 (got {self.max_batch!r}); default 8")
         if self.kernels not in KERNEL_CHOICES:
             raise SpecEMError(f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
         if self.flash_attn not in FLASH_ATTN_CHOICES:
@@ -149,6 +190,16 @@ class EngineConfig:
                 raise SpecEMError(f"dtype must be float32, bfloat16 or float16 (got {dt!r})")
         for dev in (self.device, *self.devices):
             check_device(dev)
+        env_choice("SPECEM_FLASH_ATTN", self.flash_attn, FLASH_ATTN_CHOICES)
+        if env_choice("SPECEM_KERNELS", self.kernels, KERNEL_CHOICES) == "triton":
+            from . import kernels
+
+            asked = "SPECEM_KERNELS=triton" if os.environ.get("SPECEM_KERNELS", "").strip() else "kernels='triton'"
+            for dev in dict.fromkeys(self.devices or (self.device,)):
+                problem = kernels.triton_problem(dev)
+                if problem:
+                    raise SpecEMError(f"{asked} cannot run on {dev}: {problem}; use kernels='torch' "
+                                      "(--kernels torch) or 'auto'")
 
 
 def check_device(dev: str) -> None:

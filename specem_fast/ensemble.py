@@ -11,13 +11,13 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .config import EngineConfig, GenerationSettings
+from .config import EngineConfig, GenerationSettings, check_text
 from .errors import CacheFullError, SpecEMError
 from .fetch import resolve_model
 from .kv_cache import KVCacheManager
 from .registry import DEFAULT_MODELS
 from .results import GenerationResult, RoundRecord, SingleResult
-from .runtime import ModelRunner, Run
+from .runtime import ModelRunner, Run, available_memory, memory_needs, resolve_dtype
 from .sampling import choose_tokens
 from .scheduler import Request, Scheduler
 from .weights import WeightBook
@@ -32,9 +32,9 @@ class Segment:
     round: RoundRecord
 
 
-def _release_segments(events: Iterator[RoundRecord | GenerationResult], stop: Sequence[str]
+def _release_segments(events: Iterator[tuple[int, RoundRecord | GenerationResult]], stop: Sequence[str]
                       ) -> Iterator[Segment | GenerationResult]:
-    """Turn one request's events into streamable text that is never taken back.
+    """Turn one request's (index, event) pairs into streamable text that is never taken back.
 
     With stop strings, the last ``len(longest stop) - 1`` characters are held
     until the next round or the end: a stop string that straddles two segments
@@ -43,17 +43,50 @@ def _release_segments(events: Iterator[RoundRecord | GenerationResult], stop: Se
     """
     hold = max((len(s) for s in stop), default=1) - 1
     answer, sent, last = "", 0, None
-    for ev in events:
-        if isinstance(ev, RoundRecord):
-            answer = answer[: ev.answer_chars - len(ev.accepted)] + ev.accepted
-            last = ev
-            end = max(sent, len(answer) - hold)
-            yield Segment(answer[sent:end], ev.winner_model, ev)
-            sent = end
-        else:
-            if ev.text[sent:] and last is not None:
-                yield Segment(ev.text[sent:], last.winner_model, last)
-            yield ev
+    try:
+        for _, ev in events:
+            if isinstance(ev, RoundRecord):
+                answer = answer[: ev.answer_chars - len(ev.accepted)] + ev.accepted
+                last = ev
+                end = max(sent, len(answer) - hold)
+                yield Segment(answer[sent:end], ev.winner_model, ev)
+                sent = end
+            else:
+                if ev.text[sent:] and last is not None:
+                    yield Segment(ev.text[sent:], last.winner_model, last)
+                yield ev
+    finally:
+        events.close()  # an abandoned stream gives its slot back now, not at garbage collection
+
+
+def _only_segments(events: Iterator[Segment | GenerationResult]) -> Iterator[Segment]:
+    try:
+        for ev in events:
+            if isinstance(ev, Segment):
+                yield ev
+    finally:
+        events.close()
+
+
+def _prompt_list(prompts: object) -> list[str]:
+    """The prompts as a list of valid strings; anything else is a SpecEMError."""
+    if isinstance(prompts, str):
+        plist = [prompts]
+    elif isinstance(prompts, (list, tuple)):
+        plist = list(prompts)
+    else:
+        kind = type(prompts).__name__
+        hint = "decode it to str first" if isinstance(prompts, (bytes, bytearray)) else \
+            "give one prompt string or a list of prompt strings"
+        raise SpecEMError(f"the prompt must be a string or a list of strings, not {kind}; {hint}")
+    for i, p in enumerate(plist):
+        what = "the prompt" if isinstance(prompts, str) else f"prompt {i}"
+        if not isinstance(p, str):
+            raise SpecEMError(f"{what} is {type(p).__name__}, not a string; give text")
+        check_text(p, what)
+        if not p.strip():
+            raise SpecEMError(f"{'the prompt' if isinstance(prompts, str) else what} is empty; give some text to answer")
+    return plist
 
 
 class Ensemble:
@@ -75,7 +108,9 @@ class Ensemble:
         self.scheduler = Scheduler(runners, drafters, verifiers, self.cache)
         self.weights = WeightBook(verifiers)
         self._lock = threading.Condition(threading.RLock())
-        self._holders: dict[int, int] = {}  # slot -> thread id of the generation holding it
+        # slot -> (thread id, owner): a slot is taken and given back only through
+        # _acquire/_release, under the lock, by the call (owner) that holds it
+        self._holders: dict[int, tuple[int, object]] = {}
 
     @classmethod
     def from_pretrained(
@@ -101,11 +136,18 @@ class Ensemble:
                 raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
                               kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes))
+        # every name checked before loading; one model under two spellings (a registry
+        # name and its folder, ./x and x/) is one model
+        folders = {spec: resolve_model(spec) for spec in dict.fromkeys(drafters + verifiers_)}
+        drafters = _distinct(drafters, folders, "models")
+        verifiers_ = _distinct(verifiers_, folders, "verifiers")
+        same = {folders[d].resolve(): d for d in drafters}
+        verifiers_ = [same.get(folders[v].resolve(), v) for v in verifiers_]
         all_names = drafters + [v for v in verifiers_ if v not in drafters]
         placement = dict(zip(drafters, devices)) if devices else {}
         precision = dict(zip(drafters, dtypes)) if dtypes else {}
+        _check_memory({n: (folders[n], placement.get(n, device), precision.get(n, dtype)) for n in all_names}, config)
         runners = {}
-        folders = {spec: resolve_model(spec) for spec in all_names}  # every name checked before loading
         for spec in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
             folder = folders[spec]
             runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), precision.get(spec, dtype), kernels,
@@ -156,8 +198,9 @@ class Ensemble:
         prompt; keyword overrides apply on top.
         """
         single = isinstance(prompts, str)
-        results = [None] * (1 if single else len(prompts))
-        for i, res in self.events(prompts, self._settings_for(prompts, settings, overrides)):
+        plist = _prompt_list(prompts)
+        results = [None] * len(plist)
+        for i, res in self.events(plist, self._settings_for(plist, settings, overrides)):
             if isinstance(res, GenerationResult):
                 results[i] = res
         return results[0] if single else results
@@ -179,29 +222,47 @@ class Ensemble:
         """Yield the answer's text round by round; the texts join to the final answer.
 
         One segment per round (its text may be empty while a possible stop
-        string is held back), plus a last one for held-back text.
+        string is held back), plus a last one for held-back text. The prompt
+        and the settings are checked when this is called; no slot is taken
+        before the first segment is asked for.
         """
-        for ev in self.stream_with_result(prompt, **settings):
-            if isinstance(ev, Segment):
-                yield ev
+        return _only_segments(self.stream_with_result(prompt, **settings))
 
     def stream_with_result(self, prompt: str, **settings) -> Iterator[Segment | GenerationResult]:
         """:meth:`stream`, then the GenerationResult as the last item."""
         if not isinstance(prompt, str):
-            raise SpecEMError("stream() takes one prompt string; use generate() for a list")
+            if isinstance(prompt, (list, tuple)):
+                raise SpecEMError("stream() takes one prompt string; use generate() for a list")
+            _prompt_list(prompt)  # names what it is
         st = self._settings_for(prompt, settings.pop("settings", None), settings)
-        yield from _release_segments((ev for _, ev in self.events(prompt, st)), st[0].stop)
+        return _release_segments(self.events(prompt, st), st[0].stop)
 
     def events(self, prompts: str | Sequence[str], settings: Sequence[GenerationSettings]
                ) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
         """Drive the rounds; yields (prompt index, RoundRecord) per accepted segment
-        and (prompt index, GenerationResult) when a request finishes."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        and (prompt index, GenerationResult) when a request finishes.
+
+        Prompts and settings are checked (and the prompts tokenized) when this
+        is called; slots are taken only while the result is iterated.
+        """
+        prompts = _prompt_list(prompts)
         if not prompts:
             raise SpecEMError("no prompts given")
+        settings = list(settings)
+        if len(settings) != len(prompts):
+            raise SpecEMError(f"{len(settings)} settings for {len(prompts)} prompts; give one per prompt")
         prepared = [self._prepare(p, st) + (st,) for p, st in zip(prompts, settings)]
         for st in settings:
             self.weights.initial(st.init_weights)  # a missing prior is an error before any slot is taken
+        return self._drive(prepared)
+
+    def _drive(self, prepared: list) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
+        # Every slot this call takes is registered to `owner` in the same locked
+        # step that allocates it and given back by _release (once, by its owner):
+        # when a request finishes, or in the finally below on any exception at
+        # any point (open, a round's draft/verify/commit, close) or when the
+        # consumer stops iterating.
+        owner = object()
         queue = deque(enumerate(prepared))
         active: dict[int, tuple[int, Request]] = {}
         try:
@@ -212,47 +273,70 @@ class Ensemble:
                     if not active:
                         self._wait_for_slots(1)
                     while queue and self.cache.free_slots:
-                        i, (p, ids, st) = queue.popleft()
-                        req = self.scheduler.open(p, st, ids, self.weights.initial(st.init_weights))
-                        active[req.slot] = (i, req)
-                        self._holders[req.slot] = threading.get_ident()
+                        i, (p, ids, st) = queue[0]
+                        slot = self._acquire(owner)
+                        req = self.scheduler.open(p, st, ids, self.weights.initial(st.init_weights), slot)
+                        queue.popleft()
+                        active[slot] = (i, req)
                     index = {r.slot: i for i, r in active.values()}
                     events = [(index[req.slot], rec) for req, rec in self.scheduler.round([r for _, r in active.values()])]
                     for slot in [s for s, (_, r) in active.items() if r.stop_reason]:
-                        i, req = active.pop(slot)
+                        i, req = active[slot]
                         res = self.scheduler.close(req)
                         res.metadata = self.metadata
                         if (req.settings.init_weights == "learned" and req.settings.hedge_lr is not None and any(rd.verified for rd in req.rounds)):
                             self.weights.observe(req.weights)
+                        del active[slot]
+                        self._release(slot, owner)
                         events.append((i, res))
-                        self._release(slot, free=False)
                 yield from events
         finally:
-            # an error, or a consumer that stopped iterating: give the slots back
             with self._lock:
-                for slot in list(active):
-                    self._release(slot)
+                self._release_all(owner)
 
     def _wait_for_slots(self, n: int) -> None:
         """Block (lock released) until n slots are free; refuse where only this thread could free them."""
+        if n > self.cache.num_slots:
+            raise SpecEMError(f"{n} slots asked for at once, but max_batch is {self.cache.num_slots}")
         while self.cache.free_slots < n:
             me = threading.get_ident()
-            if all(t == me for t in self._holders.values()):
+            if all(t == me for t, _ in self._holders.values()):
                 raise SpecEMError(
                     f"all {self.cache.num_slots} request slots are held by unfinished generations of this thread "
                     "(an open stream?); finish or close them first, or raise max_batch"
                 )
             self._lock.wait()
 
-    def _release(self, slot: int, free: bool = True) -> None:
-        if free:
+    def _acquire(self, owner: object) -> int:
+        """Take a free slot for ``owner`` (call with the lock held)."""
+        slot = self.cache.allocate()
+        self._holders[slot] = (threading.get_ident(), owner)
+        return slot
+
+    def _release(self, slot: int, owner: object) -> None:
+        """Give ``slot`` back if ``owner`` holds it (call with the lock held); idempotent."""
+        held = self._holders.get(slot)
+        if held is None or held[1] is not owner:
+            return
+        del self._holders[slot]
+        try:
             self.cache.free(slot)
-        self._holders.pop(slot, None)
-        self._lock.notify_all()
+        finally:
+            self._lock.notify_all()
+
+    def _release_all(self, owner: object) -> None:
+        """Give back every slot ``owner`` still holds; each is attempted even if one fails."""
+        error = None
+        for slot in [s for s, (_, o) in self._holders.items() if o is owner]:
+            try:
+                self._release(slot, owner)
+            except Exception as exc:  # noqa: BLE001 - the others must still come back
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _prepare(self, prompt: str, st: GenerationSettings, names: Sequence[str] | None = None) -> tuple[str, dict[str, list[int]]]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise SpecEMError("the prompt is empty; give some text to answer")
+        _prompt_list(prompt)
         ids = {n: self.runners[n].codec.prompt_ids(prompt) for n in (names or self.runners)}
         # Room for the prompt plus one round's packed candidates must exist up front.
         need_scratch = len(self.drafters) * (st.window + 4)
@@ -294,7 +378,9 @@ class Ensemble:
         if model not in self.runners:
             raise SpecEMError(f"{model!r} is not part of this ensemble ({', '.join(self.runners)})")
         single = isinstance(prompts, str)
-        plist = [prompts] if single else list(prompts)
+        plist = _prompt_list(prompts)
+        if not plist:
+            raise SpecEMError("no prompts given")
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(plist)
         if len(seeds) != len(plist):
             raise SpecEMError(f"seed lists {len(seeds)} seeds for {len(plist)} prompts; give one per prompt")
@@ -313,11 +399,10 @@ class Ensemble:
         t0 = time.perf_counter()
         st = sts[0]  # the batch shares everything but the seed
         ids = [self._prepare(p, st, [runner.name])[1][runner.name] for p in prompts]
-        slots: list[int] = []
+        owner = object()  # see _drive: every slot taken here comes back in the finally
         try:
             self._wait_for_slots(len(prompts))
-            for _ in prompts:
-                slots.append(self.cache.allocate())
+            slots = [self._acquire(owner) for _ in prompts]
             gens = [None if st.greedy else torch.Generator().manual_seed(x.seed) for x in sts]
             h = runner.forward([Run(s, p, 0, 0, 0) for s, p in zip(slots, ids)])
             ends = torch.tensor([len(p) for p in ids]).cumsum(0) - 1
@@ -350,8 +435,7 @@ class Ensemble:
                 last = runner.forward([Run(slots[i], [new[i][-1]], p, p, p) for i, p in zip(feed, pos)])
                 live = feed
         finally:
-            for s in slots:
-                self._release(s)
+            self._release_all(owner)
         dt = time.perf_counter() - t0
         return [
             SingleResult(runner.name, p, runner.codec.decode(n), len(n), r, dt, f)
@@ -367,3 +451,65 @@ def _name_list(value: Sequence[str] | str, what: str) -> list[str]:
     if dup:
         raise SpecEMError(f"the {what} list names {', '.join(dup)} more than once; list each model once")
     return names
+
+
+def _distinct(names: list[str], folders: dict, what: str) -> list[str]:
+    """Refuse one model listed under two spellings (same folder once symlinks and
+    relative parts are resolved): it would be loaded twice and vote twice."""
+    seen: dict = {}
+    for n in names:
+        real = folders[n].resolve()
+        if real in seen:
+            raise SpecEMError(
+                f"the {what} list names one model twice: {seen[real]!r} and {n!r} are both {str(real)!r}; "
+                "list each model once"
+            )
+        seen[real] = n
+    return names
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _check_memory(models: dict[str, tuple], config: EngineConfig) -> None:
+    """Refuse cache_tokens x max_batch whose KV cache (plus the weights) cannot fit on
+    its device, before any weights load; the message says what fits.
+
+    ``models``: name -> (folder, device, dtype setting). The KV cache is
+    ``2 * layers * kv_heads * head_dim * dtype size`` bytes per token and slot.
+    """
+    per_device: dict = {}
+    for name, (folder, dev, dt) in models.items():
+        d = torch.device(dev)
+        if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+            d = torch.device("cuda", torch.cuda.current_device())
+        kv, weights = memory_needs(folder, resolve_dtype(d, dt))
+        per_device.setdefault(d, []).append((name, kv, weights))
+    slots, tokens = config.max_batch, config.cache_tokens
+    for dev, rows in per_device.items():
+        avail = available_memory(dev)
+        if avail is None:
+            continue
+        per_token = sum(kv for _, kv, _ in rows)  # bytes per cache token and slot, all models on dev
+        weights = sum(w for _, _, w in rows)
+        need = per_token * tokens * slots
+        if need + weights <= avail:
+            continue
+        each = ", ".join(f"{n}: {_gib(kv * tokens * slots)}" for n, kv, _ in rows)
+        room = avail - weights
+        if room < per_token * 16 * slots and room < per_token * tokens:
+            fits = "the weights alone nearly fill it; use fewer or smaller models, a smaller dtype or another device"
+        else:
+            fit_tokens = room // (per_token * slots)
+            fit_slots = room // (per_token * tokens)
+            options = []
+            if fit_tokens >= 16:
+                options.append(f"cache_tokens={fit_tokens} with max_batch={slots}")
+            if fit_slots >= 1:
+                options.append(f"max_batch={fit_slots} with cache_tokens={tokens}")
+            fits = "at most " + " or ".join(options) + " fits; lower --cache-tokens or max_batch (--batch)"
+        raise SpecEMError(
+            f"cache_tokens={tokens} x max_batch={slots} needs {_gib(need)} of KV cache on {dev} ({each}) "
+            f"plus {_gib(weights)} of weights, but only {_gib(avail)} is available; {fits}"
+        )

@@ -8,7 +8,7 @@ candidates with the segment-scoring kernel (Triton on CUDA, torch on CPU).
 from __future__ import annotations
 
 import json
-import os
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import kernels
-from .config import FLASH_ATTN_CHOICES
+from .config import FLASH_ATTN_CHOICES, env_choice
 from .errors import SpecEMError
 from .kv_cache import CacheShape, ModelCache
 from .modeling.loader import load_transformer, read_config
@@ -56,13 +56,16 @@ class ModelRunner:
         self.name = name
         self.folder = folder
         self.device = torch.device(device)
-        if dtype is None:
-            dtype = "float32" if self.device.type == "cpu" else "bfloat16"
-        self.dtype = _DTYPES[dtype]
+        self.dtype = resolve_dtype(self.device, dtype)
+        try:  # the kernel path is checked before any weights load
+            self.triton = kernels.use_triton(self.device, kernel_setting)
+        except ValueError as exc:
+            raise SpecEMError(f"{exc}; use auto, triton or torch") from None
+        if self.triton and (problem := kernels.triton_problem(self.device)):
+            raise SpecEMError(f"kernels='triton' cannot run on {self.device}: {problem}; use kernels='torch' or 'auto'")
         cfg = read_config(folder)
         self.model: Transformer = load_transformer(folder, self.device, self.dtype, cfg)
         self.codec = TextCodec(folder, _generation_eos(folder, cfg))
-        self.triton = kernels.use_triton(self.device, kernel_setting)
         self.flash_min_prefix = self._flash_threshold(flash_setting)
         self.flash_checked = False  # the cascade is compared with the branch kernel on its first call
         self.cache: ModelCache | None = None
@@ -84,9 +87,9 @@ class ModelRunner:
 
     def _flash_threshold(self, setting: str) -> int | None:
         """Shortest prefix whose attention goes through flash-attn (cascade path); None: never."""
-        choice = os.environ.get("SPECEM_FLASH_ATTN", "").strip().lower() or setting
+        choice = env_choice("SPECEM_FLASH_ATTN", setting, FLASH_ATTN_CHOICES)
         if choice not in FLASH_ATTN_CHOICES:
-            raise SpecEMError(f"flash_attn / SPECEM_FLASH_ATTN must be auto, on or off (got {choice!r})")
+            raise SpecEMError(f"flash_attn must be auto, on or off (got {choice!r})")
         if choice == "off":
             return None
         backend = kernels.prefix_backend()
@@ -208,6 +211,51 @@ def _check_targets(targets: list[int], offsets: list[int], n: int, vocab: int) -
         raise ValueError("packed candidates are inconsistent: every candidate needs >= 1 token")
     if targets and not (0 <= min(targets) and max(targets) < vocab):
         raise ValueError(f"target token id outside the vocabulary of {vocab}")
+
+
+def resolve_dtype(device: str | torch.device, dtype: str | None) -> torch.dtype:
+    """The weights' dtype: the one asked for, else float32 on CPU and bfloat16 on CUDA."""
+    if dtype is None:
+        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
+    return _DTYPES[dtype]
+
+
+def memory_needs(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
+    """(KV-cache bytes per request slot and cache token, weight bytes) of one model,
+    from config.json and the safetensors headers alone (no weights are read)."""
+    from .modeling.args import ModelArgs
+    from .modeling.loader import check_safetensors, fix_hint
+
+    args = ModelArgs.from_hf_config(read_config(folder))
+    size = torch.empty((), dtype=dtype).element_size()
+    kv = 2 * args.num_layers * args.num_kv_heads * args.head_dim * size
+    params = 0
+    fix = fix_hint(folder)
+    for f in sorted(folder.glob("*.safetensors")):
+        for key, info in check_safetensors(f, fix).items():
+            shape = info.get("shape") if key != "__metadata__" else None
+            if isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape):
+                params += math.prod(shape)
+    return kv, params * size
+
+
+def available_memory(device: str | torch.device) -> int | None:
+    """Bytes free for new tensors on ``device``: MemAvailable on Linux for the CPU,
+    the driver's free memory on CUDA; None where it cannot be read."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(d)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _generation_eos(folder: Path, cfg: dict) -> list[int]:

@@ -88,19 +88,22 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------
     def open(self, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]],
-             weights: dict[str, float]) -> Request:
-        """A request in a fresh slot, starting from ``weights`` (one per verifier)."""
+             weights: dict[str, float], slot: int) -> Request:
+        """A request in ``slot`` (freshly allocated, empty), starting from ``weights`` (one per verifier).
+
+        The caller owns the slot: it allocated it and frees it, whether this,
+        any round or :meth:`close` succeeds or raises.
+        """
         seqs = {}
         for i, (name, r) in enumerate(self.runners.items()):
             gen = None
             if not settings.greedy:
                 gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
             seqs[name] = SeqState(ids=list(prompt_ids[name]), prompt_len=len(prompt_ids[name]), generator=gen)
-        slot = self.cache.allocate()  # last: nothing above can fail with a slot held
         return Request(prompt, settings, slot, seqs, dict(weights), list(self.drafters))
 
     def close(self, req: Request) -> GenerationResult:
-        self.cache.free(req.slot)
+        """The finished request's result (its slot is the caller's to free)."""
         total = time.perf_counter() - req.started
         counts = {m: len(s.ids) - s.prompt_len for m, s in req.seqs.items()}
         timings = dict(req.timings, total_s=total, first_segment_s=req.first_segment_s or total)

@@ -9,14 +9,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from ..errors import SpecEMError
 
 SUBCOMMANDS = ("generate", "models", "bench", "eval", "calibrate", "plot")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with user errors on one line (``specem-fast: error: ...``, exit 2), like ours."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("specem-fast").strip()
+        self.exit(2, f"specem-fast: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="specem-fast",
         description="Training-free LLM ensembling by segment drafting and verification.",
     )

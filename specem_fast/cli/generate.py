@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..config import check_text
 from ..errors import SpecEMError
 from .options import add_generation_args, add_model_args, check_writable, load_ensemble, settings_from_args
 
@@ -26,17 +27,31 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _not_utf8(exc: UnicodeDecodeError, what: str) -> SpecEMError:
+    return SpecEMError(
+        f"{what} is not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"
+    )
+
+
 def read_prompt(args) -> str:
     if args.prompt is not None:
         text = args.prompt
+        # invalid UTF-8 bytes in argv arrive as lone surrogates (surrogateescape)
+        check_text(text, "--prompt")
     elif args.prompt_file:
         try:
             with open(args.prompt_file, encoding="utf-8") as fh:
                 text = fh.read()
         except OSError as exc:
             raise SpecEMError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(exc, f"--prompt-file {args.prompt_file}") from None
     elif not sys.stdin.isatty():
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(exc, "the prompt on stdin") from None
+        check_text(text, "the prompt on stdin")  # a surrogateescape stdin passes bad bytes on as surrogates
     else:
         raise SpecEMError("no prompt given; use --prompt TEXT, --prompt-file FILE or pipe text on stdin")
     if not text.strip():

@@ -117,11 +117,15 @@ def check_writable(path: str | None, option: str) -> None:
         return
     from pathlib import Path
 
+    import os
+
     p = Path(path)
     if p.is_dir():
         raise SpecEMError(f"{option} {path!r} is a folder; give a file name")
     if not p.parent.is_dir():
         raise SpecEMError(f"cannot write {option} {path!r}: folder {str(p.parent)!r} does not exist")
+    if not os.access(p if p.exists() else p.parent, os.W_OK):
+        raise SpecEMError(f"cannot write {option} {path!r}: permission denied")
 
 
 def load_ensemble(args: argparse.Namespace, max_batch: int = 1):

@@ -76,8 +76,13 @@ class EvalItem:
 
     @property
     def prompt_sha(self) -> str:
-        """Short hash of the prompt: a resumed run checks its items did not change."""
-        return hashlib.sha256(self.prompt.encode("utf-8")).hexdigest()[:16]
+        """Short hash of the prompt: a resumed run checks its items did not change.
+
+        A prompt with a lone surrogate (JSON ``"\\ud800"``) still hashes (the engine
+        refuses it and the eval records that item as an error); for every valid
+        prompt "surrogatepass" encodes exactly as UTF-8 does.
+        """
+        return hashlib.sha256(self.prompt.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def data_file(dist: str, rel_path: str) -> Path:
@@ -222,7 +227,9 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[EvalItem]:
         prompt = rec.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise SpecEMError(f"{p}:{lineno}: \"prompt\" must be a non-empty string")
-        item_id = str(rec.get("id", f"line-{lineno}"))
+        # an id is a label: a lone surrogate in it ("\\ud800") becomes its escape
+        # text, so records and traces can be written as UTF-8
+        item_id = str(rec.get("id", f"line-{lineno}")).encode("utf-8", "backslashreplace").decode("utf-8")
         if item_id in seen:
             raise SpecEMError(f"{p}:{lineno}: id {item_id!r} repeats line {seen[item_id]}; ids must be unique")
         seen[item_id] = lineno

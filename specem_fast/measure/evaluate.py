@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -79,11 +80,57 @@ class ResultsFile:
         return header, records, note
 
     def append(self, record: dict) -> None:
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        data = (_json_line(record) + "\n").encode("utf-8")
         with open(self.path, "ab") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def _json_line(obj: Any, **kw: Any) -> str:
+    """JSON text that encodes to UTF-8: non-ASCII kept as is, unless a string holds a
+    lone surrogate (an item id or answer from a JSONL file with "\\ud800"), which
+    only a \\u escape can carry; the record then reads back exactly."""
+    text = json.dumps(obj, ensure_ascii=False, **kw)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, ensure_ascii=True, **kw)
+    return text
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive lock on ``PATH.lock`` while one eval writes ``path``.
+
+    A second eval on the same --out fails at once instead of appending every
+    record a second time. The lock file stays (removing it would race); the
+    lock goes with the process, so a killed eval leaves nothing held.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no lock
+        yield
+        return
+    if not path.parent.is_dir():
+        raise SpecEMError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    lock = path.with_name(path.name + ".lock")
+    try:
+        fh = open(lock, "a")
+    except OSError as exc:
+        raise SpecEMError(f"cannot create the lock file {str(lock)!r} next to --out: {exc.strerror}") from None
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpecEMError(
+                f"another eval is writing {str(path)!r} (it holds {str(lock)!r}); wait for it to finish, "
+                "or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def summary_path_for(out_path: str | os.PathLike) -> Path:
@@ -166,6 +213,16 @@ def run_eval(
         raise SpecEMError("no items to evaluate")
 
     results = ResultsFile(out_path)
+    with _exclusive(results.path):
+        return _run_locked(
+            ensemble, items, results, dataset=dataset, seed=seed, sdict=sdict, models=models, systems=systems,
+            trace_path=trace_path, summary_path=summary_path, progress=progress, verifiers=verifiers, batch=batch,
+        )
+
+
+def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, *, dataset: str, seed: int,
+                sdict: dict, models: list[str], systems: list[str], trace_path, summary_path, progress: bool,
+                verifiers, batch: int) -> dict[str, Any]:
     header, records, note = results.load()
     identity = {
         "dataset": dataset,
@@ -234,7 +291,7 @@ def run_eval(
     if hasattr(book, "to_dict"):  # what the weights learned across these requests ended at
         summary["weights"] = book.to_dict()
     spath = Path(summary_path) if summary_path is not None else summary_path_for(results.path)
-    spath.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    spath.write_text(_json_line(summary, indent=2) + "\n", encoding="utf-8")
     summary["summary_path"] = str(spath)
     return summary
 
