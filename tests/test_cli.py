@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from specem_fast.cli import main
+from specem_fast.fetch import model_dir
 
 
 def run_cli(capsys, *argv):
@@ -48,12 +49,80 @@ def test_generate_streams_text_and_reads_prompt_file(tiny_dirs, capsys, tmp_path
         (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read --prompt-file"),
         (["--models", "a,a", "--prompt", "x"], "more than once"),
         (["--models", ",", "--prompt", "x"], "empty"),
+        (["--prompt", "x", "--temperature", "1e-40"], "temperature 1e-40 is too small"),
+        (["--prompt", "x", "--seed", str(10**14)], "seed must be an integer in [0, 2**40)"),
+        (["--prompt", "caf\udcc3 au lait"], "--prompt is not valid Unicode text: it has a lone surrogate U+DCC3"),
+        (["--prompt", "x", "--stop", "\ud800"], "a stop string is not valid Unicode text"),
+        (["--prompt", "x", "--cache-tokens", str(10**9)], "of KV cache on cpu"),
+        (["--prompt", "x", "--json", "--trace", "/nonexistent/x"], "folder '/nonexistent' does not exist"),
+        (["--prompt", "x", "--models", f"smollm2-135m-instruct,{model_dir('smollm2-135m-instruct')}/"],
+         "names one model twice"),
     ],
 )
-def test_bad_input_exits_2_with_one_clear_line(capsys, args, message):
+def test_bad_input_exits_2_with_one_clear_line(capsys, monkeypatch, args, message):
+    from specem_fast import Ensemble
+
+    monkeypatch.setattr(Ensemble, "__init__", lambda *a, **k: pytest.fail("the engine was built"))
     code, out, err = run_cli(capsys, "generate", *args)
-    assert code == 2
+    assert code == 2 and out == ""
     assert message in err and "Traceback" not in err
+    assert err.startswith("specem-fast: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cache-tokens", "4096.5"], "generate: argument --cache-tokens: invalid int value: '4096.5'"),
+        (["--kernels", "cuda"], "generate: argument --kernels: invalid choice: 'cuda'"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),  # found by the top parser
+    ],
+)
+def test_argument_errors_are_one_line_too(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "x", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith(f"specem-fast: error: {message}")
+    assert err.count("\n") == 1 and "--help)" in err
+
+
+def test_prompt_file_or_stdin_that_is_not_utf8_exits_2(capsys, tmp_path, monkeypatch):
+    import io
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9".encode("latin-1"))
+    code, out, err = run_cli(capsys, "generate", "--prompt-file", str(bad))
+    assert code == 2 and err == f"specem-fast: error: --prompt-file {bad} is not valid UTF-8 text (byte 0xe9); save it as UTF-8\n"
+    surrogate = tmp_path / "cesu.txt"
+    surrogate.write_bytes(b"x \xed\xa0\x80 y")  # a UTF-16 surrogate encoded as if it were a character
+    code, out, err = run_cli(capsys, "generate", "--prompt-file", str(surrogate))
+    assert code == 2 and "is not valid UTF-8 text (byte 0xed)" in err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi \xff"), encoding="utf-8"))
+    code, out, err = run_cli(capsys, "generate")
+    assert code == 2 and "the prompt on stdin is not valid UTF-8 text (byte 0xff)" in err
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi \xff"), encoding="utf-8",
+                                                       errors="surrogateescape"))
+    code, out, err = run_cli(capsys, "generate")
+    assert code == 2 and "the prompt on stdin is not valid Unicode text: it has a lone surrogate U+DCFF" in err
+
+
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({"SPECEM_KERNELS": "trition"}, [], "environment variable SPECEM_KERNELS='trition' is not one of"),
+        ({"SPECEM_FLASH_ATTN": "yes"}, [], "environment variable SPECEM_FLASH_ATTN='yes' is not one of"),
+        ({"TRITON_INTERPRET": "0"}, ["--kernels", "triton"], "kernels='triton' cannot run on cpu"),
+    ],
+)
+def test_kernel_environment_problems_exit_2_before_loading(capsys, monkeypatch, tiny_dirs, env, args, message):
+    from specem_fast import kernels
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if "TRITON_INTERPRET" in env:  # the interpreter is chosen when the kernels are imported
+        monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr("specem_fast.runtime.load_transformer", lambda *a, **k: pytest.fail("weights loaded"))
+    code, _, err = run_cli(capsys, "generate", "--models", str(tiny_dirs["llama"]), "--prompt", "x", *args)
+    assert code == 2 and message in err and err.count("\n") == 1
 
 
 def test_folder_without_weights_and_unfetched_model(capsys, tmp_path, monkeypatch, tiny_dirs):
