@@ -115,6 +115,42 @@ def test_max_new_tokens_and_stop_strings(tiny):
     assert cut.text == full[: full.find(stop)]
 
 
+def test_fast_eos_ends_on_the_first_draft_that_stops(tiny, monkeypatch):
+    """Deterministic: the second drafter's stop tokens are made to include a token it
+    surely drafts in round 1, so its first draft ends with a stop token."""
+    m = tiny.drafters[1]
+    runner = tiny.runners[m]
+    chosen = []
+    real_choose = tiny.scheduler._choose
+    monkeypatch.setattr(tiny.scheduler, "_choose",
+                        lambda logits, reqs, model: chosen.append((model, real_choose(logits, reqs, model))) or chosen[-1][1])
+    kw = dict(max_new_tokens=30, window=6)
+    base = tiny.generate(PROMPTS[0], **kw)
+    monkeypatch.setattr(tiny.scheduler, "_choose", real_choose)
+    assert base.stop_reason != "fast_eos" and not any(c.ended_with_stop for c in base.rounds[0].candidates)
+    # round 1's draft of m: the first run of m's token choices (drafters draft one after another)
+    start = next(i for i, (model, _) in enumerate(chosen) if model == m)
+    end = next((i for i in range(start, len(chosen)) if chosen[i][0] != m), len(chosen))
+    toks = [t[0] for _, t in chosen[start:end]]
+    assert len(toks) == 6
+    k = next(j for j in range(1, len(toks)) if toks[j] not in toks[:j])
+    monkeypatch.setattr(runner.codec, "stop_ids", runner.codec.stop_ids | {toks[k]})
+
+    res = tiny.generate(PROMPTS[0], fast_eos=True, **kw)
+    assert res.stop_reason == "fast_eos" and len(res.rounds) == 1
+    rd = res.rounds[0]
+    win = rd.candidates[rd.winner]
+    assert rd.winner_model == m and win.model == m and win.ended_with_stop and win.draft_tokens == k
+    assert not rd.verified and rd.raw_scores == {}
+    assert rd.weights == pytest.approx({v: 1 / len(tiny.verifiers) for v in tiny.verifiers})  # no update
+    assert win.text == runner.codec.decode(toks[:k]) == res.text == rd.accepted
+    assert [c.ended_with_stop for c in rd.candidates if c.model != m] == [False] * (len(rd.candidates) - 1)
+    # the same drafts without fast_eos: the stopped draft is verified like any other
+    slow = tiny.generate(PROMPTS[0], **kw)
+    assert slow.stop_reason != "fast_eos" and slow.rounds[0].verified
+    assert any(c.model == m and c.ended_with_stop and c.text == win.text for c in slow.rounds[0].candidates)
+
+
 def test_length_stop_is_exactly_max_new_tokens(tiny):
     """A segment from another tokenizer can be longer in the first model's tokens than
     the window left: the last one is cut so the budget holds exactly."""
