@@ -142,9 +142,8 @@ def env_choice(var: str, setting: str, choices: tuple[str, ...]) -> str:
     raw = os.environ.get(var, "")
     env = raw.strip().lower()
     if env and env not in choices:
-        raise SpecEMError(
-            f"environment variable {var}={raw!r} is not one of {', '.join(choices)}; fix it or unset it"
-        )
+        options = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        raise SpecEMError(f"environment variable {var} must be {options} (got {raw!r}); fix it or unset it")
     return env or setting
 
 
