@@ -44,12 +44,23 @@ def _normalised(weights: Mapping[str, float], names: Sequence[str], what: str) -
 
 
 def apply_floor(weights: Mapping[str, float], floor: float) -> dict[str, float]:
-    """Raise every weight to at least ``floor / K`` (a share of uniform), then renormalise."""
-    k = len(weights)
-    low = floor / k
-    raised = {n: max(w, low) for n, w in weights.items()}
-    total = sum(raised.values())
-    return {n: w / total for n, w in raised.items()}
+    """Weights summing to 1 with none below ``floor / K`` (a share of uniform).
+
+    Weights under the floor are raised to it and the others scaled down
+    together to make room, so weights already above the floor keep their
+    ratios, and flooring twice changes nothing.
+    """
+    total = sum(weights.values())
+    w = {n: v / total for n, v in weights.items()}
+    low = floor / len(w)
+    pinned: set[str] = set()
+    while True:
+        free = [n for n in w if n not in pinned]
+        scale = (1.0 - low * len(pinned)) / sum(w[n] for n in free)
+        under = {n for n in free if w[n] * scale < low}
+        if not under:
+            return {n: low if n in pinned else w[n] * scale for n in w}
+        pinned |= under
 
 
 def weights_from_accuracy(correct: Mapping[str, int], graded: Mapping[str, int], power: float = 2.0,

@@ -101,7 +101,11 @@ def test_agreement_skips_verification_and_keeps_caches_exact(twins):
     assert all(len({c.text for c in rd.candidates}) == 1 for rd in fast.rounds)
     assert fast.skipped_verify == len(fast.rounds) and all(rd.raw_scores == {} for rd in fast.rounds)
     assert all(rd.verified for rd in slow.rounds)  # off by default
-    assert slow.rounds[-1].weights == pytest.approx(fast.rounds[-1].weights)  # agreement taught Hedge nothing
+    # skipped rounds leave the weights alone; verifying identical texts taught Hedge next to
+    # nothing either (equal scores up to rounding of the packed pass)
+    third = {v: 1 / 3 for v in twins.verifiers}
+    assert fast.rounds[-1].weights == pytest.approx(third)
+    assert slow.rounds[-1].weights == pytest.approx(third, abs=0.02)
     # skipped verify passes are work not done: the verifier-only model processed the accepted
     # text once instead of both candidates
     judge = twins.verifiers[2]

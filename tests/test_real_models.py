@@ -39,11 +39,3 @@ def test_recompute_mode_gives_the_same_text(real_ensemble, greedy):
     rec = real_ensemble.generate(PROMPT, max_new_tokens=60, window=10, mode="recompute")
     assert rec.text == greedy.text
     assert [r.winner_model for r in rec.rounds] == [r.winner_model for r in greedy.rounds]
-
-
-def test_fast_eos_finishes_on_the_first_stop(real_ensemble):
-    res = real_ensemble.generate("Reply with only the word yes.", max_new_tokens=40, window=10, fast_eos=True)
-    assert res.stop_reason in ("fast_eos", "stop", "length")
-    if res.stop_reason == "fast_eos":
-        last = res.rounds[-1]
-        assert last.candidates[last.winner].ended_with_stop and not last.raw_scores

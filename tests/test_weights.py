@@ -8,8 +8,11 @@ from specem_fast.weights import WeightBook, apply_floor, weights_from_accuracy
 
 def test_floor_keeps_every_member_audible():
     w = apply_floor({"a": 0.98, "b": 0.02, "c": 0.0}, 0.3)  # floor 0.1 each
-    assert w == pytest.approx({"a": 0.98 / 1.18, "b": 0.1 / 1.18, "c": 0.1 / 1.18})
-    assert min(w.values()) > 0
+    assert w == pytest.approx({"a": 0.8, "b": 0.1, "c": 0.1})
+    assert apply_floor(w, 0.3) == pytest.approx(w)  # idempotent
+    w = apply_floor({"a": 0.6, "b": 0.35, "c": 0.05}, 0.3)  # c raised, a and b keep their ratio
+    assert w == pytest.approx({"a": 0.6 * 0.9 / 0.95, "b": 0.35 * 0.9 / 0.95, "c": 0.1})
+    assert apply_floor({"a": 0.5, "b": 0.5}, 0.2) == {"a": 0.5, "b": 0.5}
 
 
 def test_running_estimate_is_a_mean_then_an_exponential_average():
