@@ -203,3 +203,67 @@ def test_bad_quality_settings_are_clear_errors():
     ]:
         with pytest.raises(SpecEMError, match=msg):
             GenerationSettings(**kw)
+
+
+# -- the command line: calibrate, then use the weights ----------------------------------
+def _cli(capsys, *argv):
+    from specem_fast.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_calibrate_then_generate_and_eval_with_the_weights(tiny_dirs, capsys, tmp_path):
+    a, b = str(tiny_dirs["llama"]), str(tiny_dirs["mistral"])
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(4)))
+    w = tmp_path / "w.json"
+    code, out, err = _cli(capsys, "calibrate", str(data), "--skip", "1", "--limit", "3", "--models", f"{a},{b}",
+                          "--max-new-tokens", "4", "--batch", "2", "--out", str(w), "--no-progress")
+    assert code == 0, err
+    book = json.loads(w.read_text())
+    cal = book["calibration"]
+    assert cal["skip"] == 1 and cal["limit"] == 3 and set(cal["accuracy"]) == {a, b}
+    assert all(v["graded"] == 3 for v in cal["accuracy"].values())
+    assert sum(book["prior"].values()) == pytest.approx(1.0) and book["learned"] == book["prior"]
+    answers = [json.loads(x) for x in (tmp_path / "w.answers.jsonl").read_text().splitlines()[1:]]
+    assert sorted(r["item_id"] for r in answers) == sorted(["line-2", "line-3", "line-4"] * 2)  # item 1 skipped
+    # generate starts from the prior (lr 0: it stays put) and can save the book again
+    saved = tmp_path / "saved.json"
+    code, out, err = _cli(capsys, "generate", "--prompt", "Say hi.", "--models", f"{a},{b}", "--weights", str(w),
+                          "--init-weights", "prior", "--hedge-lr", "0", "--max-new-tokens", "6", "--window", "3",
+                          "--exit-threshold", "0.01", "--skip-agreed", "--no-self-votes", "--hedge-schedule", "sqrt",
+                          "--json", "--save-weights", str(saved))
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["rounds"][0]["weights"] == pytest.approx(book["prior"])
+    assert res["settings"]["skip_agreed"] is True and res["settings"]["self_votes"] is False
+    assert res["settings"]["hedge_schedule"] == "sqrt" and res["settings"]["exit_threshold"] == 0.01
+    assert json.loads(saved.read_text())["prior"] == pytest.approx(book["prior"])
+    # eval with learned weights writes the learned book and reports drafting/verification
+    out_file = tmp_path / "e.jsonl"
+    code, out, err = _cli(capsys, "eval", str(data), "--limit", "2", "--models", f"{a},{b}", "--max-new-tokens", "4",
+                          "--window", "3", "--weights", str(w), "--init-weights", "learned", "--no-singles",
+                          "--save-weights", str(saved), "--out", str(out_file), "--no-progress", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    row = summary["systems"][0]
+    assert 1.0 <= row["mean_drafters"] <= 2.0 and 0.0 <= row["skipped_verify_share"] <= 1.0
+    assert json.loads(saved.read_text())["requests"] == summary["weights"]["requests"] >= 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--init-weights", "prior"], "--init-weights prior needs prior weights"),
+    (["--weights", "/nonexistent/w.json"], "does not exist"),
+    (["--exit-threshold", "2"], "exit_threshold"),
+    (["--hedge-schedule", "fast"], "invalid choice"),
+    (["--save-weights", "/nonexistent/dir/w.json"], "does not exist"),
+])
+def test_quality_option_errors_exit_2_before_loading(capsys, args, message):
+    code, out, err = _cli(capsys, "generate", "--prompt", "x", "--models", "/nonexistent-model", *args)
+    assert code == 2 and message in err and out == ""
