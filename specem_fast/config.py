@@ -165,7 +165,7 @@ class EngineConfig:
     """
 
     device: str = "cpu"
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    dtype: str | None = None  # None: bfloat16 on CUDA and CPUs with native bf16, else float32
     cache_tokens: int = 4096
     max_batch: int = 8
     kernels: str = "auto"  # auto: Triton on CUDA, torch references on CPU

@@ -214,10 +214,26 @@ def _check_targets(targets: list[int], offsets: list[int], n: int, vocab: int) -
 
 
 def resolve_dtype(device: str | torch.device, dtype: str | None) -> torch.dtype:
-    """The weights' dtype: the one asked for, else float32 on CPU and bfloat16 on CUDA."""
+    """The weights' dtype: the one asked for, else bfloat16 on CUDA and on CPUs with
+    native bf16 instructions, float32 on other CPUs (emulated bf16 is slower there)."""
     if dtype is None:
-        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
+        native = torch.device(device).type != "cpu" or cpu_has_native_bf16()
+        dtype = "bfloat16" if native else "float32"
     return _DTYPES[dtype]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16); False where unknown."""
+    return bf16_in_cpuinfo("/proc/cpuinfo")
+
+
+def bf16_in_cpuinfo(cpuinfo: str) -> bool:
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def memory_needs(folder: Path, dtype: torch.dtype) -> tuple[int, int]:

@@ -15,6 +15,18 @@ from specem_fast.registry import DEFAULT_MODELS  # noqa: E402
 DEFAULT_NAMES = [m.name for m in DEFAULT_MODELS]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _float32_by_default():
+    """The exactness tests compare float32 runs; a CPU with native bf16 would make
+    bfloat16 the default dtype (tested on its own in test_hardening/test_engine)."""
+    from specem_fast import runtime
+
+    real = runtime.cpu_has_native_bf16
+    runtime.cpu_has_native_bf16 = lambda *a, **k: False
+    yield
+    runtime.cpu_has_native_bf16 = real
+
+
 def require_default_models(*names: str) -> None:
     """Fail (not skip) when the default models are missing: CI fetches them first."""
     missing = [n for n in (names or DEFAULT_NAMES) if not is_ready(n)]

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from specem_fast import Ensemble, scoring
 from specem_fast.config import GenerationSettings
@@ -267,3 +268,16 @@ def test_calibrate_then_generate_and_eval_with_the_weights(tiny_dirs, capsys, tm
 def test_quality_option_errors_exit_2_before_loading(capsys, args, message):
     code, out, err = _cli(capsys, "generate", "--prompt", "x", "--models", "/nonexistent-model", *args)
     assert code == 2 and message in err and out == ""
+
+
+def test_default_dtype_follows_the_cpu(tmp_path):
+    from specem_fast import runtime
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma avx512f avx512_bf16\n")
+    assert runtime.bf16_in_cpuinfo(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert not runtime.bf16_in_cpuinfo(str(info))
+    assert not runtime.bf16_in_cpuinfo(str(tmp_path / "missing"))
+    assert runtime.resolve_dtype("cpu", "float32") == torch.float32
+    assert runtime.resolve_dtype("cpu", None) == torch.float32  # the suite pins float32 (conftest)

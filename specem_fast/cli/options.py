@@ -32,7 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+                   help="weights dtype (default: bfloat16 on CUDA and on CPUs with native bf16 "
+                        "instructions, float32 on other CPUs)")
     p.add_argument("--cache-tokens", type=int, default=4096,
                    help="KV-cache budget per request and model: prompt + answer + one round (default 4096)")
     p.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
