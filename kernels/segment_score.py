@@ -77,7 +77,11 @@ if HAS_TRITON:
         LOG2E: tl.constexpr = 1.4426950408889634
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        tgt = tl.load(tgt_ptr + offs_n, mask=n_mask, other=-1).to(tl.int32)
+        # A target outside [0, V) (possible only with check_values=False) matches
+        # no vocab tile; split 0 then owns it and writes NaN (checked before the
+        # int32 cast, so a huge int64 target cannot wrap into range).
+        tgt = tl.load(tgt_ptr + offs_n, mask=n_mask, other=-1)
+        tgt = tl.where((tgt < 0) | (tgt >= V), -1, tgt).to(tl.int32)
         v_begin = pid_s * v_tiles_per_split * BLOCK_V
         v_end = tl.minimum(v_begin + v_tiles_per_split * BLOCK_V, V)
 
@@ -117,8 +121,9 @@ if HAS_TRITON:
         part = pid_s.to(tl.int64) * N + offs_n
         tl.store(pm_ptr + part, m_i, mask=n_mask)
         tl.store(ps_ptr + part, s_i, mask=n_mask)
-        owns = n_mask & (tgt >= v_begin) & (tgt < v_end)
-        tl.store(logit_ptr + offs_n, z_t, mask=owns)
+        bad_tgt = tgt < 0  # only out-of-range targets are -1 here
+        owns = n_mask & (((tgt >= v_begin) & (tgt < v_end)) | (bad_tgt & (pid_s == 0)))
+        tl.store(logit_ptr + offs_n, tl.where(bad_tgt, float("nan"), z_t), mask=owns)
 
     @triton.jit(do_not_specialize=["N", "softcap", "num_n_blocks", "v_tiles_per_split"])
     def _score_kernel(
@@ -140,20 +145,27 @@ if HAS_TRITON:
     @triton.jit
     def _merge_segment(
         pm_ptr, ps_ptr, logit_ptr, lp_ptr, mean_lp_ptr, mean_lg_ptr, off_ptr,
-        seg, N, num_splits,
+        seg, num_segs, N, num_splits,
         BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         LN2: tl.constexpr = 0.6931471805599453
         LOG2E: tl.constexpr = 1.4426950408889634
-        lo = tl.load(off_ptr + seg).to(tl.int32)
-        hi = tl.load(off_ptr + seg + 1).to(tl.int32)
+        # Offsets are clamped to [0, N] (no out-of-bounds access even when they
+        # were not checked). Tokens are written over [lo, hi), widened to start
+        # at 0 for the first candidate and end at N for the last, so every token
+        # gets its log-prob whatever the offsets; the means use [lo, hi) only.
+        lo = tl.minimum(tl.maximum(tl.load(off_ptr + seg), 0), N).to(tl.int32)
+        hi = tl.minimum(tl.maximum(tl.load(off_ptr + seg + 1), 0), N).to(tl.int32)
+        w_lo = tl.where(seg == 0, 0, lo)
+        w_hi = tl.where(seg == num_segs - 1, N, hi)
         sum_lp = tl.zeros([BLOCK_T], tl.float32)
         sum_lg = tl.zeros([BLOCK_T], tl.float32)
         offs_s = tl.arange(0, BLOCK_S)
-        for t0 in range(lo, hi, BLOCK_T):
+        for t0 in range(w_lo, w_hi, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_mask = offs_t < hi
-            # Running merge over the split axis, BLOCK_S splits at a time.
+            t_mask = offs_t < w_hi
+            # Running merge over the split axis, BLOCK_S splits at a time: the
+            # running sum is rescaled whenever a later chunk raises the max.
             m_run = tl.full([BLOCK_T], float("-inf"), tl.float32)
             s_run = tl.zeros([BLOCK_T], tl.float32)
             for s0 in range(0, num_splits, BLOCK_S):
@@ -172,11 +184,15 @@ if HAS_TRITON:
             zt = tl.load(logit_ptr + offs_t, mask=t_mask, other=0.0)
             lp = zt - lse
             tl.store(lp_ptr + offs_t, lp, mask=t_mask)
-            sum_lp += tl.where(t_mask, lp, 0.0)
-            sum_lg += tl.where(t_mask, zt, 0.0)
-        cnt = (hi - lo).to(tl.float32)
-        tl.store(mean_lp_ptr + seg, tl.sum(sum_lp, axis=0) / cnt)
-        tl.store(mean_lg_ptr + seg, tl.sum(sum_lg, axis=0) / cnt)
+            in_seg = t_mask & (offs_t >= lo) & (offs_t < hi)
+            sum_lp += tl.where(in_seg, lp, 0.0)
+            sum_lg += tl.where(in_seg, zt, 0.0)
+        # An empty (or reversed) candidate gets NaN means, not 0/0 or -0.
+        cnt = tl.maximum(hi - lo, 0).to(tl.float32)
+        empty = cnt == 0.0
+        cnt_safe = tl.where(empty, 1.0, cnt)
+        tl.store(mean_lp_ptr + seg, tl.where(empty, float("nan"), tl.sum(sum_lp, axis=0) / cnt_safe))
+        tl.store(mean_lg_ptr + seg, tl.where(empty, float("nan"), tl.sum(sum_lg, axis=0) / cnt_safe))
 
     @triton.jit(do_not_specialize=["N", "num_splits"])
     def _merge_kernel(
@@ -186,7 +202,7 @@ if HAS_TRITON:
     ):
         seg = tl.program_id(0)
         _merge_segment(pm_ptr, ps_ptr, logit_ptr, lp_ptr, mean_lp_ptr, mean_lg_ptr, off_ptr,
-                       seg, N, num_splits, BLOCK_T, BLOCK_S)
+                       seg, tl.num_programs(0), N, num_splits, BLOCK_T, BLOCK_S)
 
     # ---- grouped (several problems, one launch) ----------------------------
     # Table row layout (int64), see _GROUP_FIELDS below.
@@ -255,11 +271,18 @@ if HAS_TRITON:
         mean_lp_ptr = tl.load(row + 15).to(f32p, bitcast=True)
         mean_lg_ptr = tl.load(row + 16).to(f32p, bitcast=True)
         off_ptr = tl.load(row + 17).to(off_dtype_ptr.dtype, bitcast=True)
+        num_segs = tl.load(row + 18).to(tl.int32)
         _merge_segment(pm_ptr, ps_ptr, logit_ptr, lp_ptr, mean_lp_ptr, mean_lg_ptr, off_ptr,
-                       seg, N, num_splits, BLOCK_T, BLOCK_S)
+                       seg, num_segs, N, num_splits, BLOCK_T, BLOCK_S)
 
 
-_GROUP_FIELDS = 18  # h, w, tgt, logit, pm, ps, N, D, V, s_hn, s_wv, n_blocks, vt/split, splits, lp, mean_lp, mean_lg, offsets
+_GROUP_FIELDS = 19  # h, w, tgt, logit, pm, ps, N, D, V, s_hn, s_wv, n_blocks, vt/split, splits, lp, mean_lp, mean_lg,
+#                     offsets, C
+
+# Split partials merged per step of the merge kernel (its BLOCK_S), the same
+# under the interpreter as on the GPU so that CPU tests cover the multi-step
+# merge (more than this many splits, e.g. the default at small N on 132 SMs).
+_MERGE_CHUNK = 32
 
 
 # --------------------------------------------------------------------------
@@ -477,8 +500,12 @@ def segment_score(
     stride on d), ``targets`` [N] and ``offsets`` [C+1] int32/int64 on the same
     device. Returns fp32 ``SegmentScores``. ``out`` optionally supplies the four
     fp32 output tensors. ``check_values`` validates offsets/targets values
-    (costs one device->host sync; the engine may turn it off). ``precision``
-    applies to fp32 inputs on GPU ("ieee" by default, "tf32" is faster).
+    (costs one device->host sync; the engine may turn it off). Without the
+    check every output element is still written: a target outside [0, V) gives
+    NaN token_logit and token_logprob (so NaN means for its candidate), an
+    empty or reversed candidate NaN means; offsets are clamped to [0, N] and
+    every token's log-prob is written even when they do not cover [0, N).
+    ``precision`` applies to fp32 inputs on GPU ("ieee" by default, "tf32" is faster).
     """
     require_triton("segment_score_reference")
     _check_problem(hidden, weight, targets, offsets, softcap)
@@ -506,7 +533,7 @@ def segment_score(
         EVEN_D=d % cfg.block_d == 0, UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     block_t = 16 if n <= 1024 else 64
-    block_s = min(_next_pow2(splits), 64 if upcast else 32)
+    block_s = min(_next_pow2(splits), _MERGE_CHUNK)
     _merge_kernel[(c,)](
         pm, ps, res.token_logit, res.token_logprob, res.mean_logprob, res.mean_logit, offsets,
         n, splits, BLOCK_T=block_t, BLOCK_S=block_s, num_warps=4,
@@ -594,7 +621,7 @@ def _launch_group(probs, idx, results, config, precision) -> None:
             tok.data_ptr() + f32 * tok_at,  # token_logprob
             seg.data_ptr() + f32 * seg_at,  # mean_logprob
             seg.data_ptr() + f32 * (c_tot + seg_at),  # mean_logit
-            o.data_ptr(),
+            o.data_ptr(), c,
         ])
         caps.append(float(cap or 0.0))
         starts.append(prog)
@@ -625,7 +652,7 @@ def _launch_group(probs, idx, results, config, precision) -> None:
     _merge_grouped_kernel[(segs,)](
         tab, starts_t[g:], probs[0][3], g,
         NF=_GROUP_FIELDS, BLOCK_G=block_g, BLOCK_T=16 if n_max <= 1024 else 64,
-        BLOCK_S=min(_next_pow2(max_splits), 64 if upcast else 32), num_warps=4,
+        BLOCK_S=min(_next_pow2(max_splits), _MERGE_CHUNK), num_warps=4,
     )
     tok_at = seg_at = 0
     for i, (h, w, t, o, cap) in zip(idx, probs):

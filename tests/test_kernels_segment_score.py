@@ -195,3 +195,88 @@ def test_cpu_path_matches_the_fp64_reference(wdtype, n, v, softcap):
         assert a.dtype == torch.float32, name
         torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=1e-5, msg=name)
     assert got.token_logprob.max() < 0 and got.token_logprob.min() < -3  # real spread, not a flat softmax
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
+def test_merge_of_more_splits_than_one_merge_chunk(monkeypatch, grouped):
+    """More vocab splits than the merge kernel takes per step (the default at small N
+    on a 132-SM GPU): the running sum must be rescaled when a later chunk of splits
+    raises the running max. The LM-head rows of the last chunk are scaled up, so
+    every row's max lies there and a dropped rescale changes the LSE."""
+    chunk = ss_mod._MERGE_CHUNK
+    splits, block_v = chunk + 8, 16
+    v = splits * block_v - 5  # a tail tile in the last split
+    h, w, t, o = make_problem(6, 16, v, lengths=[2, 3, 1], seed=12, scale=1.0)
+    last_chunk = torch.arange(v, device=DEV) >= chunk * block_v
+    w = (w * torch.where(last_chunk, 2.0, 0.5)[:, None]).contiguous()
+    t[0], t[1] = 0, v - 1  # targets owned by the first and the last split
+    assert ((h @ w.T).argmax(dim=1) >= chunk * block_v).all()  # each row's max is in the last chunk
+    shapes = []
+    real_scratch = ss_mod._scratch
+    monkeypatch.setattr(ss_mod, "_scratch", lambda shape, device: shapes.append(shape) or real_scratch(shape, device))
+    cfg = SegmentScoreConfig(16, block_v, 16, num_warps=4, num_stages=1, num_splits=splits)
+    if grouped:
+        res = segment_score_grouped([(h, w, t, o)], config=cfg)[0]
+        assert shapes == [(2, splits * 6)]
+    else:
+        res = segment_score(h, w, t, o, out=nan_out(6, 3), config=cfg)
+        assert shapes == [(splits, 6), (splits, 6)]
+    assert splits > chunk
+    check(res, h, w, t, o, None, torch.float32)
+
+
+SENTINEL = 12345.0  # a poison that no written value (finite log-prob or NaN) can equal
+
+
+def _unchecked_problem():
+    h, w, t, o = make_problem(7, 32, 300, lengths=[2, 2, 3], seed=21)
+    t = t.clone()
+    t[1] = 300  # == V: out of range
+    t[4] = -2
+    return h, w, t, o
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["single", "grouped"])
+def test_unchecked_bad_targets_and_empty_candidates_write_nan(grouped):
+    """check_values=False: an out-of-range target gives NaN token_logit/token_logprob
+    (and NaN means for its candidate), an empty or reversed candidate NaN means;
+    nothing keeps the poison of the output buffers, the rest matches the reference."""
+    h, w, t, _ = _unchecked_problem()
+    # candidates: [0,2) bad t[1]; [2,2) empty; [2,4); [4,3) reversed; [3,7) bad t[4]; [7,7) empty
+    o = torch.tensor([0, 2, 2, 4, 3, 7, 7], device=DEV)
+    good_t = t.clamp(0, 299)
+    ref = segment_score_reference(h.double(), w.double(), good_t, torch.tensor([0, 7], device=DEV))
+    if grouped:
+        res = segment_score_grouped([(h, w, t, o), (h, w, good_t, torch.tensor([0, 7], device=DEV))],
+                                    config=SegmentScoreConfig(16, 64, 32, num_splits=3), check_values=False)[0]
+    else:
+        out = tuple(torch.full((k,), SENTINEL, device=DEV) for k in (7, 7, 6, 6))
+        res = segment_score(h, w, t, o, out=out, config=SegmentScoreConfig(16, 64, 32, num_splits=3),
+                            check_values=False)
+        assert all(r is x for r, x in zip(res, out))
+        assert not any((x == SENTINEL).any() for x in out), "unwritten output elements"
+    bad = torch.tensor([False, True, False, False, True, False, False], device=DEV)
+    for got, want in ((res.token_logprob, ref.token_logprob), (res.token_logit, ref.token_logit)):
+        assert torch.isnan(got[bad]).all()
+        torch.testing.assert_close(got[~bad].double(), want[~bad], atol=2e-4, rtol=1e-4)
+    nan_seg = torch.tensor([True, True, False, True, True, True], device=DEV)
+    for got, want in ((res.mean_logprob, ref.token_logprob), (res.mean_logit, ref.token_logit)):
+        assert torch.isnan(got[nan_seg]).all()
+        torch.testing.assert_close(got[2].double(), want[2:4].mean(), atol=2e-4, rtol=1e-4)
+
+
+def test_unchecked_offsets_out_of_range_still_write_every_token():
+    """Offsets that do not start at 0 / end at N, or lie outside [0, N], are clamped
+    (no out-of-bounds access) and every token's log-prob is still written."""
+    h, w, t, _ = make_problem(7, 32, 300, lengths=[7], seed=22)
+    ref = segment_score_reference(h.double(), w.double(), t, torch.tensor([0, 7], device=DEV))
+    for offs in ([2, 4, 5], [-3, 4, 100], [0, 3]):
+        o = torch.tensor(offs, device=DEV)
+        c = len(offs) - 1
+        out = tuple(torch.full((k,), SENTINEL, device=DEV) for k in (7, 7, c, c))
+        res = segment_score(h, w, t, o, out=out, check_values=False)
+        assert not any((x == SENTINEL).any() for x in out), f"unwritten output elements for offsets {offs}"
+        torch.testing.assert_close(res.token_logprob.double(), ref.token_logprob, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(res.token_logit.double(), ref.token_logit, atol=2e-4, rtol=1e-4)
+        lo, hi = max(0, min(offs[0], 7)), max(0, min(offs[1], 7))
+        torch.testing.assert_close(res.mean_logprob[0].double(), ref.token_logprob[lo:hi].mean(), atol=2e-4, rtol=1e-4)
