@@ -321,6 +321,23 @@ def _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, sca
         )
 
 
+def check_branch_after_prefix(prefix_len: np.ndarray, branch_start: np.ndarray) -> None:
+    """Refuse a branch that starts inside its own prefix (``branch_start < prefix_len``).
+
+    Keys in ``[branch_start, prefix_len)`` would be both prefix and branch: the
+    one-pass kernel sees them once, the cascade (prefix and branch computed
+    apart) twice, and a sliding window would measure them on two positions.
+    Host arrays (values already read back by the plan builders).
+    """
+    bad = np.nonzero(branch_start < prefix_len)[0]
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"need prefix_len <= branch_start (a branch starts at or after its prefix): token {i} has "
+            f"prefix_len={prefix_len[i]} branch_start={branch_start[i]}"
+        )
+
+
 def plan_branch_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -363,6 +380,7 @@ def plan_branch_attention(
         if len(bad):
             i = int(bad[0])
             raise ValueError(f"need 0 <= branch_start <= qpos: token {i} has branch_start={bs[i]} qpos={qp[i]}")
+        check_branch_after_prefix(pl, bs)
     order = np.argsort(sl, kind="stable")
     qpb = max(1, block_r // group)
     starts, counts = [], []
@@ -407,9 +425,11 @@ def branch_attention(
 ):
     """Attention of packed query tokens over a slotted KV cache (Triton).
 
-    Same contract as :func:`~specem_fast.kernels.reference.branch_attention_reference`.
-    ``plan`` (from :func:`plan_branch_attention` on the same index tensors)
-    avoids rebuilding the block table (and its device->host sync) per layer.
+    Same contract as :func:`~specem_fast.kernels.reference.branch_attention_reference`,
+    except that a branch starting inside its prefix (``branch_start < prefix_len``)
+    is refused with a ValueError, as :func:`~specem_fast.kernels.cascade.cascade_attention`
+    refuses it (checked with the other index values when the plan is built).
+    ``plan`` (from :func:`plan_branch_attention` on the same index tensors) avoids rebuilding the block table (and its device->host sync) per layer.
     ``return_lse=True`` returns ``(out, lse)`` with ``lse`` [T, Hq] fp32
     (natural log). ``out`` optionally supplies the [T, Hq, D] contiguous output.
     """

@@ -36,7 +36,13 @@ import numpy as np
 import torch
 
 from ._triton import HAS_TRITON, cdiv as _cdiv, next_pow2 as _next_pow2, require_triton, tl, triton
-from .branch_attention import BranchAttentionPlan, _check_inputs, branch_attention, plan_branch_attention
+from .branch_attention import (
+    BranchAttentionPlan,
+    _check_inputs,
+    branch_attention,
+    check_branch_after_prefix,
+    plan_branch_attention,
+)
 
 __all__ = ["CascadePlan", "PrefixBackend", "cascade_attention", "plan_cascade_attention", "prefix_backend"]
 
@@ -144,10 +150,11 @@ def plan_cascade_attention(
     if not isinstance(prefix_len, torch.Tensor) or prefix_len.shape != (q.shape[0],):
         raise ValueError(f"prefix_len must be an int32/int64 tensor of shape [T={q.shape[0]}]")
     t_ = q.shape[0]
-    sl, pl = torch.stack([slot.long(), prefix_len.long()]).cpu().numpy()
+    sl, pl, bs = torch.stack([slot.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
     lmax = k_cache.shape[2]
     if t_ and (pl.min() < 0 or pl.max() > lmax):
         raise ValueError(f"prefix_len must lie in [0, Lmax={lmax}], got {pl.min()}..{pl.max()}")
+    check_branch_after_prefix(pl, bs)  # the branch pass runs with prefix_len 0: an overlap would count twice
     _, group = np.unique(np.stack([sl, pl], axis=1), axis=0, return_inverse=True)
     group = group.reshape(-1)
     num_rows = int(group.max()) + 1 if t_ else 0

@@ -194,3 +194,22 @@ def test_plan_rejects_bad_inputs():
         plan_branch_attention(q[:, :3], kc, slot, qpos, plen, bstart)
     with pytest.raises(ValueError, match=r"\[T, Hq, D\]"):
         plan_branch_attention(q[0], kc, slot, qpos, plen, bstart)
+
+
+BRANCH_BEFORE_PREFIX = r"need prefix_len <= branch_start .* token \d+ has prefix_len=\d+ branch_start=\d+"
+
+
+def test_branch_starting_inside_its_prefix_is_refused():
+    """branch_start < prefix_len would make keys both prefix and branch (the cascade,
+    which computes them apart, would count them twice): refused on the host, as by
+    cascade_attention, with the same message."""
+    q, kc, vc, slot, qpos, plen, bstart = make_batch([10, 6], 2, 2, 4, 2, 64, lmax=32, seed=7)
+    bad = bstart.clone()
+    bad[3] = plen[3] - 1
+    with pytest.raises(ValueError, match=BRANCH_BEFORE_PREFIX):
+        branch_attention(q, kc, vc, slot, qpos, plen, bad, 0.125)
+    with pytest.raises(ValueError, match=BRANCH_BEFORE_PREFIX):
+        plan_branch_attention(q, kc, slot, qpos, plen, bad)
+    # a branch starting right at its prefix's end (a causal chunk) is fine
+    run_and_check((q, kc, vc, slot, qpos, plen, bstart), 0.125, 0, torch.float32)
+    assert (bstart == plen).any()

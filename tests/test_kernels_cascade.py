@@ -125,3 +125,19 @@ def test_backend_is_none_without_flash_attn(monkeypatch):
         assert backend is None
     else:
         assert backend.name == {"flash_attn_interface": "flash-attn-3", "flash_attn": "flash-attn"}[found[0]]
+
+
+def test_branch_starting_inside_its_prefix_is_refused():
+    """Same refusal, same message as branch_attention: the branch pass runs with
+    prefix_len 0, so keys in [branch_start, prefix_len) would count twice."""
+    from test_kernels_branch_attention import BRANCH_BEFORE_PREFIX
+
+    batch = make_batch([30, 12], 2, 3, 2, 1, 64, 48, seed=11)
+    q, kc, vc, slot, qpos, plen, bstart = batch
+    bad = bstart.clone()
+    bad[0] = plen[0] - 5
+    with pytest.raises(ValueError, match=BRANCH_BEFORE_PREFIX):
+        cascade_attention(q, kc, vc, slot, qpos, plen, bad, 0.1)
+    with pytest.raises(ValueError, match=BRANCH_BEFORE_PREFIX):
+        plan_cascade_attention(q, kc, slot, qpos, plen, bad)
+    check(batch, 0.1, torch.float32)  # valid inputs still match the reference
