@@ -429,7 +429,8 @@ def branch_attention(
     except that a branch starting inside its prefix (``branch_start < prefix_len``)
     is refused with a ValueError, as :func:`~specem_fast.kernels.cascade.cascade_attention`
     refuses it (checked with the other index values when the plan is built).
-    ``plan`` (from :func:`plan_branch_attention` on the same index tensors) avoids rebuilding the block table (and its device->host sync) per layer.
+    ``plan`` (from :func:`plan_branch_attention` on the same index tensors)
+    avoids rebuilding the block table (and its device->host sync) per layer.
     ``return_lse=True`` returns ``(out, lse)`` with ``lse`` [T, Hq] fp32
     (natural log). ``out`` optionally supplies the [T, Hq, D] contiguous output.
     """
