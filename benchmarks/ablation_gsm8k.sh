@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 8's measurement: every run is `specem-fast eval` into its own results file
+# under benchmarks/eval/, so each step resumes where a killed or timed-out run
+# stopped (rerun this script; finished records are never redone). Greedy, 256 new
+# tokens, the default dtype. GSM8K items 1000+ are never touched.
+#
+#   bash benchmarks/ablation_gsm8k.sh calibrate   # members alone on GSM8K 300-399 -> prior weights
+#   bash benchmarks/ablation_gsm8k.sh ablation    # first 60 items: reference (+ members), each option alone
+#   bash benchmarks/ablation_gsm8k.sh final       # first 200 items and 60 IFBench prompts
+#
+# OMP_NUM_THREADS=1: on the 2-core development VMs one thread per process was
+# faster than two (benchmarks/RESULTS.md); run two steps side by side instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+E=benchmarks/eval
+W=$E/weights-gsm8k-dev.json
+run() { .venv/bin/specem-fast eval "$@" --max-new-tokens 256 --cache-tokens 1024; }
+ens() { local name=$1; shift; run gsm8k --limit 60 --batch 30 --no-singles --out "$E/gsm8k60-$name.jsonl" \
+          --trace "$E/gsm8k60-$name.trace.jsonl" "$@"; }
+
+case "${1:-}" in
+  calibrate)
+    .venv/bin/specem-fast calibrate gsm8k --skip 300 --limit 100 --max-new-tokens 256 --batch 25 \
+      --cache-tokens 1024 --out "$W" ;;
+  ablation)
+    run gsm8k --limit 60 --batch 26 --out "$E/gsm8k60-reference.jsonl" --trace "$E/gsm8k60-reference.trace.jsonl"
+    ens skip-agreed --skip-agreed
+    ens no-self-votes --no-self-votes
+    ens constant-lr --hedge-schedule constant
+    ens learned --init-weights learned --save-weights "$E/weights-learned-gsm8k60.json"
+    ens exit --exit-threshold 0.3 --exit-patience 3
+    ens prior --weights "$W" --init-weights prior
+    ens prior-exit --weights "$W" --init-weights prior --exit-threshold 0.2 --exit-patience 2 --skip-agreed ;;
+  final)
+    echo "fill in the best combination from the ablation table first" >&2; exit 2 ;;
+  *)
+    echo "usage: $0 calibrate|ablation|final" >&2; exit 2 ;;
+esac
