@@ -1,7 +1,7 @@
 """specem_fast: fast training-free LLM ensembling (SpecEM / SpecFuse)."""
 
 from .config import EngineConfig, GenerationSettings
-from .errors import SpecEMError
+from .errors import QueueFullError, RequestCancelled, SpecEMError
 from .results import Candidate, GenerationResult, RoundRecord, SingleResult
 
 __version__ = "0.1.0"
@@ -12,15 +12,22 @@ def __getattr__(name):  # keep `import specem_fast` light: torch loads on first 
         from . import ensemble
 
         return getattr(ensemble, name)
+    if name == "AsyncEnsemble":
+        from .aio import AsyncEnsemble
+
+        return AsyncEnsemble
     raise AttributeError(name)
 
 
 __all__ = [
+    "AsyncEnsemble",
     "Candidate",
     "EngineConfig",
     "Ensemble",
     "GenerationResult",
     "GenerationSettings",
+    "QueueFullError",
+    "RequestCancelled",
     "RoundRecord",
     "Segment",
     "SingleResult",

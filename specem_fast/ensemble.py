@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
@@ -12,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import EngineConfig, GenerationSettings, check_text
+from .engine import EngineCore, QueueFullError
 from .errors import CacheFullError, SpecEMError
 from .fetch import resolve_model
 from .kv_cache import KVCacheManager
@@ -19,7 +21,8 @@ from .registry import DEFAULT_MODELS
 from .results import GenerationResult, RoundRecord, SingleResult
 from .runtime import ModelRunner, Run, available_memory, memory_needs, resolve_dtype
 from .sampling import choose_tokens
-from .scheduler import Request, Scheduler
+from .scheduler import Scheduler
+from .text import CHAT_ROLES, plain_chat
 from .weights import WeightBook
 
 
@@ -32,31 +35,41 @@ class Segment:
     round: RoundRecord
 
 
-def _release_segments(events: Iterator[tuple[int, RoundRecord | GenerationResult]], stop: Sequence[str]
-                      ) -> Iterator[Segment | GenerationResult]:
-    """Turn one request's (index, event) pairs into streamable text that is never taken back.
+class _Releaser:
+    """Turn one request's events into streamable text that is never taken back.
 
     With stop strings, the last ``len(longest stop) - 1`` characters are held
     until the next round or the end: a stop string that straddles two segments
     cuts text the previous round had accepted. The segments' texts join to the
     final answer exactly; the GenerationResult comes last.
     """
-    hold = max((len(s) for s in stop), default=1) - 1
-    answer, sent, last = "", 0, None
+
+    def __init__(self, stop: Sequence[str]):
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.answer, self.sent, self.last = "", 0, None
+
+    def feed(self, ev: RoundRecord | GenerationResult) -> list[Segment | GenerationResult]:
+        if isinstance(ev, RoundRecord):
+            self.answer = self.answer[: ev.answer_chars - len(ev.accepted)] + ev.accepted
+            self.last = ev
+            end = max(self.sent, len(self.answer) - self.hold)
+            seg = Segment(self.answer[self.sent:end], ev.winner_model, ev)
+            self.sent = end
+            return [seg]
+        out: list[Segment | GenerationResult] = []
+        if ev.text[self.sent:] and self.last is not None:
+            out.append(Segment(ev.text[self.sent:], self.last.winner_model, self.last))
+        return out + [ev]
+
+
+def _release_segments(events: Iterator[tuple[int, RoundRecord | GenerationResult]], stop: Sequence[str]
+                      ) -> Iterator[Segment | GenerationResult]:
+    rel = _Releaser(stop)
     try:
         for _, ev in events:
-            if isinstance(ev, RoundRecord):
-                answer = answer[: ev.answer_chars - len(ev.accepted)] + ev.accepted
-                last = ev
-                end = max(sent, len(answer) - hold)
-                yield Segment(answer[sent:end], ev.winner_model, ev)
-                sent = end
-            else:
-                if ev.text[sent:] and last is not None:
-                    yield Segment(ev.text[sent:], last.winner_model, last)
-                yield ev
+            yield from rel.feed(ev)
     finally:
-        events.close()  # an abandoned stream gives its slot back now, not at garbage collection
+        events.close()  # an abandoned stream cancels its request: the slot comes back within a round
 
 
 def _only_segments(events: Iterator[Segment | GenerationResult]) -> Iterator[Segment]:
@@ -89,6 +102,47 @@ def _prompt_list(prompts: object) -> list[str]:
     return plist
 
 
+class Chat(tuple):
+    """One conversation: ``(role, content)`` pairs, checked."""
+
+    @property
+    def text(self) -> str:
+        return plain_chat(self)
+
+
+def _chat(messages: object, what: str) -> Chat:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise SpecEMError(f"{what} must be a non-empty list of {{'role', 'content'}} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+            raise SpecEMError(f"{what}[{i}] must be a dict with 'role' and 'content' (got {m!r:.80})")
+        role, content = m["role"], m["content"]
+        if role not in CHAT_ROLES:
+            raise SpecEMError(f"{what}[{i}] has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise SpecEMError(f"{what}[{i}]'s content is {type(content).__name__}, not a string; give text")
+        check_text(content, f"{what}[{i}]'s content")
+        out.append((role, content))
+    if not any(c.strip() for r, c in out if r == "user"):
+        raise SpecEMError(f"{what} has no user message with text; give at least one")
+    return Chat(out)
+
+
+def _inputs(prompts: object, messages: object) -> tuple[list, bool]:
+    """(prompt strings or Chats, whether one was given rather than a list)."""
+    if messages is None:
+        if prompts is None:
+            raise SpecEMError("the prompt must be a string or a list of strings, not NoneType; give a prompt "
+                              "or messages=[{'role': ..., 'content': ...}, ...]")
+        return _prompt_list(prompts), isinstance(prompts, str)
+    if prompts is not None:
+        raise SpecEMError("give either a prompt or messages, not both")
+    if isinstance(messages, (list, tuple)) and messages and all(isinstance(m, (list, tuple)) for m in messages):
+        return [_chat(m, f"messages[{i}]") for i, m in enumerate(messages)], False
+    return [_chat(messages, "messages")], True
+
+
 class Ensemble:
     """Several causal LMs that write one answer together (SpecEM rounds).
 
@@ -97,7 +151,8 @@ class Ensemble:
     registry names (``specem-fast models list``) or local Hugging Face folders.
     """
 
-    def __init__(self, runners: dict[str, ModelRunner], drafters: list[str], verifiers: list[str], config: EngineConfig):
+    def __init__(self, runners: dict[str, ModelRunner], drafters: list[str], verifiers: list[str], config: EngineConfig,
+                 max_waiting: int = 256):
         self.config = config
         self.runners = runners
         self.drafters = drafters
@@ -111,6 +166,8 @@ class Ensemble:
         # slot -> (thread id, owner): a slot is taken and given back only through
         # _acquire/_release, under the lock, by the call (owner) that holds it
         self._holders: dict[int, tuple[int, object]] = {}
+        # the request lifecycle: waiting queue, admission, rounds over every caller's requests
+        self.engine = EngineCore(self, max_waiting)
 
     @classmethod
     def from_pretrained(
@@ -128,6 +185,7 @@ class Ensemble:
         dtypes: Sequence[str | None] = (),
         progress: bool = False,
         weights: str | None = None,
+        max_waiting: int = 256,
     ) -> "Ensemble":
         drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
         verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
@@ -152,7 +210,7 @@ class Ensemble:
             folder = folders[spec]
             runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), precision.get(spec, dtype), kernels,
                                         flash_attn)
-        ens = cls(runners, drafters, verifiers_, config)
+        ens = cls(runners, drafters, verifiers_, config, max_waiting)
         if weights is not None:
             ens.load_weights(weights)
         return ens
@@ -190,24 +248,28 @@ class Ensemble:
             self.weights.save(path)
 
     # -- ensemble generation -------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str], settings: GenerationSettings | Sequence[GenerationSettings] | None = None,
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 settings: GenerationSettings | Sequence[GenerationSettings] | None = None, *,
+                 messages: Sequence[dict] | Sequence[Sequence[dict]] | None = None,
                  **overrides) -> GenerationResult | list[GenerationResult]:
         """Generate an answer for one prompt (returns one result) or a list.
 
-        ``settings``: one :class:`GenerationSettings` for all prompts or one per
-        prompt; keyword overrides apply on top.
+        ``messages``: a chat (``[{"role": "system"|"user"|"assistant", "content": ...}]``)
+        instead of a prompt, or a list of chats. ``settings``: one
+        :class:`GenerationSettings` for all prompts or one per prompt; keyword
+        overrides apply on top. The requests join the engine's running batch
+        (with every other caller's) and leave it when they finish.
         """
-        single = isinstance(prompts, str)
-        plist = _prompt_list(prompts)
-        results = [None] * len(plist)
-        for i, res in self.events(plist, self._settings_for(plist, settings, overrides)):
+        items, single = _inputs(prompts, messages)
+        results = [None] * len(items)
+        for i, res in self.events(items, self._settings_for(items, settings, overrides)):
             if isinstance(res, GenerationResult):
                 results[i] = res
         return results[0] if single else results
 
     @staticmethod
     def _settings_for(prompts, settings, overrides: dict) -> list[GenerationSettings]:
-        n = 1 if isinstance(prompts, str) else len(prompts)
+        n = 1 if isinstance(prompts, (str, Chat)) else len(prompts)
         if settings is None or isinstance(settings, GenerationSettings):
             base = [settings or GenerationSettings()] * n
         else:
@@ -218,34 +280,45 @@ class Ensemble:
             return base
         return [b.with_overrides(**overrides) for b in base]
 
-    def stream(self, prompt: str, **settings) -> Iterator[Segment]:
+    def stream(self, prompt: str | None = None, **settings) -> Iterator[Segment]:
         """Yield the answer's text round by round; the texts join to the final answer.
 
         One segment per round (its text may be empty while a possible stop
         string is held back), plus a last one for held-back text. The prompt
-        and the settings are checked when this is called; no slot is taken
-        before the first segment is asked for.
+        (or ``messages=``) and the settings are checked when this is called;
+        the request is submitted when the first segment is asked for, and a
+        consumer that stops reading (close, garbage collection) cancels it.
         """
         return _only_segments(self.stream_with_result(prompt, **settings))
 
-    def stream_with_result(self, prompt: str, **settings) -> Iterator[Segment | GenerationResult]:
+    def stream_with_result(self, prompt: str | None = None, **settings) -> Iterator[Segment | GenerationResult]:
         """:meth:`stream`, then the GenerationResult as the last item."""
-        if not isinstance(prompt, str):
+        messages = settings.pop("messages", None)
+        if messages is None and not isinstance(prompt, str):
             if isinstance(prompt, (list, tuple)):
                 raise SpecEMError("stream() takes one prompt string; use generate() for a list")
             _prompt_list(prompt)  # names what it is
-        st = self._settings_for(prompt, settings.pop("settings", None), settings)
-        return _release_segments(self.events(prompt, st), st[0].stop)
+        items, single = _inputs(prompt, messages)
+        if not single:
+            raise SpecEMError("stream() takes one conversation; use generate() for a list")
+        st = self._settings_for(items[0], settings.pop("settings", None), settings)
+        return _release_segments(self.events(items, st), st[0].stop)
 
     def events(self, prompts: str | Sequence[str], settings: Sequence[GenerationSettings]
                ) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
-        """Drive the rounds; yields (prompt index, RoundRecord) per accepted segment
-        and (prompt index, GenerationResult) when a request finishes.
+        """Run the prompts through the engine; yields (prompt index, RoundRecord) per
+        accepted segment and (prompt index, GenerationResult) when a request finishes.
 
         Prompts and settings are checked (and the prompts tokenized) when this
-        is called; slots are taken only while the result is iterated.
+        is called; the requests are submitted when the result is iterated.
+        Stopping early or an error cancels the call's unfinished requests (their
+        slots are free when the iterator is closed).
         """
-        prompts = _prompt_list(prompts)
+        return self._drive(self._prepare_all(prompts, settings))
+
+    def _prepare_all(self, prompts, settings) -> list:
+        prompts = prompts if isinstance(prompts, list) and all(isinstance(p, Chat) for p in prompts) and prompts \
+            else _prompt_list(prompts)
         if not prompts:
             raise SpecEMError("no prompts given")
         settings = list(settings)
@@ -253,46 +326,63 @@ class Ensemble:
             raise SpecEMError(f"{len(settings)} settings for {len(prompts)} prompts; give one per prompt")
         prepared = [self._prepare(p, st) + (st,) for p, st in zip(prompts, settings)]
         for st in settings:
-            self.weights.initial(st.init_weights)  # a missing prior is an error before any slot is taken
-        return self._drive(prepared)
+            self.weights.initial(st.init_weights)  # a missing prior is an error before anything is queued
+        return prepared
 
     def _drive(self, prepared: list) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
-        # Every slot this call takes is registered to `owner` in the same locked
-        # step that allocates it and given back by _release (once, by its owner):
-        # when a request finishes, or in the finally below on any exception at
-        # any point (open, a round's draft/verify/commit, close) or when the
-        # consumer stops iterating.
-        owner = object()
-        queue = deque(enumerate(prepared))
-        active: dict[int, tuple[int, Request]] = {}
+        # The engine owns the slots; this call owns its requests and cancels the
+        # unfinished ones on any exit (an error, or the consumer stopping).
+        events: queue.Queue = queue.Queue()
+        pending = deque(enumerate(prepared))
+        live = {}
         try:
-            while queue or active:
-                # One round at a time per ensemble (threads share the models and the
-                # cache); the lock is never held while the caller has the results.
-                with self._lock:
-                    if not active:
-                        self._wait_for_slots(1)
-                    while queue and self.cache.free_slots:
-                        i, (p, ids, st) = queue[0]
-                        slot = self._acquire(owner)
-                        req = self.scheduler.open(p, st, ids, self.weights.initial(st.init_weights), slot)
-                        queue.popleft()
-                        active[slot] = (i, req)
-                    index = {r.slot: i for i, r in active.values()}
-                    events = [(index[req.slot], rec) for req, rec in self.scheduler.round([r for _, r in active.values()])]
-                    for slot in [s for s, (_, r) in active.items() if r.stop_reason]:
-                        i, req = active[slot]
-                        res = self.scheduler.close(req)
-                        res.metadata = self.metadata
-                        if (req.settings.init_weights == "learned" and req.settings.hedge_lr is not None and any(rd.verified for rd in req.rounds)):
-                            self.weights.observe(req.weights)
-                        del active[slot]
-                        self._release(slot, owner)
-                        events.append((i, res))
-                yield from events
+            while pending or live:
+                while pending:
+                    i, (p, ids, st) = pending[0]
+                    try:
+                        h, _ = self.engine.submit(p, ids, st, sink=lambda ev, i=i: events.put((i, ev)))
+                    except QueueFullError:
+                        if live:  # a long list: the rest goes in as its first requests finish
+                            break
+                        raise
+                    pending.popleft()
+                    live[i] = h
+                i, ev = events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if isinstance(ev, GenerationResult):
+                    del live[i]
+                yield i, ev
         finally:
-            with self._lock:
-                self._release_all(owner)
+            for h in live.values():
+                self.engine.cancel(h.id)
+            for h in live.values():
+                if threading.current_thread() is not self.engine._thread:
+                    h.done.wait()
+
+    def cancel(self, request_id: int) -> None:
+        """Cancel an engine request by id (see :meth:`submit`); its slot is free within one round."""
+        self.engine.cancel(request_id)
+
+    def submit(self, prompt: str | None = None, *, messages=None, settings: GenerationSettings | None = None,
+               sink=None, **overrides):
+        """Queue one request without waiting (the building block of the fronts).
+
+        Returns ``(handle, events)``: ``handle.id`` for :meth:`cancel`, and, when
+        no ``sink`` callable is given, a ``queue.Queue`` that receives a
+        RoundRecord per round, then the GenerationResult or an exception.
+        Raises :class:`QueueFullError` when ``max_waiting`` requests wait.
+        """
+        items, single = _inputs(prompt, messages)
+        if not single:
+            raise SpecEMError("submit() takes one prompt or one conversation")
+        st = self._settings_for(items[0], settings, overrides)
+        (p, ids, st0), = self._prepare_all(items, st)
+        return self.engine.submit(p, ids, st0, sink)
+
+    def close(self) -> None:
+        """Cancel what runs or waits and stop the engine thread."""
+        self.engine.close()
 
     def _wait_for_slots(self, n: int) -> None:
         """Block (lock released) until n slots are free; refuse where only this thread could free them."""
@@ -335,9 +425,14 @@ class Ensemble:
         if error is not None:
             raise error
 
-    def _prepare(self, prompt: str, st: GenerationSettings, names: Sequence[str] | None = None) -> tuple[str, dict[str, list[int]]]:
-        _prompt_list(prompt)
-        ids = {n: self.runners[n].codec.prompt_ids(prompt) for n in (names or self.runners)}
+    def _prepare(self, prompt: str | Chat, st: GenerationSettings, names: Sequence[str] | None = None
+                 ) -> tuple[str, dict[str, list[int]]]:
+        if isinstance(prompt, Chat):
+            ids = {n: self.runners[n].codec.chat_ids(prompt) for n in (names or self.runners)}
+            prompt = prompt.text  # what the results report as the prompt
+        else:
+            _prompt_list(prompt)
+            ids = {n: self.runners[n].codec.prompt_ids(prompt) for n in (names or self.runners)}
         # Room for the prompt plus one round's packed candidates must exist up front.
         need_scratch = len(self.drafters) * (st.window + 4)
         for n, p in ids.items():
@@ -438,8 +533,8 @@ class Ensemble:
             self._release_all(owner)
         dt = time.perf_counter() - t0
         return [
-            SingleResult(runner.name, p, runner.codec.decode(n), len(n), r, dt, f)
-            for p, n, r, f in zip(prompts, new, reason, first_token)
+            SingleResult(runner.name, p, runner.codec.decode(n), len(n), r, dt, f, len(i))
+            for p, n, r, f, i in zip(prompts, new, reason, first_token, ids)
         ]
 
 

@@ -13,3 +13,11 @@ class SpecEMError(Exception):
 
 class CacheFullError(SpecEMError):
     """The KV-cache budget cannot hold what a request needs."""
+
+
+class QueueFullError(SpecEMError):
+    """The engine's waiting queue is full (``max_waiting`` requests wait); retry later (HTTP 429)."""
+
+
+class RequestCancelled(SpecEMError):
+    """The request was cancelled before it finished."""

@@ -46,6 +46,7 @@ class GenerationResult:
     timings: dict[str, float]  # draft_s, verify_s, commit_s, total_s, first_segment_s
     settings: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)  # kernel path, device, mode
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # the templated prompt's length in each model's tokens
 
     @property
     def wins(self) -> dict[str, int]:
@@ -79,6 +80,7 @@ class SingleResult:
     stop_reason: str
     seconds: float
     first_token_s: float
+    prompt_tokens: int = 0  # the templated prompt's length in the model's tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

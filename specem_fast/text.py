@@ -8,6 +8,7 @@ every model can extend its KV cache without re-tokenizing what it already has.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -20,6 +21,16 @@ _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "<
 # the template's own text ends and the user's begins (private-use characters that
 # no template adds or changes).
 _USER_SLOT = "\ue000specem-user-text\ue001"
+
+CHAT_ROLES = ("system", "user", "assistant")
+_PLAIN_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def plain_chat(messages) -> str:
+    """The documented rendering of a conversation for a model without a chat template:
+    ``"System: ...\\n\\nUser: ...\\n\\nAssistant: ...\\n\\nAssistant:"`` (one
+    ``Role: content`` block per message, blank lines between, ending with the cue)."""
+    return "".join(f"{_PLAIN_ROLE[role]}: {content}\n\n" for role, content in messages) + "Assistant:"
 
 
 def refuse_remote_code(folder: Path) -> None:
@@ -119,6 +130,69 @@ class TextCodec:
             self._encode(before, special=False, as_text=False)
             + self._encode(user, special=False, as_text=True)
             + self._encode(after, special=False, as_text=False)
+        )
+
+    def chat_ids(self, messages) -> list[int]:
+        """A conversation (``(role, content)`` pairs) as this model expects it: its chat
+        template with the assistant cue, or :func:`plain_chat` after BOS.
+
+        As in :meth:`prompt_ids`, every message's content is tokenized as text;
+        only the template's own markers are special tokens.
+        """
+        if not self.has_template:
+            return self._encode(plain_chat(messages), special=True, as_text=True)
+        pieces, contents = self._render_chat(messages)
+        text = "".join(p + c for p, c in zip(pieces, contents + [""]))
+        with self._lock:
+            enc = self.tok(text, add_special_tokens=False, split_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = enc["input_ids"], enc["offset_mapping"]
+        user_spans, pos = [], 0
+        for p, c in zip(pieces, contents):
+            pos += len(p)
+            user_spans.append((pos, pos + len(c)))
+            pos += len(c)
+        if not any(i in self._control_ids and s < hi and e > lo for i, (s, e) in zip(ids, spans)
+                   for lo, hi in user_spans):
+            return list(ids)
+        out: list[int] = []
+        for p, c in zip(pieces, contents + [""]):
+            out += self._encode(p, special=False, as_text=False) if p else []
+            out += self._encode(c, special=False, as_text=True) if c else []
+        return out
+
+    def _render_chat(self, messages) -> tuple[list[str], list[str]]:
+        """The rendered conversation as template pieces around each message's content
+        (as the template placed it, e.g. trimmed): pieces[0] c[0] pieces[1] ... pieces[n]."""
+
+        def render(contents) -> str:
+            return self.tok.apply_chat_template(
+                [{"role": r, "content": c} for (r, _), c in zip(messages, contents)],
+                tokenize=False, add_generation_prompt=True,
+            )
+
+        marks = [f"\ue000specem-message-{i}\ue001" for i in range(len(messages))]
+        try:
+            frame = render(marks)
+            text = render([c for _, c in messages])
+        except Exception as exc:  # jinja raises for conversations a template refuses
+            raise SpecEMError(f"this model's chat template refuses the conversation: {exc}") from None
+        pattern, rest = [], frame
+        for m in marks:
+            if rest.count(m) != 1:
+                break
+            before, rest = rest.split(m)
+            pattern.append(before)
+        else:
+            pattern.append(rest)
+            rx = "(.*?)".join(re.escape(p) for p in pattern)
+            got = re.fullmatch(rx, text, flags=re.DOTALL)
+            if got is not None:
+                contents = list(got.groups())
+                if all(g == c or g == c.strip() for g, (_, c) in zip(contents, messages)):
+                    return pattern, contents
+        raise SpecEMError(
+            "this model's chat template does not place each message as one piece of text, so the messages "
+            "cannot be kept apart from the template's control tokens; use a model folder with a plain chat template"
         )
 
     def _render(self, prompt: str) -> tuple[str, str, str]:
