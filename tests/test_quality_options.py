@@ -281,3 +281,19 @@ def test_default_dtype_follows_the_cpu(tmp_path):
     assert not runtime.bf16_in_cpuinfo(str(tmp_path / "missing"))
     assert runtime.resolve_dtype("cpu", "float32") == torch.float32
     assert runtime.resolve_dtype("cpu", None) == torch.float32  # the suite pins float32 (conftest)
+
+
+def test_eval_results_remember_the_prior_they_started_from(tiny, names, tmp_path):
+    from specem_fast.measure.evaluate import run_eval
+    from specem_fast.measure.datasets import EvalItem
+
+    items = [EvalItem(id="a", prompt="What is 2 plus 2?", answer="4", grader="number", dataset="d")]
+    kw = dict(out_path=tmp_path / "r.jsonl", dataset="d", progress=False, systems=["ensemble"],
+              settings={"max_new_tokens": 4, "window": 4, "init_weights": "prior"})
+    _reset_book(tiny)
+    tiny.set_prior_weights({names[0]: 0.5, names[1]: 0.25, names[2]: 0.25})
+    run_eval(tiny, items, **kw)
+    tiny.set_prior_weights({names[0]: 0.25, names[1]: 0.5, names[2]: 0.25})
+    with pytest.raises(SpecEMError, match="prior"):  # other weights: another run, not a resume
+        run_eval(tiny, items, **kw)
+    _reset_book(tiny)

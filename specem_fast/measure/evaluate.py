@@ -37,7 +37,7 @@ __all__ = ["ENSEMBLE", "FORMAT", "ResultsFile", "run_eval", "summarize", "format
 ENSEMBLE = "ensemble"
 FORMAT = "specem-fast-eval/1"
 # Header fields a resumed run must agree with.
-_IDENTITY = ("dataset", "seed", "settings", "models", "verifiers")
+_IDENTITY = ("dataset", "seed", "settings", "models", "verifiers", "prior")
 
 
 class ResultsFile:
@@ -230,6 +230,9 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
         "settings": sdict,
         "models": models,
         "verifiers": list(verifiers) if verifiers is not None else None,
+        # answers that start from prior weights depend on them (files without it read as None)
+        "prior": getattr(getattr(ensemble, "weights", None), "prior", None) if sdict.get("init_weights") == "prior"
+        else None,
     }
     if header is None:
         if results.path.parent and not results.path.parent.exists():
