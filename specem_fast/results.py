@@ -40,7 +40,7 @@ class GenerationResult:
     prompt: str
     text: str
     stop_reason: str  # "stop" (a stop token), "stop_string", "length", "fast_eos", "empty", "cache_full"
-    new_tokens: int  # answer length in the first model's tokens
+    new_tokens: int  # answer length in the lead drafter's tokens (the first drafter that has not exited)
     tokens_per_model: dict[str, int]  # answer length in each model's tokens
     rounds: list[RoundRecord]
     timings: dict[str, float]  # draft_s, verify_s, commit_s, total_s, first_segment_s

@@ -84,7 +84,6 @@ class Scheduler:
         self.verifiers = verifiers
         self.learners = [m for m in drafters if m in verifiers]
         self.cache = cache
-        self.first = drafters[0]
 
     # -- requests ---------------------------------------------------------------
     def open(self, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]],
@@ -111,7 +110,7 @@ class Scheduler:
             prompt=req.prompt,
             text=req.answer,
             stop_reason=req.stop_reason or "length",
-            new_tokens=counts[self.first],
+            new_tokens=counts[req.drafting[0]],
             tokens_per_model=counts,
             rounds=req.rounds,
             timings=timings,
@@ -254,11 +253,29 @@ class Scheduler:
             idx = feed
         for d, r in zip(drafts, reqs):
             text = runner.codec.decode(d.tokens)
-            d.text = text if d.ended_with_stop else trim_to_word_boundary(text)
-            d.own_ids = runner.codec.encode_segment(d.text) if d.text else []
+            if r.drafting == [m] and d.tokens and self._decodes_on(runner, r.seqs[m].ids, d.tokens, text):
+                # Drafting alone (the others exited, or one drafter): no other
+                # tokenizer has to start on this boundary, so the drafter keeps
+                # the exact ids it sampled, as if it decoded alone.
+                d.text, d.own_ids = text, list(d.tokens)
+            else:
+                d.text = text if d.ended_with_stop else trim_to_word_boundary(text)
+                d.own_ids = runner.codec.encode_segment(d.text) if d.text else []
             if r.slot not in recompute:
                 d.reuse = _common_prefix(d.own_ids, d.tokens[: d.fed])
         return drafts
+
+    @staticmethod
+    def _decodes_on(runner: ModelRunner, ids: list[int], new: list[int], text: str) -> bool:
+        """Whether ``new`` decodes to ``text`` after the sequence's last tokens too, so
+        the answer text stays the decode of the drafter's ids (a character split
+        across the boundary, or a decoder that drops a leading space, would not)."""
+        def raw(x: list[int]) -> str:
+            return runner.codec.tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        tail = ids[-8:]
+        joined = raw(tail + new)
+        return bool(text) and not joined.endswith("\ufffd") and joined == raw(tail) + text
 
     def _choose(self, logits: torch.Tensor, reqs: list[Request], m: str) -> list[int]:
         # Requests may differ in sampling settings: group rows by (temperature, top_p).
@@ -293,7 +310,8 @@ class Scheduler:
                 r.drafting.remove(m)
 
     def _window(self, r: Request) -> int:
-        done = len(r.seqs[self.first].ids) - r.seqs[self.first].prompt_len
+        lead = r.seqs[r.drafting[0]]
+        done = len(lead.ids) - lead.prompt_len
         return max(1, min(r.settings.window, r.settings.max_new_tokens - done))
 
     # -- verify ------------------------------------------------------------------
@@ -445,7 +463,7 @@ class Scheduler:
         if win.ended_with_stop:
             r.stop_reason = "stop"
             return
-        first = r.seqs[self.first]
+        first = r.seqs[r.drafting[0]]
         excess = len(first.ids) - first.prompt_len - st.max_new_tokens
         if excess >= 0:
             r.stop_reason = "length"
@@ -453,21 +471,21 @@ class Scheduler:
                 self._trim_to_budget(r, win, appended, excess)
 
     def _trim_to_budget(self, r: Request, win: Draft, appended: dict[str, int], excess: int) -> None:
-        """Cut the last segment so the answer is exactly max_new_tokens of the first model's tokens.
+        """Cut the last segment so the answer is exactly max_new_tokens of the lead drafter's tokens.
 
-        Another model's segment can be longer in the first model's tokens than
+        Another model's segment can be longer in the lead drafter's tokens than
         the window left. The request ends here, so the caches need no update.
         """
-        first = r.seqs[self.first]
-        seg = first.ids[len(first.ids) - appended[self.first] :]
+        first = r.seqs[r.drafting[0]]
+        seg = first.ids[len(first.ids) - appended[r.drafting[0]] :]
         keep = seg[: len(seg) - excess]
-        text = self.runners[self.first].codec.decode(keep)
+        text = self.runners[r.drafting[0]].codec.decode(keep)
         if not win.text.startswith(text):  # this tokenizer's prefix does not decode to a text prefix
             return
         r.answer = r.answer[: len(r.answer) - len(win.text)] + text
         for m, s in r.seqs.items():
             del s.ids[len(s.ids) - appended[m] :]
-            s.ids += keep if m == self.first else self.runners[m].codec.encode_segment(text)
+            s.ids += keep if m == r.drafting[0] else self.runners[m].codec.encode_segment(text)
 
 
 def _same_text_draft(drafts: list[Draft], m: str, win: Draft) -> Draft | None:

@@ -297,3 +297,18 @@ def test_eval_results_remember_the_prior_they_started_from(tiny, names, tmp_path
     with pytest.raises(SpecEMError, match="prior"):  # other weights: another run, not a resume
         run_eval(tiny, items, **kw)
     _reset_book(tiny)
+
+
+def test_a_drafter_left_alone_writes_what_it_writes_alone(tiny, names):
+    """After the others exit, the last drafter keeps its exact sampled ids (no word-boundary
+    cut, no re-encoding), so the answer is the one it writes decoding alone."""
+    _reset_book(tiny)
+    tiny.set_prior_weights({names[0]: 0.1, names[1]: 0.8, names[2]: 0.1})
+    for prompt in PROMPTS:
+        res = tiny.generate(prompt, max_new_tokens=30, window=4, init_weights="prior",
+                            exit_threshold=0.2, exit_patience=1)
+        assert all(rd.drafters == [names[1]] for rd in res.rounds)
+        alone = tiny.generate_single(names[1], prompt, max_new_tokens=30)
+        assert res.text == alone.text
+        assert res.tokens_per_model[names[1]] == alone.new_tokens
+    _reset_book(tiny)
