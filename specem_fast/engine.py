@@ -16,8 +16,10 @@ cancelled, or when anything in its life raises, before its last event is sent.
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -29,6 +31,8 @@ from .scheduler import Request
 
 if TYPE_CHECKING:
     from .ensemble import Ensemble
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,10 +48,19 @@ class Handle:
     slot: int | None = None
     req: Request | None = None
 
+    def send(self, ev: object) -> None:
+        """Hand one event to the caller; a failing sink (a closed event loop) must not end the engine loop."""
+        try:
+            self.sink(ev)
+        except Exception:  # noqa: BLE001
+            log.exception("the event sink of request %d failed; its events are dropped", self.id)
+
     def finish(self, ev: object) -> None:
         """The last event (result or exception); after the slot went back."""
-        self.sink(ev)
-        self.done.set()
+        try:
+            self.send(ev)
+        finally:
+            self.done.set()
 
 
 class EngineCore:
@@ -73,6 +86,8 @@ class EngineCore:
         self._owner = object()  # the engine's slots, in Ensemble._holders
         # rounds run, rounds that served more than one request, most requests in one round
         self.stats = {"rounds": 0, "batched_rounds": 0, "max_running": 0}
+        # called on the engine thread after every round with (requests in it, seconds); for metrics
+        self.round_listeners: list[Callable[[int, float], None]] = []
 
     # -- callers ---------------------------------------------------------------
     def submit(self, prompt: str, ids: dict[str, list[int]], settings: GenerationSettings,
@@ -195,6 +210,7 @@ class EngineCore:
             if not running:
                 return
             by_slot = {h.slot: h for h in running}
+            t0 = time.perf_counter()
             try:
                 events = list(ens.scheduler.round([h.req for h in running]))
             except Exception as exc:  # noqa: BLE001 - the round's state is unknown: every request in it ends
@@ -204,8 +220,14 @@ class EngineCore:
             self.stats["rounds"] += 1
             self.stats["batched_rounds"] += len(running) > 1
             self.stats["max_running"] = max(self.stats["max_running"], len(running))
+            seconds = time.perf_counter() - t0
+            for listener in self.round_listeners:
+                try:
+                    listener(len(running), seconds)
+                except Exception:  # noqa: BLE001 - a metrics hook must not stop the engine
+                    log.exception("a round listener failed")
             for req, rec in events:
-                by_slot[req.slot].sink(rec)
+                by_slot[req.slot].send(rec)
             for h in running:
                 if h.req.stop_reason:
                     self._finish(h)

@@ -13,7 +13,7 @@ from typing import NoReturn
 
 from ..errors import SpecEMError
 
-SUBCOMMANDS = ("generate", "models", "bench", "eval", "calibrate", "plot")
+SUBCOMMANDS = ("generate", "serve", "models", "bench", "eval", "calibrate", "plot")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -129,7 +129,7 @@ def check_writable(path: str | None, option: str) -> None:
         raise SpecEMError(f"cannot write {option} {path!r}: permission denied")
 
 
-def load_ensemble(args: argparse.Namespace, max_batch: int = 1):
+def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int = 256):
     from .. import Ensemble
     from ..registry import DEFAULT_MODELS
 
@@ -146,4 +146,5 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1):
         flash_attn=args.flash_attn,
         progress=True,
         weights=getattr(args, "weights", None),
+        max_waiting=max_waiting,
     )

@@ -1,0 +1,98 @@
+"""`specem-fast serve`: the ensemble behind an OpenAI-compatible HTTP API (uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+
+from ..errors import SpecEMError
+from .options import add_generation_args, add_model_args, load_ensemble, settings_from_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve the ensemble over an OpenAI-compatible HTTP API",
+        description="Serve the ensemble over HTTP: POST /v1/chat/completions and /v1/completions (OpenAI format, "
+                    "SSE streaming), GET /v1/models, /health and /metrics (Prometheus). The generation options "
+                    "below are the defaults of every request; a request's own fields override them.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--served-model-name", default="specem-fast", metavar="NAME",
+                   help="the model id clients pass as `model` (default specem-fast)")
+    p.add_argument("--api-key", default=os.environ.get("SPECEM_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECEM_API_KEY, else no key)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests that run together (default 8)")
+    p.add_argument("--max-waiting", type=int, default=256,
+                   help="requests that may wait for a slot; beyond it a request gets 429 (default 256)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, running requests get S seconds to finish before they are cancelled "
+                        "(default 30)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed of requests that give none (default 0)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    add_model_args(p)
+    add_generation_args(p)
+    p.set_defaults(func=run)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind the port before any model loads, so a taken port is a quick, clear error."""
+    if not 0 <= port <= 65535:
+        raise SpecEMError(f"--port must be in 0-65535 (got {port})")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise SpecEMError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise SpecEMError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port or --host") from None
+    sock.listen(2048)
+    return sock
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..server import create_app
+    except ImportError as exc:
+        raise SpecEMError(f"serving needs the serve extra ({exc.name} is not installed): "
+                          "pip install 'specem-fast[serve]'") from None
+    from ..config import GenerationSettings
+
+    if args.shutdown_timeout < 0:
+        raise SpecEMError(f"--shutdown-timeout must be >= 0 seconds (got {args.shutdown_timeout})")
+    if args.max_batch < 1:
+        raise SpecEMError(f"--max-batch must be >= 1 (got {args.max_batch})")
+    if args.api_key is not None and not args.api_key.strip():
+        raise SpecEMError("--api-key is empty; give a key or leave the option out")
+    defaults = GenerationSettings().with_overrides(**settings_from_args(args))  # before any model loads
+    sock = _listen(args.host, args.port)
+    try:
+        ens = load_ensemble(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        app = create_app(ens, model_name=args.served_model_name, api_key=args.api_key, defaults=defaults,
+                         shutdown_grace=args.shutdown_timeout)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout + 2,
+                                lifespan="on")
+        server = uvicorn.Server(config)
+        host, port = sock.getsockname()[:2]
+        print(f"specem-fast: serving {args.served_model_name!r} ({', '.join(ens.model_names)}) on "
+              f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+        # uvicorn re-raises the signal it stopped on once it has shut down; with this
+        # handler in place SIGTERM ends in a clean exit 0 instead of a kill
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        server.run(sockets=[sock])
+    finally:
+        ens.close()
+        sock.close()
+    return 0
