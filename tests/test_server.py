@@ -289,6 +289,26 @@ def test_concurrent_http_clients_are_batched_and_exact(ens, client):
     assert idle(ens)
 
 
+def test_load_test_smoke(ens):
+    """benchmarks/load_test.py on the tiny models: 1 and 2 streaming clients, GSM8K prompts."""
+    import importlib.util
+    from pathlib import Path
+
+    from specem_fast.measure.datasets import load_gsm8k
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "load_test.py"
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    report = lt.run_load(ens, [it.prompt for it in load_gsm8k(2)], [1, 2], max_tokens=8, per_client=1,
+                         time_limit=120, log=lambda s: None)
+    assert report["ok"], report
+    assert [r["clients"] for r in report["levels"]] == [1, 2]
+    assert all(r["tokens"] == 8 * r["requests"] and r["tokens_per_s"] > 0 for r in report["levels"])
+    assert lt.percentile([3.0, 1.0, 2.0], 50) == 2.0 and lt.percentile([1.0, 2.0], 95) == 2.0
+    assert idle(ens)
+
+
 # -- the command ---------------------------------------------------------------------------
 def test_serve_refuses_a_taken_port_before_loading(capsys):
     from specem_fast.cli import main
