@@ -217,6 +217,22 @@ def test_unknown_model_prompt_too_long_and_bad_json(ens, client, server):
     assert idle(ens)
 
 
+def test_an_engine_failure_is_a_500_or_an_error_event_in_the_stream(ens, server, monkeypatch):
+    def broken(reqs):
+        raise RuntimeError("verify exploded")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(ens.scheduler, "round", broken)
+    r = post(server, "/v1/chat/completions", {"messages": M})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "RuntimeError: verify exploded" in r.json()["error"]["message"]
+    r = post(server, "/v1/chat/completions", {"messages": M, "stream": True})
+    data = sse_data(r.text)
+    assert r.status_code == 200 and data[-1] == "[DONE]" and "verify exploded" in json.loads(data[-2])["error"]["message"]
+    monkeypatch.undo()
+    assert idle(ens)
+
+
 def test_a_full_queue_is_a_429_with_retry_after(ens, client, server):
     running = [ens.submit("Tell me a long story.", max_new_tokens=200, window=4) for _ in range(2)]
     try:

@@ -213,6 +213,9 @@ class _Service:
         chat = isinstance(body, ChatCompletionRequest)
         field = "messages" if chat else "prompt"
         self._check_model(body.model)
+        if self.ensemble.engine._stop:
+            raise APIError(503, "the engine is closed (the server is shutting down); retry on another server",
+                           "server_error", code="shutting_down")
         try:
             settings = self.defaults.with_overrides(**body.overrides())
         except SpecEMError as exc:
