@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/ablation_gsm8k.sh calibrate   # members alone on GSM8K 300-399 -> prior weights
 #   bash benchmarks/ablation_gsm8k.sh ablation    # first 60 items: reference (+ members), each option alone
-#   bash benchmarks/ablation_gsm8k.sh final       # first 200 items and 60 IFBench prompts
+#   bash benchmarks/ablation_gsm8k.sh final       # first 200 items and 60 IFBench prompts:
+#                                                 # members alone, then the recommended setting
 #
 # OMP_NUM_THREADS=1: on the 2-core development VMs one thread per process was
 # faster than two (benchmarks/RESULTS.md); run two steps side by side instead.
@@ -33,7 +34,17 @@ case "${1:-}" in
     ens prior --weights "$W" --init-weights prior
     ens prior-exit --weights "$W" --init-weights prior --exit-threshold 0.2 --exit-patience 2 --skip-agreed ;;
   final)
-    echo "fill in the best combination from the ablation table first" >&2; exit 2 ;;
+    # Members alone (the first 26 items' answers were carried over from the
+    # reference run's file: same settings, float32 greedy is batch-independent).
+    MEMBERS=smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,gemma3-270m
+    P46=$E/weights-gsm8k-dev-partial46.json
+    PRIOR_EXIT=(--weights "$P46" --init-weights prior --exit-threshold 0.2 --exit-patience 2 --skip-agreed)
+    run gsm8k --limit 200 --batch 25 --systems "$MEMBERS" --out "$E/gsm8k200-members.jsonl"
+    run gsm8k --limit 200 --batch 25 --no-singles "${PRIOR_EXIT[@]}" \
+      --out "$E/gsm8k200-prior-exit.jsonl" --trace "$E/gsm8k200-prior-exit.trace.jsonl"
+    run ifbench --limit 60 --batch 20 --systems "$MEMBERS" --out "$E/ifbench60-members.jsonl"
+    run ifbench --limit 60 --batch 20 --no-singles "${PRIOR_EXIT[@]}" \
+      --out "$E/ifbench60-prior-exit.jsonl" --trace "$E/ifbench60-prior-exit.trace.jsonl" ;;
   *)
     echo "usage: $0 calibrate|ablation|final" >&2; exit 2 ;;
 esac
