@@ -8,6 +8,9 @@ segment, then the ``GenerationResult``, or an exception). Requests join and
 leave between rounds; a request's answer does not depend on what else runs
 (the rounds keep requests independent), so batching never changes an answer.
 
+Single-model requests (``Ensemble.generate_single``, the baseline) are requests
+of the same loop: each round also feeds every one of them one token.
+
 Slots are taken and given back only through ``Ensemble._acquire/_release``
 under the ensemble's lock: a request's slot comes back when it finishes, is
 cancelled, or when anything in its life raises, before its last event is sent.
@@ -47,6 +50,9 @@ class Handle:
     done: threading.Event = field(default_factory=threading.Event)
     slot: int | None = None
     req: Request | None = None
+    # a single-model request (``Ensemble.generate_single``): its decode state, advanced
+    # one token per engine round by ``Ensemble._single_step``; None for ensemble requests
+    single: object | None = None
 
     def send(self, ev: object) -> None:
         """Hand one event to the caller; a failing sink (a closed event loop) must not end the engine loop."""
@@ -110,6 +116,31 @@ class EngineCore:
             self._start()
             self._mu.notify_all()
         return h, q
+
+    def submit_many(self, items: list[tuple[str, dict, GenerationSettings, Callable[[object], None], object]]
+                    ) -> list[Handle]:
+        """Queue several prepared requests at once ``(prompt, ids, settings, sink, single)``,
+        so that free slots admit them together (one prefill forward for single-model
+        requests, as one call's prompts always had). Queues as many as ``max_waiting``
+        allows and returns their handles; none fitting raises :class:`QueueFullError`."""
+        out = []
+        with self._mu:
+            if self._stop:
+                raise SpecEMError("the engine is closed; build a new Ensemble")
+            for prompt, ids, settings, sink, single in items:
+                if len(self._waiting) >= self.max_waiting:
+                    break
+                h = Handle(next(self._ids), prompt, ids, settings, sink, single=single)
+                self._waiting.append(h)
+                out.append(h)
+            if not out:
+                raise QueueFullError(
+                    f"the engine's waiting queue is full ({self.max_waiting} requests wait for a slot); "
+                    "retry later, or raise max_waiting / max_batch"
+                )
+            self._start()
+            self._mu.notify_all()
+        return out
 
     def cancel(self, request_id: int, wait: bool = False) -> None:
         """Stop a request: a waiting one leaves the queue, a running one gives its slot
@@ -206,31 +237,62 @@ class EngineCore:
                 running = list(self._running.values())
                 starved = not running and bool(self._waiting) and not self._stop
             if starved:
-                ens._lock.wait(0.05)  # every slot is held elsewhere (generate_single): wait for one
+                ens._lock.wait(0.05)  # every slot is held outside the engine: wait for one
             if not running:
                 return
-            by_slot = {h.slot: h for h in running}
-            t0 = time.perf_counter()
-            try:
-                events = list(ens.scheduler.round([h.req for h in running]))
-            except Exception as exc:  # noqa: BLE001 - the round's state is unknown: every request in it ends
-                for h in running:
-                    self._end(h, exc)
-                return
-            self.stats["rounds"] += 1
-            self.stats["batched_rounds"] += len(running) > 1
-            self.stats["max_running"] = max(self.stats["max_running"], len(running))
-            seconds = time.perf_counter() - t0
-            for listener in self.round_listeners:
-                try:
-                    listener(len(running), seconds)
-                except Exception:  # noqa: BLE001 - a metrics hook must not stop the engine
-                    log.exception("a round listener failed")
-            for req, rec in events:
-                by_slot[req.slot].send(rec)
+            rounds = [h for h in running if h.single is None]
+            singles = [h for h in running if h.single is not None]
+            if rounds:
+                self._round(rounds)
+            if singles:
+                self._decode(singles)
+
+    def _round(self, running: list[Handle]) -> None:
+        """One ensemble round over every running ensemble request (lock held)."""
+        ens = self.ens
+        by_slot = {h.slot: h for h in running}
+        t0 = time.perf_counter()
+        try:
+            events = list(ens.scheduler.round([h.req for h in running]))
+        except Exception as exc:  # noqa: BLE001 - the round's state is unknown: every request in it ends
             for h in running:
-                if h.req.stop_reason:
-                    self._finish(h)
+                self._end(h, exc)
+            return
+        self.stats["rounds"] += 1
+        self.stats["batched_rounds"] += len(running) > 1
+        self.stats["max_running"] = max(self.stats["max_running"], len(running))
+        seconds = time.perf_counter() - t0
+        for listener in self.round_listeners:
+            try:
+                listener(len(running), seconds)
+            except Exception:  # noqa: BLE001 - a metrics hook must not stop the engine
+                log.exception("a round listener failed")
+        for req, rec in events:
+            by_slot[req.slot].send(rec)
+        for h in running:
+            if h.req.stop_reason:
+                self._finish(h)
+
+    def _decode(self, singles: list[Handle]) -> None:
+        """One token for every running single-model request (lock held): one step per
+        member and sampling setting, so a failure ends only that group's requests."""
+        groups: dict[tuple, list[Handle]] = {}
+        for h in singles:
+            groups.setdefault(h.single.group, []).append(h)
+        for group in groups.values():
+            try:
+                self.ens._single_step([h.single for h in group])
+            except Exception as exc:  # noqa: BLE001 - the group's state is unknown: its requests end
+                for h in group:
+                    self._end(h, exc)
+                continue
+            for h in group:
+                if h.single.stop_reason:
+                    try:
+                        res = self.ens._single_result(h.prompt, h.single)
+                    except Exception as exc:  # noqa: BLE001
+                        res = exc
+                    self._end(h, res)
 
     def _admit(self) -> None:
         ens = self.ens
@@ -243,6 +305,9 @@ class EngineCore:
             try:
                 h.slot = ens._acquire(self._owner)
                 st = h.settings
+                if h.single is not None:
+                    h.single.slot = h.slot  # prefilled at its first decode step
+                    continue
                 h.req = ens.scheduler.open(h.prompt, st, h.ids, ens.weights.initial(st.init_weights), h.slot)
             except Exception as exc:  # noqa: BLE001 - this request ends, the others run
                 self._end(h, exc)

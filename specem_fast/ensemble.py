@@ -6,7 +6,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
@@ -33,6 +33,29 @@ class Segment:
     text: str
     model: str
     round: RoundRecord
+
+
+@dataclass(eq=False)
+class _Single:
+    """A single-model request's decode state (``generate_single``); the engine loop
+    advances it one token per round through :meth:`Ensemble._single_step`."""
+
+    runner: ModelRunner
+    ids: list[int]  # the templated prompt
+    settings: GenerationSettings
+    ignore_eos: bool
+    t0: float  # when the call started: timings count from there, as the baseline always did
+    gen: torch.Generator | None
+    slot: int | None = None
+    fed: bool = False  # prompt prefilled
+    new: list[int] = field(default_factory=list)
+    first_token_s: float = 0.0
+    stop_reason: str | None = None
+
+    @property
+    def group(self) -> tuple:
+        """Requests decoded in one forward: same member, same sampling."""
+        return self.runner.name, self.settings.temperature, self.settings.top_p
 
 
 class _Releaser:
@@ -329,28 +352,42 @@ class Ensemble:
             self.weights.initial(st.init_weights)  # a missing prior is an error before anything is queued
         return prepared
 
-    def _drive(self, prepared: list) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
+    def _submit_each(self, items: list, sink_for) -> list:
+        """Submit ensemble requests one by one; as many as the waiting queue takes."""
+        handles = []
+        for i, (p, ids, st) in items:
+            try:
+                h, _ = self.engine.submit(p, ids, st, sink=sink_for(i))
+            except QueueFullError:
+                if handles:
+                    break
+                raise
+            handles.append(h)
+        return handles
+
+    def _drive(self, prepared: list, submit=None) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
         # The engine owns the slots; this call owns its requests and cancels the
         # unfinished ones on any exit (an error, or the consumer stopping).
         events: queue.Queue = queue.Queue()
         pending = deque(enumerate(prepared))
         live = {}
+        # ``submit(items, sink_for) -> handles`` queues a prefix of the pending items.
+        submit = submit or self._submit_each
         try:
             while pending or live:
-                while pending:
-                    i, (p, ids, st) = pending[0]
+                if pending:
                     try:
-                        h, _ = self.engine.submit(p, ids, st, sink=lambda ev, i=i: events.put((i, ev)))
+                        handles = submit(list(pending), lambda i: (lambda ev: events.put((i, ev))))
                     except QueueFullError:
-                        if live:  # a long list: the rest goes in as its first requests finish
-                            break
-                        raise
-                    pending.popleft()
-                    live[i] = h
+                        if not live:
+                            raise
+                        handles = []  # a long list: the rest goes in as its first requests finish
+                    for h in handles:
+                        live[pending.popleft()[0]] = h
                 i, ev = events.get()
                 if isinstance(ev, BaseException):
                     raise ev
-                if isinstance(ev, GenerationResult):
+                if not isinstance(ev, RoundRecord):  # the request's last event
                     del live[i]
                 yield i, ev
         finally:
@@ -384,19 +421,6 @@ class Ensemble:
         """Cancel what runs or waits and stop the engine thread."""
         self.engine.close()
 
-    def _wait_for_slots(self, n: int) -> None:
-        """Block (lock released) until n slots are free; refuse where only this thread could free them."""
-        if n > self.cache.num_slots:
-            raise SpecEMError(f"{n} slots asked for at once, but max_batch is {self.cache.num_slots}")
-        while self.cache.free_slots < n:
-            me = threading.get_ident()
-            if all(t == me for t, _ in self._holders.values()):
-                raise SpecEMError(
-                    f"all {self.cache.num_slots} request slots are held by unfinished generations of this thread "
-                    "(an open stream?); finish or close them first, or raise max_batch"
-                )
-            self._lock.wait()
-
     def _acquire(self, owner: object) -> int:
         """Take a free slot for ``owner`` (call with the lock held)."""
         slot = self.cache.allocate()
@@ -413,17 +437,6 @@ class Ensemble:
             self.cache.free(slot)
         finally:
             self._lock.notify_all()
-
-    def _release_all(self, owner: object) -> None:
-        """Give back every slot ``owner`` still holds; each is attempted even if one fails."""
-        error = None
-        for slot in [s for s, (_, o) in self._holders.items() if o is owner]:
-            try:
-                self._release(slot, owner)
-            except Exception as exc:  # noqa: BLE001 - the others must still come back
-                error = error or exc
-        if error is not None:
-            raise error
 
     def _prepare(self, prompt: str | Chat, st: GenerationSettings, names: Sequence[str] | None = None
                  ) -> tuple[str, dict[str, list[int]]]:
@@ -468,7 +481,10 @@ class Ensemble:
     ) -> SingleResult | list[SingleResult]:
         """Plain autoregressive decoding with one member (same template, same runtime).
 
-        ``seed`` may be a list with one seed per prompt.
+        ``seed`` may be a list with one seed per prompt. The prompts are requests of
+        the engine loop like any other (one token per round, batched with the other
+        single-model requests of this member and sampling setting), so they share
+        the slots, the waiting queue and cancellation with ensemble requests.
         """
         if model not in self.runners:
             raise SpecEMError(f"{model!r} is not part of this ensemble ({', '.join(self.runners)})")
@@ -482,60 +498,59 @@ class Ensemble:
         sts = [GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=s)
                for s in seeds]
         runner = self.runners[model]
-        out: list[SingleResult] = []
-        for start in range(0, len(plist), self.config.max_batch):
-            end = start + self.config.max_batch
-            with self._lock:
-                out += self._decode_alone(runner, plist[start:end], sts[start:end], ignore_eos)
+        t0 = time.perf_counter()
+        prepared = [self._prepare(p, st, [model]) + (st,) for p, st in zip(plist, sts)]  # refused before queueing
+
+        def submit(items: list, sink_for) -> list:
+            # one call's prompts are queued together, so free slots take them into one prefill
+            return self.engine.submit_many([
+                (p, ids, st, sink_for(i),
+                 _Single(runner, ids[model], st, ignore_eos, t0,
+                         None if st.greedy else torch.Generator().manual_seed(st.seed)))
+                for i, (p, ids, st) in items])
+
+        out: list = [None] * len(plist)
+        for i, res in self._drive(prepared, submit):
+            out[i] = res
         return out[0] if single else out
 
     @torch.inference_mode()
-    def _decode_alone(self, runner: ModelRunner, prompts: list[str], sts: list[GenerationSettings], ignore_eos: bool):
-        t0 = time.perf_counter()
-        st = sts[0]  # the batch shares everything but the seed
-        ids = [self._prepare(p, st, [runner.name])[1][runner.name] for p in prompts]
-        owner = object()  # see _drive: every slot taken here comes back in the finally
-        try:
-            self._wait_for_slots(len(prompts))
-            slots = [self._acquire(owner) for _ in prompts]
-            gens = [None if st.greedy else torch.Generator().manual_seed(x.seed) for x in sts]
-            h = runner.forward([Run(s, p, 0, 0, 0) for s, p in zip(slots, ids)])
-            ends = torch.tensor([len(p) for p in ids]).cumsum(0) - 1
-            last = h[ends]
-            for s, p in zip(slots, ids):
-                runner.cache.append(s, len(p))
-            new = [[] for _ in prompts]
-            first_token = [0.0] * len(prompts)
-            reason = ["length"] * len(prompts)
-            live = list(range(len(prompts)))
-            while live:
-                toks = choose_tokens(runner.logits(last), st.temperature, st.top_p, [gens[i] for i in live])
-                feed = []
-                for i, tok in zip(live, toks):
-                    if not new[i]:
-                        first_token[i] = time.perf_counter() - t0
-                    if tok in runner.codec.stop_ids and not ignore_eos:
-                        reason[i] = "stop"
-                        continue
-                    new[i].append(tok)
-                    if len(new[i]) >= st.max_new_tokens:
-                        continue
-                    if len(ids[i]) + len(new[i]) > runner.cache.capacity:
-                        reason[i] = "cache_full"  # this token has no cache room to be fed: end here
-                        continue
-                    feed.append(i)
-                if not feed:
-                    break
-                pos = [runner.cache.append(slots[i], 1) for i in feed]
-                last = runner.forward([Run(slots[i], [new[i][-1]], p, p, p) for i, p in zip(feed, pos)])
-                live = feed
-        finally:
-            self._release_all(owner)
-        dt = time.perf_counter() - t0
-        return [
-            SingleResult(runner.name, p, runner.codec.decode(n), len(n), r, dt, f, len(i))
-            for p, n, r, f, i in zip(prompts, new, reason, first_token, ids)
-        ]
+    def _single_step(self, states: list[_Single]) -> None:
+        """One token for single-model requests of one member and one sampling setting
+        (called by the engine loop, lock held): new requests are prefilled in one
+        forward, the others fed their last token in another, then each forward's rows
+        choose their next tokens. A request that ends gets its ``stop_reason``."""
+        runner, st = states[0].runner, states[0].settings
+        chunks = []
+        fresh = [s for s in states if not s.fed]
+        if fresh:
+            h = runner.forward([Run(s.slot, s.ids, 0, 0, 0) for s in fresh])
+            ends = torch.tensor([len(s.ids) for s in fresh]).cumsum(0) - 1
+            for s in fresh:
+                runner.cache.append(s.slot, len(s.ids))
+                s.fed = True
+            chunks.append((fresh, h[ends]))
+        going = [s for s in states if s not in fresh]
+        if going:
+            pos = [runner.cache.append(s.slot, 1) for s in going]
+            chunks.append((going, runner.forward([Run(s.slot, [s.new[-1]], p, p, p) for s, p in zip(going, pos)])))
+        for group, last in chunks:
+            toks = choose_tokens(runner.logits(last), st.temperature, st.top_p, [s.gen for s in group])
+            for s, tok in zip(group, toks):
+                if not s.new:
+                    s.first_token_s = time.perf_counter() - s.t0
+                if tok in runner.codec.stop_ids and not s.ignore_eos:
+                    s.stop_reason = "stop"
+                    continue
+                s.new.append(tok)
+                if len(s.new) >= s.settings.max_new_tokens:
+                    s.stop_reason = "length"
+                elif len(s.ids) + len(s.new) > runner.cache.capacity:
+                    s.stop_reason = "cache_full"  # this token has no cache room to be fed: end here
+
+    def _single_result(self, prompt: str, s: _Single) -> SingleResult:
+        return SingleResult(s.runner.name, prompt, s.runner.codec.decode(s.new), len(s.new), s.stop_reason,
+                            time.perf_counter() - s.t0, s.first_token_s, len(s.ids))
 
 
 def _name_list(value: Sequence[str] | str, what: str) -> list[str]:
