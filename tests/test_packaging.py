@@ -32,11 +32,13 @@ def test_dependencies_are_ranges_and_pins_live_in_constraints():
         if line.strip() and not line.startswith("#")
     )
     assert pins["torch"] == "2.13.0" and pins["transformers"].startswith("5.")
-    for extra in ("fetch", "eval", "dev"):
+    assert {"fastapi", "uvicorn", "sse-starlette", "prometheus-client"} <= {
+        re.split(r"[<>=]", d)[0] for d in extras["serve"]}
+    for extra in ("fetch", "eval", "dev", "serve"):
         for d in extras[extra]:
             assert re.split(r"[<>=;]", d)[0].strip() in pins, d
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert "-c constraints.txt" in setup and "fetch" in setup and "eval" in setup
+    assert "-c constraints.txt" in setup and "fetch" in setup and "eval" in setup and "serve" in setup
     assert "ruff check" in (ROOT / ".ci" / "run").read_text()
 
 
