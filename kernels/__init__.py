@@ -13,9 +13,11 @@ import os
 import torch
 
 from .reference import (
+    ReferencePlan,
     SegmentScores,
     branch_attention_lse_reference,
     branch_attention_reference,
+    plan_branch_attention_reference,
     segment_score_reference,
     segment_score_torch,
     visibility_mask,
@@ -24,8 +26,15 @@ from .reference import (
 # Triton kernels. These modules import triton inside a guard, so this import
 # works where triton is missing (macOS); calling a kernel then raises.
 # TRITON_INTERPRET=1 (CPU interpreter) must be set before this import.
-from .branch_attention import BranchAttentionPlan, branch_attention, plan_branch_attention
-from .cascade import CascadePlan, cascade_attention, plan_cascade_attention, prefix_backend
+from .branch_attention import BranchAttentionPlan, branch_attention, plan_branch_attention, plan_branch_attention_host
+from .decode import decode_attention
+from .cascade import (
+    CascadePlan,
+    cascade_attention,
+    plan_cascade_attention,
+    plan_cascade_attention_host,
+    prefix_backend,
+)
 from .segment_score import HAS_TRITON, _interpreting, segment_score, segment_score_grouped
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
@@ -74,13 +83,18 @@ __all__ = [
     "KERNEL_CHOICES",
     "BranchAttentionPlan",
     "CascadePlan",
+    "ReferencePlan",
     "SegmentScores",
     "branch_attention",
     "branch_attention_lse_reference",
     "branch_attention_reference",
     "cascade_attention",
+    "decode_attention",
     "plan_branch_attention",
+    "plan_branch_attention_host",
+    "plan_branch_attention_reference",
     "plan_cascade_attention",
+    "plan_cascade_attention_host",
     "prefix_backend",
     "segment_score",
     "segment_score_grouped",

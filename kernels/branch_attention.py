@@ -35,7 +35,8 @@ import torch
 
 from ._triton import HAS_TRITON, cdiv as _cdiv, is_interpreted, next_pow2 as _next_pow2, num_sms, require_triton, tl, triton
 
-__all__ = ["BranchAttentionConfig", "BranchAttentionPlan", "branch_attention", "plan_branch_attention"]
+__all__ = ["BranchAttentionConfig", "BranchAttentionPlan", "branch_attention", "plan_branch_attention",
+           "plan_branch_attention_host"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -351,24 +352,51 @@ def plan_branch_attention(
     """Group queries by slot into blocks and check index values (one sync).
 
     Only q's and k_cache's shapes are used, so one plan serves every layer.
+    Where the index values are known on the host (the engine builds them
+    there), :func:`plan_branch_attention_host` makes the same plan without the
+    sync.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError("q must be a [T, Hq, D] tensor")
     if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
         raise ValueError("k_cache must be a [S, Hkv, Lmax, D] tensor")
-    if k_cache.shape[1] < 1 or q.shape[1] % k_cache.shape[1]:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[1]})")
     for name, t in (("slot", slot), ("qpos", qpos), ("prefix_len", prefix_len), ("branch_start", branch_start)):
         if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.shape != (q.shape[0],):
             raise ValueError(f"{name} must be an int32/int64 tensor of shape [T={q.shape[0]}]")
-    t_, hq, d = q.shape
-    s_, hkv, lmax, _ = k_cache.shape
-    group = hq // hkv
-    if block_r is None:
-        block_r = _default_config(d, q.device, q.dtype).block_r
-    block_r = max(block_r, _next_pow2(group), 16)
     idx = torch.stack([slot.long(), qpos.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
-    sl, qp, pl, bs = idx
+    return plan_branch_attention_host(*idx, num_heads=q.shape[1], k_shape=tuple(k_cache.shape), dtype=q.dtype,
+                                      device=q.device, block_r=block_r)
+
+
+def plan_branch_attention_host(
+    slot,
+    qpos,
+    prefix_len,
+    branch_start,
+    *,
+    num_heads: int,
+    k_shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    block_r: int | None = None,
+) -> BranchAttentionPlan:
+    """:func:`plan_branch_attention` from host-side index values (sequences of ints).
+
+    The FlashInfer plan/run split: the engine knows where every token goes
+    before the forward, so the plan costs no device->host read; ``k_shape`` is
+    the cache's ``[S, Hkv, Lmax, D]``.
+    """
+    sl, qp, pl, bs = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (slot, qpos, prefix_len, branch_start))
+    t_ = len(sl)
+    if not len(qp) == len(pl) == len(bs) == t_:
+        raise ValueError("slot, qpos, prefix_len and branch_start must have one entry per query token")
+    s_, hkv, lmax, d = k_shape
+    if hkv < 1 or num_heads % hkv:
+        raise ValueError(f"q heads ({num_heads}) must be a multiple of kv heads ({hkv})")
+    group = num_heads // hkv
+    if block_r is None:
+        block_r = _default_config(d, torch.device(device), dtype).block_r
+    block_r = max(block_r, _next_pow2(group), 16)
     if t_:
         if sl.min() < 0 or sl.max() >= s_:
             raise ValueError(f"slot values must lie in [0, S={s_}), got {sl.min()}..{sl.max()}")
@@ -396,12 +424,12 @@ def plan_branch_attention(
     qlog = pl + (qp - bs)
     mins = lambda a: np.array([a[order[s : s + c]].min() for s, c in zip(starts, counts)], dtype=np.int64)  # noqa: E731
     maxs = lambda a: np.array([a[order[s : s + c]].max() for s, c in zip(starts, counts)], dtype=np.int64)  # noqa: E731
-    dev = q.device
+    # one host->device copy for the three index arrays
+    packed = torch.from_numpy(np.concatenate([order, starts, counts]).astype(np.int32)).to(device)
+    nb = len(starts)
     return BranchAttentionPlan(
         num_tokens=t_, group=group, block_r=block_r,
-        order=torch.from_numpy(order.astype(np.int32)).to(dev),
-        blk_start=torch.tensor(starts, dtype=torch.int32).to(dev),
-        blk_count=torch.tensor(counts, dtype=torch.int32).to(dev),
+        order=packed[:t_], blk_start=packed[t_ : t_ + nb], blk_count=packed[t_ + nb :],
         blk_min_qlog=mins(qlog), blk_max_pl=maxs(pl), blk_min_bs=mins(bs), blk_max_qp=maxs(qp),
     )
 

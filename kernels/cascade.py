@@ -37,14 +37,16 @@ import torch
 
 from ._triton import HAS_TRITON, cdiv as _cdiv, next_pow2 as _next_pow2, require_triton, tl, triton
 from .branch_attention import (
+    _INDEX_DTYPES,
     BranchAttentionPlan,
     _check_inputs,
     branch_attention,
     check_branch_after_prefix,
-    plan_branch_attention,
+    plan_branch_attention_host,
 )
 
-__all__ = ["CascadePlan", "PrefixBackend", "cascade_attention", "plan_cascade_attention", "prefix_backend"]
+__all__ = ["CascadePlan", "PrefixBackend", "cascade_attention", "plan_cascade_attention", "plan_cascade_attention_host",
+           "prefix_backend"]
 
 
 @dataclass(frozen=True)
@@ -142,16 +144,43 @@ def plan_cascade_attention(
     *,
     block_r: int | None = None,
 ) -> CascadePlan:
-    """Group queries by (slot, prefix_len) and plan the branch-only pass (host syncs: once per forward)."""
+    """Group queries by (slot, prefix_len) and plan the branch-only pass (host syncs: once per forward).
+
+    :func:`plan_cascade_attention_host` builds the same plan from host-side values without the sync.
+    """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError("q must be a [T, Hq, D] tensor")
-    zeros = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
-    branch = plan_branch_attention(q, k_cache, slot, qpos, zeros, branch_start, block_r=block_r)
-    if not isinstance(prefix_len, torch.Tensor) or prefix_len.shape != (q.shape[0],):
-        raise ValueError(f"prefix_len must be an int32/int64 tensor of shape [T={q.shape[0]}]")
-    t_ = q.shape[0]
-    sl, pl, bs = torch.stack([slot.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
-    lmax = k_cache.shape[2]
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError("k_cache must be a [S, Hkv, Lmax, D] tensor")
+    for name, t in (("slot", slot), ("qpos", qpos), ("prefix_len", prefix_len), ("branch_start", branch_start)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.shape != (q.shape[0],):
+            raise ValueError(f"{name} must be an int32/int64 tensor of shape [T={q.shape[0]}]")
+    idx = torch.stack([slot.long(), qpos.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
+    return plan_cascade_attention_host(*idx, num_heads=q.shape[1], k_shape=tuple(k_cache.shape), dtype=q.dtype,
+                                       device=q.device, block_r=block_r)
+
+
+def plan_cascade_attention_host(
+    slot,
+    qpos,
+    prefix_len,
+    branch_start,
+    *,
+    num_heads: int,
+    k_shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    block_r: int | None = None,
+) -> CascadePlan:
+    """:func:`plan_cascade_attention` from host-side index values (sequences of ints)."""
+    sl, qp, pl, bs = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (slot, qpos, prefix_len, branch_start))
+    t_ = len(sl)
+    zeros_host = np.zeros(t_, dtype=np.int64)
+    branch = plan_branch_attention_host(sl, qp, zeros_host, bs, num_heads=num_heads, k_shape=k_shape, dtype=dtype,
+                                        device=device, block_r=block_r)
+    if len(pl) != t_:
+        raise ValueError(f"prefix_len must have one entry per query token (T={t_})")
+    lmax = k_shape[2]
     if t_ and (pl.min() < 0 or pl.max() > lmax):
         raise ValueError(f"prefix_len must lie in [0, Lmax={lmax}], got {pl.min()}..{pl.max()}")
     check_branch_after_prefix(pl, bs)  # the branch pass runs with prefix_len 0: an overlap would count twice
@@ -168,13 +197,15 @@ def plan_cascade_attention(
     gather = np.zeros(num_rows * q_max, dtype=np.int64)
     gather[scatter] = np.arange(t_)
     first = order[starts] if num_rows else np.zeros(0, dtype=np.int64)
-    dev = q.device
-    as_t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dt, device=dev)  # noqa: E731
+    # one host->device copy: gather, scatter, then the int32 fields (seqlens, batch_idx, zero prefix)
+    n_g = len(gather)
+    longs = torch.from_numpy(np.concatenate([gather, scatter]).astype(np.int64)).to(device)
+    ints = torch.from_numpy(np.concatenate([pl[first], sl[first], zeros_host]).astype(np.int32)).to(device)
     return CascadePlan(
         num_tokens=t_, num_rows=num_rows, q_max=q_max, max_prefix=int(pl.max()) if t_ else 0,
-        gather=as_t(gather, torch.int64), scatter=as_t(scatter, torch.int64),
-        seqlens=as_t(pl[first], torch.int32), batch_idx=as_t(sl[first], torch.int32),
-        zero_prefix=zeros, branch=branch,
+        gather=longs[:n_g], scatter=longs[n_g:],
+        seqlens=ints[:num_rows], batch_idx=ints[num_rows : 2 * num_rows],
+        zero_prefix=ints[2 * num_rows :], branch=branch,
     )
 
 

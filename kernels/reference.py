@@ -128,6 +128,38 @@ def visibility_mask(
     return mask
 
 
+class ReferencePlan(NamedTuple):
+    """Host-side grouping of query rows by slot for :func:`branch_attention_reference`.
+
+    Per slot: the slot, its rows (a slice when they are contiguous, else an index
+    tensor on the queries' device) and how many cache keys they can see. Built
+    from host values by :func:`plan_branch_attention_reference`, it lets the
+    reference run without reading indices back from the device.
+    """
+
+    groups: tuple[tuple[int, slice | torch.Tensor, int], ...]
+
+
+def plan_branch_attention_reference(slot, qpos, device: torch.device | str = "cpu") -> ReferencePlan:
+    """Group query tokens by slot from host values (sequences of ints); slots in ascending order."""
+    rows: dict[int, list[int]] = {}
+    for t, s in enumerate(slot):
+        rows.setdefault(int(s), []).append(t)
+    groups, scattered = [], []
+    for s in sorted(rows):
+        r = rows[s]
+        nk = max(int(qpos[t]) for t in r) + 1
+        if r[-1] - r[0] + 1 == len(r):
+            groups.append((s, slice(r[0], r[-1] + 1), nk))
+        else:  # index rows, cut below from one host->device copy
+            groups.append((s, (len(scattered), len(r)), nk))
+            scattered += r
+    if scattered:
+        flat = torch.tensor(scattered, dtype=torch.long, device=device)
+        groups = [(s, flat[r[0] : r[0] + r[1]] if isinstance(r, tuple) else r, nk) for s, r, nk in groups]
+    return ReferencePlan(tuple(groups))
+
+
 def branch_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -138,6 +170,8 @@ def branch_attention_reference(
     branch_start: torch.Tensor,
     scale: float,
     window: int = 0,
+    *,
+    plan: ReferencePlan | None = None,
 ) -> torch.Tensor:
     """Attention of packed query tokens over a slotted KV cache.
 
@@ -145,12 +179,19 @@ def branch_attention_reference(
     own K/V already written at ``qpos``; ``slot``, ``qpos``, ``prefix_len``,
     ``branch_start`` are [T] integer tensors (see :func:`visibility_mask`).
     Returns [T, Hq, D] in q's dtype. Grouped-query attention when Hkv < Hq.
+    ``plan`` (from :func:`plan_branch_attention_reference` on the same slot and
+    qpos values) saves reading the indices back; the result is the same.
     """
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k_cache.shape[1]
-    for s in torch.unique(slot).tolist():
-        rows = (slot == s).nonzero().squeeze(1)
-        nk = int(qpos[rows].max()) + 1
+    if plan is None:
+        groups = []
+        for s in torch.unique(slot).tolist():
+            rows = (slot == s).nonzero().squeeze(1)
+            groups.append((s, rows, int(qpos[rows].max()) + 1))
+    else:
+        groups = plan.groups
+    for s, rows, nk in groups:
         mask = visibility_mask(qpos[rows], prefix_len[rows], branch_start[rows], nk, window)
         k = k_cache[s, :, :nk].unsqueeze(0)
         v = v_cache[s, :, :nk].unsqueeze(0)

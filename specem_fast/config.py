@@ -173,6 +173,8 @@ class EngineConfig:
     flash_attn: str = "auto"
     devices: tuple[str, ...] = field(default=())  # optional per-model device override
     dtypes: tuple[str | None, ...] = field(default=())  # optional per-model dtype override
+    # draft decode step through torch.compile (plus CUDA graphs on CUDA); same greedy text
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not _is_whole(self.cache_tokens) or self.cache_tokens < 16:
@@ -184,12 +186,23 @@ class EngineConfig:
             raise SpecEMError(f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
         if self.flash_attn not in FLASH_ATTN_CHOICES:
             raise SpecEMError(f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)} (got {self.flash_attn!r})")
+        if not isinstance(self.compile, bool):
+            raise SpecEMError(f"compile must be True or False (got {self.compile!r})")
         for dt in (self.dtype, *self.dtypes):
             if dt not in (None, "float32", "bfloat16", "float16"):
                 raise SpecEMError(f"dtype must be float32, bfloat16 or float16 (got {dt!r})")
         for dev in (self.device, *self.devices):
             check_device(dev)
         env_choice("SPECEM_FLASH_ATTN", self.flash_attn, FLASH_ATTN_CHOICES)
+        if self.compile:
+            import torch
+
+            from .decode_step import compile_problem
+
+            for dev in dict.fromkeys(self.devices or (self.device,)):
+                problem = compile_problem(torch.device(dev))
+                if problem:
+                    raise SpecEMError(f"compile=True cannot be used on {dev}: {problem}; or run without --compile")
         if env_choice("SPECEM_KERNELS", self.kernels, KERNEL_CHOICES) == "triton":
             from . import kernels
 

@@ -209,6 +209,7 @@ class Ensemble:
         progress: bool = False,
         weights: str | None = None,
         max_waiting: int = 256,
+        compile: bool = False,
     ) -> "Ensemble":
         drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
         verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
@@ -216,7 +217,8 @@ class Ensemble:
             if per_model and len(per_model) != len(drafters):
                 raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
-                              kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes))
+                              kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes),
+                              compile=compile)
         # every name checked before loading; one model under two spellings (a registry
         # name and its folder, ./x and x/) is one model
         folders = {spec: resolve_model(spec) for spec in dict.fromkeys(drafters + verifiers_)}
@@ -232,7 +234,7 @@ class Ensemble:
         for spec in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
             folder = folders[spec]
             runners[spec] = ModelRunner(spec, folder, placement.get(spec, device), precision.get(spec, dtype), kernels,
-                                        flash_attn)
+                                        flash_attn, compile)
         ens = cls(runners, drafters, verifiers_, config, max_waiting)
         if weights is not None:
             ens.load_weights(weights)
@@ -251,6 +253,7 @@ class Ensemble:
             "devices": {n: str(r.device) for n, r in self.runners.items()},
             "dtypes": {n: str(r.dtype).replace("torch.", "") for n, r in self.runners.items()},
             "cache_tokens": self.config.cache_tokens,
+            "compile": self.config.compile,
         }
 
     # -- weights across requests ---------------------------------------------------
@@ -368,11 +371,11 @@ class Ensemble:
     def _drive(self, prepared: list, submit=None) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
         # The engine owns the slots; this call owns its requests and cancels the
         # unfinished ones on any exit (an error, or the consumer stopping).
+        # ``submit(items, sink_for) -> handles`` queues a prefix of the pending items.
+        submit = submit or self._submit_each
         events: queue.Queue = queue.Queue()
         pending = deque(enumerate(prepared))
         live = {}
-        # ``submit(items, sink_for) -> handles`` queues a prefix of the pending items.
-        submit = submit or self._submit_each
         try:
             while pending or live:
                 if pending:

@@ -26,6 +26,9 @@ class CacheShape:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    # One position past the budget that padding rows of a compiled step write to
+    # (specem_fast.decode_step); nothing reads it.
+    sink: bool = False
 
 
 class ModelCache:
@@ -34,7 +37,7 @@ class ModelCache:
     def __init__(self, shape: CacheShape, num_slots: int, cache_tokens: int):
         self.shape = shape
         self.capacity = cache_tokens
-        dims = (shape.num_layers, num_slots, shape.num_kv_heads, cache_tokens, shape.head_dim)
+        dims = (shape.num_layers, num_slots, shape.num_kv_heads, cache_tokens + shape.sink, shape.head_dim)
         # empty, not zeros: untouched pages cost no memory and nothing reads
         # a position before it is written.
         self.k = torch.empty(dims, dtype=shape.dtype, device=shape.device)

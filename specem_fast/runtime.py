@@ -17,6 +17,7 @@ import torch
 
 from . import kernels
 from .config import FLASH_ATTN_CHOICES, env_choice
+from .decode_step import CompiledDecode, compile_problem
 from .errors import SpecEMError
 from .kv_cache import CacheShape, ModelCache
 from .modeling.loader import load_transformer, read_config
@@ -50,9 +51,21 @@ class Run:
     pos: int
 
 
+@dataclass
+class DraftStep:
+    """One planned decode step of a draft round (see :meth:`ModelRunner.plan_draft`)."""
+
+    rows: list[int]  # requests of the round fed at this step, in order
+    keep: torch.Tensor | None  # their rows in the previous step's sampled tokens (None: all, in order)
+    meta: AttnMeta | None  # placement and attention plan (device tensors sliced from one copy); None if compiled
+    refed: int  # tokens written below a committed high-water mark (cost accounting)
+    dense: object | None = None  # the compiled step's inputs (compile=True)
+    tokens: torch.Tensor | None = None  # set by the draft loop: the step's tokens, on the device
+
+
 class ModelRunner:
     def __init__(self, name: str, folder: Path, device: str, dtype: str | None, kernel_setting: str,
-                 flash_setting: str = "auto"):
+                 flash_setting: str = "auto", compile: bool = False):
         self.name = name
         self.folder = folder
         self.device = torch.device(device)
@@ -63,19 +76,33 @@ class ModelRunner:
             raise SpecEMError(f"{exc}; use auto, triton or torch") from None
         if self.triton and (problem := kernels.triton_problem(self.device)):
             raise SpecEMError(f"kernels='triton' cannot run on {self.device}: {problem}; use kernels='torch' or 'auto'")
+        if compile and (problem := compile_problem(self.device)):
+            raise SpecEMError(f"compile=True cannot be used on {self.device}: {problem}; or run without --compile")
         cfg = read_config(folder)
         self.model: Transformer = load_transformer(folder, self.device, self.dtype, cfg)
         self.codec = TextCodec(folder, _generation_eos(folder, cfg))
         self.flash_min_prefix = self._flash_threshold(flash_setting)
         self.flash_checked = False  # the cascade is compared with the branch kernel on its first call
-        self.cache: ModelCache | None = None
+        self._cache: ModelCache | None = None
+        self.compile = compile
+        self.compiled: CompiledDecode | None = None  # made when the cache is attached
         self.tokens_fed = 0  # every token this model ever processed (cost accounting)
         self.tokens_refed = 0  # of those, tokens written below a committed high-water mark
 
     @property
+    def cache(self) -> ModelCache | None:
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: ModelCache | None) -> None:
+        self._cache = cache
+        self.compiled = CompiledDecode(self.model, cache) if self.compile and cache is not None else None
+
+    @property
     def cache_shape(self) -> CacheShape:
         a = self.model.args
-        return CacheShape(self.name, a.num_layers, a.num_kv_heads, a.head_dim, self.dtype, self.device)
+        return CacheShape(self.name, a.num_layers, a.num_kv_heads, a.head_dim, self.dtype, self.device,
+                          sink=self.compile)
 
     @property
     def kernel_path(self) -> str:
@@ -108,8 +135,14 @@ class ModelRunner:
 
     # -- forward -------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, runs: list[Run]) -> torch.Tensor:
-        """Hidden states [sum of run lengths, d], runs concatenated in order."""
+    def forward(self, runs: list[Run] | DraftStep) -> torch.Tensor:
+        """Hidden states [sum of run lengths, d], runs concatenated in order.
+
+        A planned draft step (:meth:`plan_draft`, its ``tokens`` set to a device
+        tensor) comes instead of runs: nothing is built or copied then.
+        """
+        if isinstance(runs, DraftStep):
+            return self._decode(runs)
         cols: dict[str, list[int]] = {k: [] for k in ("tok", "slot", "qpos", "pl", "bs", "pos")}
         for r in runs:
             n = len(r.tokens)
@@ -121,17 +154,85 @@ class ModelRunner:
             cols["pl"] += [r.prefix_len] * n
             cols["bs"] += [r.qpos] * n
             cols["pos"] += range(r.pos, r.pos + n)
-        t = {k: torch.tensor(v, dtype=torch.long, device=self.device) for k, v in cols.items()}
-        meta = AttnMeta(slot=t["slot"], qpos=t["qpos"], prefix_len=t["pl"], branch_start=t["bs"], positions=t["pos"],
-                        max_prefix=max(cols["pl"], default=0))
+        # one host->device copy for every index column
+        t = torch.tensor(list(cols.values()), dtype=torch.long).to(self.device)
+        tok, slot, qpos, pl, bs, pos = t
+        meta = self._meta(cols["slot"], cols["qpos"], cols["pl"], cols["bs"], slot, qpos, pl, bs, pos)
         self.tokens_fed += len(cols["tok"])
-        k, v = self.cache.k, self.cache.v
-        return self.model(t["tok"], meta, k, v, self._attend_meta)
+        return self.model(tok, pos, meta, self._attend_meta)
 
-    def _attend_meta(self, q, k_cache, v_cache, meta: AttnMeta, scale: float, window: int) -> torch.Tensor:
+    def _meta(self, slot_h, qpos_h, pl_h, bs_h, slot, qpos, pl, bs, pos) -> AttnMeta:
+        """Attention metadata with its launch plan built from the host-side values
+        (``*_h``) before the forward: no layer reads indices back from the device."""
+        meta = AttnMeta(slot=slot, qpos=qpos, prefix_len=pl, branch_start=bs, positions=pos,
+                        max_prefix=max(pl_h, default=0))
+        if not self.triton:
+            meta.ref_plan = kernels.plan_branch_attention_reference(slot_h, qpos_h, self.device)
+            return meta
+        a = self.model.args
+        plan_args = dict(num_heads=a.num_heads, k_shape=tuple(self.cache.k.shape[1:]), dtype=self.dtype,
+                         device=self.device)
+        meta.plan = kernels.plan_branch_attention_host(slot_h, qpos_h, pl_h, bs_h, **plan_args)
+        if self.flash_min_prefix is not None and meta.max_prefix >= self.flash_min_prefix and 0 in a.windows:
+            meta.cascade = kernels.plan_cascade_attention_host(slot_h, qpos_h, pl_h, bs_h, **plan_args)
+        return meta
+
+    # -- draft steps -----------------------------------------------------------
+    def plan_draft(self, slots: list[int], starts: list[int], counts: list[int]) -> list[DraftStep]:
+        """Every decode step of one draft round, placed on the host at round start.
+
+        Request i feeds ``counts[i]`` tokens at cache positions ``starts[i], +1, ...``;
+        step j feeds the requests with ``counts[i] > j``, in order, and takes its
+        tokens from the rows of step j-1's sampled tokens (the requests with
+        ``counts[i] >= j``). All index tensors of the round travel to the device
+        in one copy and are sliced per step, and each step's attention plan is
+        built here, so a step makes no host<->device transfer.
+        """
+        steps_h = []
+        for j in range(max(counts, default=0)):
+            prev = [i for i, c in enumerate(counts) if c >= j]
+            rows = [i for i in prev if counts[i] > j]
+            keep = None if len(rows) == len(prev) else [prev.index(i) for i in rows]
+            qpos = [starts[i] + j for i in rows]
+            slot = [slots[i] for i in rows]
+            for s, p in zip(slot, qpos):
+                self.cache.check_room(s, p + 1)
+            refed = sum(1 for s, p in zip(slot, qpos) if p < self.cache.high[s])
+            steps_h.append((rows, keep, slot, qpos, refed))
+        flat: list[int] = []
+        for rows, keep, slot, qpos, _ in steps_h:
+            flat += slot + qpos + (keep or [])
+        dense = self.compiled.plan(steps_h) if self.compiled is not None else [None] * len(steps_h)
+        packed = torch.tensor(flat, dtype=torch.long).to(self.device)
+        steps, at = [], 0
+        for (rows, keep, slot_h, qpos_h, refed), dn in zip(steps_h, dense):
+            n = len(rows)
+            slot, qpos = packed[at : at + n], packed[at + n : at + 2 * n]
+            at += 2 * n
+            keep_t = None
+            if keep is not None:
+                keep_t = packed[at : at + n]
+                at += n
+            meta = None if dn is not None else self._meta(slot_h, qpos_h, qpos_h, qpos_h, slot, qpos, qpos, qpos, qpos)
+            steps.append(DraftStep(rows=rows, keep=keep_t, meta=meta, refed=refed, dense=dn))
+        return steps
+
+    def _decode(self, step: DraftStep) -> torch.Tensor:
+        """Hidden states [rows, d] of one planned draft step; its tokens stay on the device."""
+        tokens = step.tokens
+        self.tokens_fed += len(step.rows)
+        self.tokens_refed += step.refed
+        if step.dense is not None:
+            return self.compiled(tokens, step.dense)
+        return self.model(tokens, step.meta.positions, step.meta, self._attend_meta)
+
+    def _attend_meta(self, layer: int, q, k, v, meta: AttnMeta, scale: float, window: int) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache[meta.slot, :, meta.qpos] = k.to(k_cache.dtype)
+        v_cache[meta.slot, :, meta.qpos] = v.to(v_cache.dtype)
         args = (q, k_cache, v_cache, meta.slot, meta.qpos, meta.prefix_len, meta.branch_start, scale, window)
         if not self.triton:
-            return kernels.branch_attention_reference(*args)
+            return kernels.branch_attention_reference(*args, plan=meta.ref_plan)
         if window == 0 and self.flash_min_prefix is not None and meta.max_prefix >= self.flash_min_prefix:
             if meta.cascade is None:
                 meta.cascade = kernels.plan_cascade_attention(q, k_cache, meta.slot, meta.qpos, meta.prefix_len,

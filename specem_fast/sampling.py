@@ -1,20 +1,28 @@
-"""Next-token choice: greedy or temperature + nucleus sampling, per-request seeded."""
+"""Next-token choice: greedy or temperature + nucleus sampling, per-request seeded.
+
+:func:`sample_tokens` stays on the logits' device: the draft loop keeps its
+tokens there until the round needs text. A sampled row draws the way
+``torch.multinomial(p, 1)`` does (an exponential race: argmax of p / q with q
+~ Exp(1) from the row's own generator), so on the CPU it picks the very tokens
+multinomial picked, without multinomial's host-side validity checks.
+"""
 
 from __future__ import annotations
 
 import torch
 
 
-def choose_tokens(
+def sample_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator | None]
-) -> list[int]:
-    """One token per row of ``logits`` [B, V] (fp32).
+) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] (fp32), as an int64 tensor [B] on their device.
 
     Each row draws from its own generator so a request's tokens do not depend on
-    which other requests share the batch.
+    which other requests share the batch. A generator on another device than the
+    logits (a CPU generator for CUDA logits) draws there and its numbers are copied over.
     """
     if temperature == 0.0:
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
@@ -22,7 +30,17 @@ def choose_tokens(
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    out = []
-    for row, gen in zip(probs.cpu(), generators):
-        out.append(int(torch.multinomial(row, 1, generator=gen)))
-    return out
+    race = torch.empty_like(probs)
+    for i, gen in enumerate(generators):
+        if gen is None or gen.device == probs.device:
+            race[i].exponential_(1, generator=gen)
+        else:
+            race[i].copy_(torch.empty(probs.shape[1], dtype=probs.dtype, device=gen.device).exponential_(1, generator=gen))
+    return (probs / race).argmax(dim=-1)
+
+
+def choose_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator | None]
+) -> list[int]:
+    """:func:`sample_tokens` read back as a list of ints (one host read)."""
+    return sample_tokens(logits, temperature, top_p, generators).tolist()

@@ -22,7 +22,7 @@ from . import scoring
 from .config import GenerationSettings
 from .results import Candidate, GenerationResult, RoundRecord
 from .runtime import ModelRunner, Run, score_all
-from .sampling import choose_tokens
+from .sampling import sample_tokens
 from .text import trim_to_word_boundary
 
 
@@ -84,6 +84,7 @@ class Scheduler:
         self.verifiers = verifiers
         self.learners = [m for m in drafters if m in verifiers]
         self.cache = cache
+        self._groups: dict = {}  # sampling groups of the round being drafted (see _choose)
 
     # -- requests ---------------------------------------------------------------
     def open(self, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]],
@@ -96,8 +97,8 @@ class Scheduler:
         seqs = {}
         for i, (name, r) in enumerate(self.runners.items()):
             gen = None
-            if not settings.greedy:
-                gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+            if not settings.greedy:  # on the model's device: sampling never leaves it
+                gen = torch.Generator(device=r.device).manual_seed(settings.seed * 1_000_003 + i)
             seqs[name] = SeqState(ids=list(prompt_ids[name]), prompt_len=len(prompt_ids[name]), generator=gen)
         return Request(prompt, settings, slot, seqs, dict(weights), list(self.drafters))
 
@@ -223,34 +224,8 @@ class Scheduler:
             if r.slot in recompute:  # the reference cost model: no cache across rounds
                 cache.crop(r.slot, 0)
         self._catch_up(runner, reqs)
-        drafts = [Draft(m, [], 0, [r.seqs[m].last_hidden], False) for r in reqs]
         limits = [self._window(r) for r in reqs]
-        idx = list(range(len(reqs)))
-        while idx:
-            hidden = torch.stack([drafts[i].hiddens[-1] for i in idx])
-            logits = runner.logits(hidden)
-            toks = self._choose(logits, [reqs[i] for i in idx], m)
-            feed = []
-            for i, tok in zip(idx, toks):
-                d = drafts[i]
-                if tok in runner.codec.stop_ids:
-                    d.ended_with_stop = True
-                    continue
-                d.tokens.append(tok)
-                if len(d.tokens) < limits[i]:
-                    feed.append(i)
-            if not feed:
-                break
-            runs = []
-            for i in feed:
-                d, r = drafts[i], reqs[i]
-                p = cache.length[r.slot] + d.fed
-                runs.append(Run(r.slot, [d.tokens[-1]], p, p, p))
-            h = runner.forward(runs)
-            for j, i in enumerate(feed):
-                drafts[i].fed += 1
-                drafts[i].hiddens.append(h[j])
-            idx = feed
+        drafts = self._draft_tokens(runner, reqs, limits)
         for d, r in zip(drafts, reqs):
             text = runner.codec.decode(d.tokens)
             if r.drafting == [m] and d.tokens and self._decodes_on(runner, r.seqs[m].ids, d.tokens, text):
@@ -265,6 +240,85 @@ class Scheduler:
                 d.reuse = _common_prefix(d.own_ids, d.tokens[: d.fed])
         return drafts
 
+    @torch.inference_mode()  # sampled tokens too: the compiled step sees one kind of tensor
+    def _draft_tokens(self, runner: ModelRunner, reqs: list[Request], limits: list[int]) -> list[Draft]:
+        """Up to ``limits[i]`` sampled tokens per request, stop token excluded.
+
+        Host work happens once per round: before the loop, every step's
+        placement and attention plan (:meth:`ModelRunner.plan_draft`); after it,
+        one read of all sampled tokens. The steps between read nothing back, so
+        on a GPU they queue up without waiting. Stop tokens are looked for after
+        the loop: a draft that sampled one drafts on with the others and is cut
+        afterwards (its extra K/V lies in scratch space above the committed
+        length), and a sampled request's generator is put back to where that
+        token left it, so the draws are those of a draft that stopped there.
+        """
+        if not reqs:
+            return []
+        m = runner.name
+        counts = [n - 1 for n in limits]  # tokens fed: the last sampled token waits for the next round
+        steps = runner.plan_draft([r.slot for r in reqs], [runner.cache.length[r.slot] for r in reqs], counts)
+        stop_set = {int(t) for t in runner.codec.stop_ids}
+        stops = torch.tensor(sorted(stop_set), dtype=torch.long).to(runner.device)
+        gens = [r.seqs[m].generator for r in reqs]
+        states: dict[tuple[int, int], torch.Tensor] = {}
+        self._groups = {}
+        for j in sorted(set(counts)):  # each set of requests a step samples for
+            self._sampling_groups([r for r, c in zip(reqs, counts) if c >= j], m, runner.device)
+        first = torch.stack([r.seqs[m].last_hidden for r in reqs])
+        toks, hs = self._draft_loop(runner, reqs, steps, first, stops, gens, states, _StopProbe(runner.device))
+        flat = torch.cat(toks).tolist()  # the round's one device->host read
+        seqs: list[list[int]] = [[] for _ in reqs]
+        rows, at = list(range(len(reqs))), 0
+        for j in range(len(toks)):
+            for i in rows:
+                seqs[i].append(flat[at])
+                at += 1
+            if j < len(steps):
+                rows = steps[j].rows
+        drafts = []
+        for i, (r, seq) in enumerate(zip(reqs, seqs)):
+            s = next((k for k, t in enumerate(seq) if t in stop_set), None)
+            fed = counts[i] if s is None else s
+            if s is not None and gens[i] is not None and (i, s + 1) in states:
+                gens[i].set_state(states[i, s + 1])
+            hiddens = [r.seqs[m].last_hidden] + [hs[j][steps[j].rows.index(i)] for j in range(fed)]
+            drafts.append(Draft(m, seq if s is None else seq[:s], fed, hiddens, s is not None))
+        return drafts
+
+    def _draft_loop(self, runner: ModelRunner, reqs: list[Request], steps: list, hidden: torch.Tensor,
+                    stops: torch.Tensor, gens: list, states: dict,
+                    probe: "_StopProbe") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The per-token loop: sample, feed, repeat, all on the device.
+
+        Returns the sampled tokens of every step (rows: the requests still
+        drafting) and the hidden states of every fed step. Ends early only when
+        every draft still to be fed has sampled a stop token, which the host
+        learns without waiting on the device (:class:`_StopProbe`).
+        """
+        toks, hs = [], []
+        rows = list(range(len(reqs)))
+        going = None  # per row of this step: no stop token sampled yet
+        for j in range(len(steps) + 1):
+            for i in rows:  # where each generator stands before this step's draw
+                if j and gens[i] is not None:
+                    states[i, j] = gens[i].get_state()
+            tok = self._choose(runner.logits(hidden), [reqs[i] for i in rows], runner.name)
+            toks.append(tok)
+            going = ~torch.isin(tok, stops) if going is None else going & ~torch.isin(tok, stops)
+            if j == len(steps):
+                break
+            step = steps[j]
+            if step.keep is not None:
+                tok, going = tok[step.keep], going[step.keep]
+            if probe.all_stopped(going.any()):
+                break
+            step.tokens = tok
+            hidden = runner.forward(step)
+            hs.append(hidden)
+            rows = step.rows
+        return toks, hs
+
     @staticmethod
     def _decodes_on(runner: ModelRunner, ids: list[int], new: list[int], text: str) -> bool:
         """Whether ``new`` decodes to ``text`` after the sequence's last tokens too, so
@@ -277,17 +331,35 @@ class Scheduler:
         joined = raw(tail + new)
         return bool(text) and not joined.endswith("\ufffd") and joined == raw(tail) + text
 
-    def _choose(self, logits: torch.Tensor, reqs: list[Request], m: str) -> list[int]:
-        # Requests may differ in sampling settings: group rows by (temperature, top_p).
-        out = [0] * len(reqs)
-        groups: dict[tuple[float, float], list[int]] = {}
-        for i, r in enumerate(reqs):
-            groups.setdefault((r.settings.temperature, r.settings.top_p), []).append(i)
-        for (temp, top_p), rows in groups.items():
+    def _choose(self, logits: torch.Tensor, reqs: list[Request], m: str) -> torch.Tensor:
+        """The next token of each row, as a device tensor [rows].
+
+        Requests may differ in sampling settings: rows are grouped by
+        (temperature, top_p), with the groups' index tensors made before the
+        round's loop (:meth:`_sampling_groups`).
+        """
+        out = None
+        for (temp, top_p), rows, index in self._sampling_groups(reqs, m, logits.device):
             gens = [reqs[i].seqs[m].generator for i in rows]
-            for i, t in zip(rows, choose_tokens(logits[rows], temp, top_p, gens)):
-                out[i] = t
+            if index is None:
+                return sample_tokens(logits, temp, top_p, gens)
+            if out is None:
+                out = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
+            out[index] = sample_tokens(logits[index], temp, top_p, gens)
         return out
+
+    def _sampling_groups(self, reqs: list[Request], m: str, device: torch.device) -> list[tuple]:
+        """((temperature, top_p), rows, row index tensor or None when one group) per group;
+        made before a round's loop for each set of requests it samples for."""
+        key = (m, tuple(id(r) for r in reqs))
+        groups = self._groups.get(key)
+        if groups is None:
+            by: dict[tuple[float, float], list[int]] = {}
+            for i, r in enumerate(reqs):
+                by.setdefault((r.settings.temperature, r.settings.top_p), []).append(i)
+            groups = [(st, rows, None if len(by) == 1 else torch.tensor(rows).to(device)) for st, rows in by.items()]
+            self._groups[key] = groups
+        return groups
 
     def _apply_exit(self, r: Request) -> None:
         """Model exit: a drafter whose weight started ``exit_patience`` rounds in a
@@ -486,6 +558,34 @@ class Scheduler:
         for m, s in r.seqs.items():
             del s.ids[len(s.ids) - appended[m] :]
             s.ids += keep if m == r.drafting[0] else self.runners[m].codec.encode_segment(text)
+
+
+class _StopProbe:
+    """Lets the host learn that every draft has sampled a stop token, without waiting.
+
+    Each step copies one flag to host memory. On CUDA the copy is asynchronous
+    (pinned memory, checked through an event one step later); on the CPU there
+    is no device to wait for and the flag is read at once. The flag is read
+    through a NumPy view: a plain memory read, not a tensor operation.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.flag = torch.ones(1, dtype=torch.bool, pin_memory=self.cuda)
+        self.view = self.flag.numpy()
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def all_stopped(self, going: torch.Tensor) -> bool:
+        """Push this step's 'some draft still going' flag; True once a landed flag says none is."""
+        if not self.cuda:
+            self.flag.copy_(going.reshape(1))
+            return not self.view[0]
+        landed = self.pending and self.event.query() and not self.view[0]
+        self.flag.copy_(going.reshape(1), non_blocking=True)
+        self.event.record()
+        self.pending = True
+        return landed
 
 
 def _same_text_draft(drafts: list[Draft], m: str, win: Draft) -> Draft | None:

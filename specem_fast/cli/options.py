@@ -41,6 +41,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto",
                    help="prefix attention through flash-attn, merged with the branch kernel (default auto: "
                         "when installed, on CUDA, for prefixes of at least 1024 tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="run the draft decode step through torch.compile (CUDA: plus CUDA graphs); the first "
+                        "rounds pay the compilation")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="load prior and learned model weights from this JSON file (written by `calibrate` "
                         "or --save-weights)")
@@ -147,4 +150,5 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int
         progress=True,
         weights=getattr(args, "weights", None),
         max_waiting=max_waiting,
+        compile=getattr(args, "compile", False),
     )

@@ -29,11 +29,17 @@ class AttnMeta:
     branch_start: torch.Tensor  # and keys [branch_start, qpos]
     positions: torch.Tensor  # logical position (for rotary embeddings)
     max_prefix: int = 0  # longest prefix_len (host copy, picks the attention path without a sync)
-    plan: object | None = None  # kernel launch plan, built by the first layer and reused
-    cascade: object | None = None  # the same for the flash-attn cascade path
+    # Launch plans, built from host-side values before the forward (no device->host
+    # read) or, failing that, by the first layer, and reused by every layer.
+    plan: object | None = None  # Triton branch kernel
+    cascade: object | None = None  # the flash-attn cascade path
+    ref_plan: object | None = None  # torch reference (rows of each slot, keys they see)
 
 
-# attend(q [T,Hq,D], k_cache [S,Hkv,L,D], v_cache, meta, scale, window) -> [T,Hq,D]
+# attend(layer, q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], meta, scale, window) -> [T,Hq,D]:
+# stores the tokens' K/V in the layer's cache, then attends over what each may see.
+# The callback owns the cache so a compiled step can write into its base tensor
+# (an in-place scatter) instead of a per-layer view (which compiles to a copy).
 AttendFn = Callable[..., torch.Tensor]
 
 
@@ -65,7 +71,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.rms_eps, plus_one=True)
             self.k_norm = RMSNorm(a.head_dim, a.rms_eps, plus_one=True)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta: AttnMeta, window: int, attend: AttendFn):
+    def forward(self, x, cos, sin, layer: int, meta, window: int, attend: AttendFn):
         a = self.a
         t = x.shape[0]
         q = self.q_proj(x).view(t, a.num_heads, a.head_dim)
@@ -74,9 +80,7 @@ class Attention(nn.Module):
         if a.gemma:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        k_cache[meta.slot, :, meta.qpos] = k.to(k_cache.dtype)
-        v_cache[meta.slot, :, meta.qpos] = v.to(v_cache.dtype)
-        o = attend(q, k_cache, v_cache, meta, a.attn_scale, window)
+        o = attend(layer, q, k, v, meta, a.attn_scale, window)
         return self.o_proj(o.reshape(t, a.num_heads * a.head_dim))
 
 
@@ -106,8 +110,8 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_eps, True)
             self.post_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_eps, True)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, meta, window, attend):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, window, attend)
+    def forward(self, x, cos, sin, layer, meta, window, attend):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, layer, meta, window, attend)
         if self.gemma:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -141,22 +145,32 @@ class Transformer(nn.Module):
                 inv, scaling = args.inv_freq(i)
                 self._inv_freqs.append((inv.float(), scaling))  # fp32 like the reference
             self._rope_groups[i] = seen[key]
+        self._embed_scale: dict[tuple, torch.Tensor] = {}
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.args.tie_embeddings else self.lm_head.weight
 
-    def forward(self, tokens: torch.Tensor, meta: AttnMeta, k_layers, v_layers, attend: AttendFn) -> torch.Tensor:
-        """Final-norm hidden states [T, d] of the given tokens; writes their K/V."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta, attend: AttendFn) -> torch.Tensor:
+        """Final-norm hidden states [T, d] of the given tokens at logical ``positions``;
+        ``attend`` writes their K/V (``meta`` is what it needs to place them)."""
         a = self.args
         x = self.model.embed_tokens(tokens)
         if a.gemma:
-            x = x * torch.tensor(a.hidden_size**0.5, dtype=torch.float32).to(x.dtype)
-        tables = [_cos_sin(inv, s, meta.positions, x.dtype) for inv, s in self._inv_freqs]  # inv on device since load
+            x = x * self.embed_scale(x.dtype, x.device)
+        tables = [_cos_sin(inv, s, positions, x.dtype) for inv, s in self._inv_freqs]  # inv on device since load
         for i, block in enumerate(self.model.layers):
             cos, sin = tables[self._rope_groups[i]]
-            x = block(x, cos, sin, k_layers[i], v_layers[i], meta, a.windows[i], attend)
+            x = block(x, cos, sin, i, meta, a.windows[i], attend)
         return self.model.norm(x)
+
+    def embed_scale(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Gemma's sqrt(hidden) embedding scale rounded to the compute dtype, as the
+        reference rounds it; made once per dtype and device (not a host->device copy per forward)."""
+        key = (dtype, device)
+        if key not in self._embed_scale:
+            self._embed_scale[key] = torch.tensor(self.args.hidden_size**0.5, dtype=torch.float32).to(dtype).to(device)
+        return self._embed_scale[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits in fp32 (sampling and the reference path)."""
