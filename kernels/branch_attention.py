@@ -339,6 +339,18 @@ def check_branch_after_prefix(prefix_len: np.ndarray, branch_start: np.ndarray) 
         )
 
 
+def index_values_on_host(q, k_cache, slot, qpos, prefix_len, branch_start) -> np.ndarray:
+    """Check a plan's tensor arguments and read their index values back ([4, T] int64; one sync)."""
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError("q must be a [T, Hq, D] tensor")
+    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+        raise ValueError("k_cache must be a [S, Hkv, Lmax, D] tensor")
+    for name, t in (("slot", slot), ("qpos", qpos), ("prefix_len", prefix_len), ("branch_start", branch_start)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.shape != (q.shape[0],):
+            raise ValueError(f"{name} must be an int32/int64 tensor of shape [T={q.shape[0]}]")
+    return torch.stack([slot.long(), qpos.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
+
+
 def plan_branch_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -356,14 +368,7 @@ def plan_branch_attention(
     there), :func:`plan_branch_attention_host` makes the same plan without the
     sync.
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError("q must be a [T, Hq, D] tensor")
-    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
-        raise ValueError("k_cache must be a [S, Hkv, Lmax, D] tensor")
-    for name, t in (("slot", slot), ("qpos", qpos), ("prefix_len", prefix_len), ("branch_start", branch_start)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.shape != (q.shape[0],):
-            raise ValueError(f"{name} must be an int32/int64 tensor of shape [T={q.shape[0]}]")
-    idx = torch.stack([slot.long(), qpos.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
+    idx = index_values_on_host(q, k_cache, slot, qpos, prefix_len, branch_start)
     return plan_branch_attention_host(*idx, num_heads=q.shape[1], k_shape=tuple(k_cache.shape), dtype=q.dtype,
                                       device=q.device, block_r=block_r)
 

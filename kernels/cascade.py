@@ -37,7 +37,7 @@ import torch
 
 from ._triton import HAS_TRITON, cdiv as _cdiv, next_pow2 as _next_pow2, require_triton, tl, triton
 from .branch_attention import (
-    _INDEX_DTYPES,
+    index_values_on_host,
     BranchAttentionPlan,
     _check_inputs,
     branch_attention,
@@ -148,14 +148,7 @@ def plan_cascade_attention(
 
     :func:`plan_cascade_attention_host` builds the same plan from host-side values without the sync.
     """
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError("q must be a [T, Hq, D] tensor")
-    if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
-        raise ValueError("k_cache must be a [S, Hkv, Lmax, D] tensor")
-    for name, t in (("slot", slot), ("qpos", qpos), ("prefix_len", prefix_len), ("branch_start", branch_start)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.shape != (q.shape[0],):
-            raise ValueError(f"{name} must be an int32/int64 tensor of shape [T={q.shape[0]}]")
-    idx = torch.stack([slot.long(), qpos.long(), prefix_len.long(), branch_start.long()]).cpu().numpy()
+    idx = index_values_on_host(q, k_cache, slot, qpos, prefix_len, branch_start)
     return plan_cascade_attention_host(*idx, num_heads=q.shape[1], k_shape=tuple(k_cache.shape), dtype=q.dtype,
                                        device=q.device, block_r=block_r)
 
