@@ -65,7 +65,10 @@ class DraftStep:
 
 class ModelRunner:
     def __init__(self, name: str, folder: Path, device: str, dtype: str | None, kernel_setting: str,
-                 flash_setting: str = "auto", compile: bool = False):
+                 flash_setting: str = "auto", compile: bool = False, *, model: Transformer | None = None):
+        """``model``: an already-built Transformer (on ``device``, in ``dtype``) to use instead of
+        loading the folder's weights, e.g. random weights at real shapes for benchmarks; the
+        folder then needs only config.json (which must describe ``model``) and the tokenizer."""
         self.name = name
         self.folder = folder
         self.device = torch.device(device)
@@ -79,7 +82,11 @@ class ModelRunner:
         if compile and (problem := compile_problem(self.device)):
             raise SpecEMError(f"compile=True cannot be used on {self.device}: {problem}; or run without --compile")
         cfg = read_config(folder)
-        self.model: Transformer = load_transformer(folder, self.device, self.dtype, cfg)
+        if model is None:
+            model = load_transformer(folder, self.device, self.dtype, cfg)
+        else:
+            _check_given_model(model, cfg, self.device, self.dtype)
+        self.model: Transformer = model
         self.codec = TextCodec(folder, _generation_eos(folder, cfg))
         self.flash_min_prefix = self._flash_threshold(flash_setting)
         self.flash_checked = False  # the cascade is compared with the branch kernel on its first call
@@ -305,6 +312,16 @@ def score_all(runners: list[ModelRunner], problems: list[tuple]) -> list[kernels
         for i, sc in zip(idx, res):
             out[i] = sc
     return out
+
+
+def _check_given_model(model: Transformer, cfg: dict, device: torch.device, dtype: torch.dtype) -> None:
+    from .modeling.args import ModelArgs
+
+    if model.args != ModelArgs.from_hf_config(cfg):
+        raise SpecEMError("the given model's shapes differ from the folder's config.json; build it from that config")
+    w = model.lm_head_weight
+    if w.dtype != dtype or w.device.type != device.type or (device.index is not None and w.device != device):
+        raise SpecEMError(f"the given model is {str(w.dtype)[6:]} on {w.device}, not {str(dtype)[6:]} on {device}")
 
 
 def _check_targets(targets: list[int], offsets: list[int], n: int, vocab: int) -> None:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from ..errors import SpecEMError
 from .args import ModelArgs
-from .transformer import Transformer
+from .transformer import RMSNorm, Transformer
 
 _PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
@@ -129,6 +129,31 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
         )
     model.load_state_dict(state, assign=True, strict=True)
     model.to(device)
+    model._inv_freqs = [(inv.to(device), scaling) for inv, scaling in model._inv_freqs]
+    return model.eval().requires_grad_(False)
+
+
+def random_transformer(args: ModelArgs, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                       std: float = 0.02) -> Transformer:
+    """A model of ``args``'s shapes with random weights made on ``device`` in ``dtype``.
+
+    For speed measurements at real shapes, where the weights do not matter: no file
+    is read and no float32 copy is made (the skeleton is built on the meta device,
+    cast there, then filled in place). Linear and embedding weights are N(0, std),
+    biases 0, norms the identity.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, RMSNorm):
+                mod.weight.fill_(0.0 if mod.plus_one else 1.0)
+            elif isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                mod.weight.normal_(0.0, std, generator=gen)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
     model._inv_freqs = [(inv.to(device), scaling) for inv, scaling in model._inv_freqs]
     return model.eval().requires_grad_(False)
 
