@@ -13,7 +13,7 @@ Bounded: at most max(levels) x REQUESTS requests per level, and --time-limit
 seconds in all (it stops and fails past that).
 
     .venv/bin/python benchmarks/load_test.py [--quick] [--levels 1,2,4,8,16] [--max-tokens 48]
-        [--requests 2] [--window 10] [--max-batch 16] [--out FILE.json] [--models A,B,C]
+        [--requests 2] [--max-batch 16] [--out FILE.json] [--models A,B,C] [--recommended [--weights F]]
 """
 
 from __future__ import annotations
@@ -29,8 +29,14 @@ from pathlib import Path
 import httpx
 
 from specem_fast import Ensemble
+from specem_fast.config import GenerationSettings
 from specem_fast.measure.datasets import load_gsm8k
 from specem_fast.server import BackgroundServer, create_app
+
+
+# README's recommended setting (issue 8): what a deployment of these members would serve
+RECOMMENDED = {"init_weights": "prior", "exit_threshold": 0.2, "exit_patience": 2, "skip_agreed": True}
+RECOMMENDED_WEIGHTS = Path(__file__).parent / "eval" / "weights-gsm8k-dev-partial46.json"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -139,19 +145,23 @@ def _histogram_sums(url: str, name: str) -> tuple[float, float]:
 
 
 def run_load(ens: Ensemble, prompts: list[str], levels: list[int], max_tokens: int, per_client: int,
-             time_limit: float, log=print) -> dict:
-    """Offline references, then every level against a server on 127.0.0.1; returns the report."""
+             time_limit: float, log=print, settings: dict | None = None) -> dict:
+    """Offline references, then every level against a server on 127.0.0.1; returns the report.
+
+    ``settings``: ensemble settings of every request (the server's defaults and the offline run's).
+    """
+    settings = dict(settings or {})
     need = max(levels) * per_client
     if len(prompts) < need:
         raise ValueError(f"{need} distinct prompts needed, {len(prompts)} given")
     chats = [[{"role": "user", "content": p}] for p in prompts[:need]]
     t0 = time.perf_counter()
-    refs = [r.text for r in ens.generate(messages=chats, max_new_tokens=max_tokens, temperature=0.0)]
+    refs = [r.text for r in ens.generate(messages=chats, max_new_tokens=max_tokens, temperature=0.0, **settings)]
     log(f"offline greedy answers: {need} in {time.perf_counter() - t0:.1f}s")
     deadline = time.monotonic() + time_limit
     report = {"max_tokens": max_tokens, "requests_per_client": per_client, "models": ens.model_names,
-              "max_batch": ens.config.max_batch, "levels": []}
-    with BackgroundServer(create_app(ens)) as srv:
+              "max_batch": ens.config.max_batch, "settings": settings, "levels": []}
+    with BackgroundServer(create_app(ens, defaults=GenerationSettings().with_overrides(**settings))) as srv:
         for c in levels:
             s0, n0 = _histogram_sums(srv.url, "specem_round_requests")
             row = run_level(srv.url, chats, refs, c, per_client, max_tokens, deadline)
@@ -195,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-tokens", type=int, default=1024, help="KV budget per request (default 1024)")
     ap.add_argument("--models", default=None, help="comma-separated models (default: the default models)")
     ap.add_argument("--time-limit", type=float, default=3600, help="seconds for all levels (default 3600)")
+    ap.add_argument("--recommended", action="store_true",
+                    help="serve README's recommended setting (prior weights from --weights, model exit, agreement "
+                         "fast path) instead of the reference method")
+    ap.add_argument("--weights", default=str(RECOMMENDED_WEIGHTS),
+                    help=f"prior weights for --recommended (default {RECOMMENDED_WEIGHTS})")
     ap.add_argument("--out", default=None, help="also write the report as JSON")
     args = ap.parse_args(argv)
     levels = [int(x) for x in (args.levels or ("1,2,4" if args.quick else "1,2,4,8,16")).split(",")]
@@ -202,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     per_client = args.requests or (1 if args.quick else 2)
     ens = Ensemble.from_pretrained(args.models, dtype="float32", cache_tokens=args.cache_tokens,
                                    max_batch=args.max_batch, progress=True)
+    settings = {}
+    if args.recommended:
+        ens.load_weights(args.weights)
+        settings = dict(RECOMMENDED)
     try:
         prompts = [it.prompt for it in load_gsm8k(max(levels) * per_client)]
         print(f"models: {', '.join(ens.model_names)}; {max_tokens}-token greedy answers, {per_client} request(s) "
@@ -209,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HEADER)
         report = run_load(ens, prompts, levels, max_tokens, per_client, args.time_limit,
                           log=lambda s: print(s, flush=True) if not s.startswith("offline") else
-                          print(s, file=sys.stderr, flush=True))
+                          print(s, file=sys.stderr, flush=True), settings=settings)
     finally:
         ens.close()
     report["command"] = "python benchmarks/load_test.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -17,6 +17,7 @@ INIT_WEIGHTS = ("uniform", "prior", "learned")
 # Per-model generators are seeded with seed * 1_000_003 + i, which must fit in 64 bits.
 MAX_SEED = 2**40
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
+PARALLEL_CHOICES = ("auto", "on", "off")
 # Sampling temperatures below this are refused: logits / T overflows float32 for
 # T around 1e-38 (NaN probabilities), and long before that the softmax is one-hot,
 # i.e. greedy. 0 is the way to ask for greedy decoding.
@@ -175,6 +176,9 @@ class EngineConfig:
     dtypes: tuple[str | None, ...] = field(default=())  # optional per-model dtype override
     # draft decode step through torch.compile (plus CUDA graphs on CUDA); same greedy text
     compile: bool = False
+    # members' drafting and verify forwards on one host thread per device, or per member on a CPU
+    # with >= 2 threads ("auto"), per member always ("on"), or one after another ("off")
+    parallel: str = "auto"
 
     def __post_init__(self) -> None:
         if not _is_whole(self.cache_tokens) or self.cache_tokens < 16:
@@ -186,6 +190,8 @@ class EngineConfig:
             raise SpecEMError(f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {self.kernels!r})")
         if self.flash_attn not in FLASH_ATTN_CHOICES:
             raise SpecEMError(f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)} (got {self.flash_attn!r})")
+        if self.parallel not in PARALLEL_CHOICES:
+            raise SpecEMError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)} (got {self.parallel!r})")
         if not isinstance(self.compile, bool):
             raise SpecEMError(f"compile must be True or False (got {self.compile!r})")
         for dt in (self.dtype, *self.dtypes):

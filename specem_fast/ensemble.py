@@ -166,6 +166,11 @@ def _inputs(prompts: object, messages: object) -> tuple[list, bool]:
     return [_chat(messages, "messages")], True
 
 
+# warmup(): a short chat turn, long enough for a verify pass and a second round
+WARMUP_PROMPT = "Name three primary colours and say which two make green."
+WARMUP_TOKENS = 24
+
+
 class Ensemble:
     """Several causal LMs that write one answer together (SpecEM rounds).
 
@@ -183,7 +188,7 @@ class Ensemble:
         self.cache = KVCacheManager([r.cache_shape for r in runners.values()], config.max_batch, config.cache_tokens)
         for r in runners.values():
             r.cache = self.cache[r.name]
-        self.scheduler = Scheduler(runners, drafters, verifiers, self.cache)
+        self.scheduler = Scheduler(runners, drafters, verifiers, self.cache, config.parallel)
         self.weights = WeightBook(verifiers)
         self._lock = threading.Condition(threading.RLock())
         # slot -> (thread id, owner): a slot is taken and given back only through
@@ -210,6 +215,8 @@ class Ensemble:
         weights: str | None = None,
         max_waiting: int = 256,
         compile: bool = False,
+        parallel: str = "auto",
+        warmup: bool = False,
     ) -> "Ensemble":
         drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
         verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
@@ -218,7 +225,7 @@ class Ensemble:
                 raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
                               kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes),
-                              compile=compile)
+                              compile=compile, parallel=parallel)
         # every name checked before loading; one model under two spellings (a registry
         # name and its folder, ./x and x/) is one model
         folders = {spec: resolve_model(spec) for spec in dict.fromkeys(drafters + verifiers_)}
@@ -238,7 +245,23 @@ class Ensemble:
         ens = cls(runners, drafters, verifiers_, config, max_waiting)
         if weights is not None:
             ens.load_weights(weights)
+        if warmup:
+            ens.warmup()
         return ens
+
+    def warmup(self) -> float:
+        """Run one short greedy generation and forget it, so that the first real
+        call runs at warm speed (what it pays for alone is in benchmarks/RESULTS.md,
+        "First call"). Returns its seconds. Learned weights, engine statistics
+        and cost counters are left as they were."""
+        t0 = time.perf_counter()
+        stats = dict(self.engine.stats)
+        fed = {n: (r.tokens_fed, r.tokens_refed) for n, r in self.runners.items()}
+        self.generate(WARMUP_PROMPT, max_new_tokens=WARMUP_TOKENS, temperature=0.0)
+        self.engine.stats.update(stats)
+        for n, r in self.runners.items():
+            r.tokens_fed, r.tokens_refed = fed[n]
+        return time.perf_counter() - t0
 
     @property
     def model_names(self) -> list[str]:
@@ -254,6 +277,7 @@ class Ensemble:
             "dtypes": {n: str(r.dtype).replace("torch.", "") for n, r in self.runners.items()},
             "cache_tokens": self.config.cache_tokens,
             "compile": self.config.compile,
+            "parallel": [list(g) for g in self.scheduler.pool.groups] if self.scheduler.pool.concurrent else None,
         }
 
     # -- weights across requests ---------------------------------------------------
@@ -421,8 +445,9 @@ class Ensemble:
         return self.engine.submit(p, ids, st0, sink)
 
     def close(self) -> None:
-        """Cancel what runs or waits and stop the engine thread."""
+        """Cancel what runs or waits and stop the engine thread (and the member workers)."""
         self.engine.close()
+        self.scheduler.pool.close()
 
     def _acquire(self, owner: object) -> int:
         """Take a free slot for ``owner`` (call with the lock held)."""

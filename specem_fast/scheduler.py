@@ -21,6 +21,7 @@ import torch
 from . import scoring
 from .config import GenerationSettings
 from .results import Candidate, GenerationResult, RoundRecord
+from .parallel import MemberPool
 from .runtime import ModelRunner, Run, score_all
 from .sampling import sample_tokens
 from .text import trim_to_word_boundary
@@ -78,13 +79,16 @@ class Request:
 
 
 class Scheduler:
-    def __init__(self, runners: dict[str, ModelRunner], drafters: list[str], verifiers: list[str], cache):
+    def __init__(self, runners: dict[str, ModelRunner], drafters: list[str], verifiers: list[str], cache,
+                 parallel: str = "auto"):
         self.runners = runners
         self.drafters = drafters
         self.verifiers = verifiers
         self.learners = [m for m in drafters if m in verifiers]
         self.cache = cache
-        self._groups: dict = {}  # sampling groups of the round being drafted (see _choose)
+        # per-member work of a round (drafting, a verifier's forward) on one thread per device group
+        self.pool = MemberPool({n: r.device for n, r in runners.items()}, parallel)
+        self._groups: dict[str, dict] = {}  # per drafter: sampling groups of the round it drafts (see _choose)
 
     # -- requests ---------------------------------------------------------------
     def open(self, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]],
@@ -129,9 +133,9 @@ class Scheduler:
         recompute = {r.slot for r in reqs if r.settings.mode == "recompute"}
         t0 = time.perf_counter()
         drafts = {r.slot: [] for r in reqs}
-        for m in self.drafters:
-            mine = [r for r in reqs if m in r.drafting]
-            for r, d in zip(mine, self._draft(m, mine, recompute)):
+        mine = {m: [r for r in reqs if m in r.drafting] for m in self.drafters}
+        for m, ds in zip(self.drafters, self.pool.map(lambda m: self._draft(m, mine[m], recompute), self.drafters)):
+            for r, d in zip(mine[m], ds):
                 drafts[r.slot].append(d)
         t1 = time.perf_counter()
 
@@ -262,7 +266,7 @@ class Scheduler:
         stops = torch.tensor(sorted(stop_set), dtype=torch.long).to(runner.device)
         gens = [r.seqs[m].generator for r in reqs]
         states: dict[tuple[int, int], torch.Tensor] = {}
-        self._groups = {}
+        self._groups[m] = {}
         for j in sorted(set(counts)):  # each set of requests a step samples for
             self._sampling_groups([r for r, c in zip(reqs, counts) if c >= j], m, runner.device)
         first = torch.stack([r.seqs[m].last_hidden for r in reqs])
@@ -351,14 +355,15 @@ class Scheduler:
     def _sampling_groups(self, reqs: list[Request], m: str, device: torch.device) -> list[tuple]:
         """((temperature, top_p), rows, row index tensor or None when one group) per group;
         made before a round's loop for each set of requests it samples for."""
-        key = (m, tuple(id(r) for r in reqs))
-        groups = self._groups.get(key)
+        key = tuple(id(r) for r in reqs)
+        made = self._groups.setdefault(m, {})  # each drafter's entry is touched by its own worker only
+        groups = made.get(key)
         if groups is None:
             by: dict[tuple[float, float], list[int]] = {}
             for i, r in enumerate(reqs):
                 by.setdefault((r.settings.temperature, r.settings.top_p), []).append(i)
             groups = [(st, rows, None if len(by) == 1 else torch.tensor(rows).to(device)) for st, rows in by.items()]
-            self._groups[key] = groups
+            made[key] = groups
         return groups
 
     def _apply_exit(self, r: Request) -> None:
@@ -409,47 +414,11 @@ class Scheduler:
         raw: dict[int, dict[str, list[float]]] = {r.slot: {} for r in reqs}
         if not reqs:
             return branches, raw
-        problems = []
-        for v in self.verifiers:
-            runner = self.runners[v]
-            cache = runner.cache
-            for r in reqs:
-                if r.slot in recompute:
-                    cache.crop(r.slot, 0)
-            # Lay out every candidate in scratch space above the prefix.
-            plan = []  # (request, candidate ids, reuse, Run)
-            extra: list[Run] = []
-            prefix = {r.slot: len(r.seqs[v].ids) for r in reqs}  # after catching up
-            for r in reqs:
-                P = prefix[r.slot]
-                own = [d for d in cands[r.slot] if d.model == v]
-                cursor = P + (own[0].reuse if own else 0)
-                for d in cands[r.slot]:
-                    ids = self._ids_in(d, v)
-                    reuse = d.reuse if d.model == v else 0
-                    run = Run(r.slot, ids[reuse:], cursor, P + reuse, P + reuse)
-                    cursor += len(run.tokens)
-                    plan.append((r, ids, reuse, run, d))
-                    if run.tokens:
-                        extra.append(run)
-            h = self._catch_up(runner, reqs, extra)
-            rows, targets, offsets = [], [], [0]
-            pos = 0
-            for r, ids, reuse, run, d in plan:
-                s = r.seqs[v]
-                n = len(run.tokens)
-                hb = h[pos : pos + n]
-                pos += n
-                if reuse:  # own draft: the drafting pass already has these hiddens
-                    base = d.hiddens[: reuse + 1]
-                else:
-                    base = [s.last_hidden]
-                seq = torch.cat([torch.stack(base), hb]) if n else torch.stack(base)
-                rows.append(seq[: len(ids)])
-                targets += ids
-                offsets.append(offsets[-1] + len(ids))
-                branches[r.slot].setdefault(v, []).append(Branch(ids, run.qpos, n, reuse, seq[len(ids)]))
-            problems.append(runner.scoring_problem(torch.cat(rows), targets, offsets))
+        laid = self.pool.map(lambda v: self._verify_pass(v, reqs, cands, recompute), self.verifiers)
+        for v, (mine, _) in zip(self.verifiers, laid):
+            for slot, bs in mine.items():
+                branches[slot][v] = bs
+        problems = [problem for _, problem in laid]
         for v, sc in zip(self.verifiers, score_all([self.runners[v] for v in self.verifiers], problems)):
             lp, lg = sc.mean_logprob.tolist(), sc.mean_logit.tolist()
             c = 0
@@ -458,6 +427,49 @@ class Scheduler:
                 raw[r.slot][v] = (lp if r.settings.score == "logprob" else lg)[c : c + k]
                 c += k
         return branches, raw
+
+    def _verify_pass(self, v: str, reqs: list[Request], cands: dict[int, list[Draft]], recompute: set[int]):
+        """Verifier v's forward over every request's candidates, laid out in scratch
+        space above the prefix; returns its branches per slot and its scoring problem."""
+        runner = self.runners[v]
+        cache = runner.cache
+        for r in reqs:
+            if r.slot in recompute:
+                cache.crop(r.slot, 0)
+        plan = []  # (request, candidate ids, reuse, Run, draft)
+        extra: list[Run] = []
+        prefix = {r.slot: len(r.seqs[v].ids) for r in reqs}  # after catching up
+        for r in reqs:
+            P = prefix[r.slot]
+            own = [d for d in cands[r.slot] if d.model == v]
+            cursor = P + (own[0].reuse if own else 0)
+            for d in cands[r.slot]:
+                ids = self._ids_in(d, v)
+                reuse = d.reuse if d.model == v else 0
+                run = Run(r.slot, ids[reuse:], cursor, P + reuse, P + reuse)
+                cursor += len(run.tokens)
+                plan.append((r, ids, reuse, run, d))
+                if run.tokens:
+                    extra.append(run)
+        h = self._catch_up(runner, reqs, extra)
+        rows, targets, offsets = [], [], [0]
+        mine: dict[int, list[Branch]] = {r.slot: [] for r in reqs}
+        pos = 0
+        for r, ids, reuse, run, d in plan:
+            s = r.seqs[v]
+            n = len(run.tokens)
+            hb = h[pos : pos + n]
+            pos += n
+            if reuse:  # own draft: the drafting pass already has these hiddens
+                base = d.hiddens[: reuse + 1]
+            else:
+                base = [s.last_hidden]
+            seq = torch.cat([torch.stack(base), hb]) if n else torch.stack(base)
+            rows.append(seq[: len(ids)])
+            targets += ids
+            offsets.append(offsets[-1] + len(ids))
+            mine[r.slot].append(Branch(ids, run.qpos, n, reuse, seq[len(ids)]))
+        return mine, runner.scoring_problem(torch.cat(rows), targets, offsets)
 
     # -- select & commit -----------------------------------------------------------
     def _select(self, r: Request, ds: list[Draft], raw: dict[str, list[float]], drafted: list[Draft]):

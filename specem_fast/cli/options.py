@@ -44,6 +44,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the draft decode step through torch.compile (CUDA: plus CUDA graphs); the first "
                         "rounds pay the compilation")
+    p.add_argument("--devices", type=csv_list, default=None, metavar="D1,D2,D3",
+                   help="one device per model (e.g. cuda:0,cuda:1), overriding --device")
+    p.add_argument("--parallel", choices=["auto", "on", "off"], default="auto",
+                   help="draft and verify members concurrently (default auto: one host thread per device, and "
+                        "one per model on a CPU with >= 2 threads, splitting its cores); on: one thread per "
+                        "model always; off: one model at a time")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="load prior and learned model weights from this JSON file (written by `calibrate` "
                         "or --save-weights)")
@@ -151,4 +157,6 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int
         weights=getattr(args, "weights", None),
         max_waiting=max_waiting,
         compile=getattr(args, "compile", False),
+        devices=getattr(args, "devices", None) or (),
+        parallel=getattr(args, "parallel", "auto"),
     )
