@@ -32,7 +32,9 @@ def decode_attention(
 
     Keys a query may not see are zeroed before use: positions past a request's
     length may hold anything (the cache is allocated uninitialised) and a NaN
-    there would reach the output through ``0 * NaN``.
+    there would reach the output through ``0 * NaN``. ``enable_gqa`` is passed as a
+    literal: once members with other head counts have run the shared compiled
+    step, torch.compile makes the head dims symbolic, and sdpa refuses a SymBool.
     """
     nk = key_pos.shape[0]
     k = k_cache[slot, :, :nk]  # [B, Hkv, nk, D]
@@ -43,6 +45,9 @@ def decode_attention(
     keep = vis[:, None, :, None]
     k = torch.where(keep, k, 0).to(q.dtype)
     v = torch.where(keep, v, 0).to(q.dtype)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=vis[:, None, None, :], scale=scale,
-                                       enable_gqa=q.shape[1] != k_cache.shape[1])
+    mask = vis[:, None, None, :]
+    if q.shape[1] != k_cache.shape[1]:  # a branch, so the argument is a literal (see above)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale)
     return o.squeeze(2)

@@ -22,12 +22,16 @@ def _texts(results):
 
 @pytest.mark.skipif(decode_step.compile_problem(__import__("torch").device("cpu")) is not None,
                     reason="torch.compile on the CPU needs a C++ compiler (g++ or clang++); none is on the PATH")
-def test_compiled_step_writes_the_same_greedy_text(tiny_dirs):
-    """One tiny member, so the test compiles one graph (about 10 s with inductor's cache warm, 70 s cold
-    on 2 busy cores)."""
-    name = str(tiny_dirs["llama"])
-    eager = Ensemble.from_pretrained([name], cache_tokens=256, max_batch=2, kernels="torch")
-    comp = Ensemble.from_pretrained([name], cache_tokens=256, max_batch=2, kernels="torch", compile=True)
+def test_compiled_step_writes_the_same_greedy_text(tiny_dirs, tmp_path):
+    """Two tiny members with different head counts (grouped-query 4/2 and plain 4/4 heads): they share
+    the compiled step's code, so the second one recompiles it with symbolic head dims. About 20 s with
+    inductor's cache warm, 2-3 min cold on 2 busy cores."""
+    from tiny_models import make_tiny_model_dir
+
+    mha = make_tiny_model_dir(tmp_path, "qwen2", "qwen2.5-coder-0.5b-instruct", num_key_value_heads=4)
+    name = [str(tiny_dirs["llama"]), str(mha)]
+    eager = Ensemble.from_pretrained(name, cache_tokens=256, max_batch=2, kernels="torch")
+    comp = Ensemble.from_pretrained(name, cache_tokens=256, max_batch=2, kernels="torch", compile=True)
     assert comp.metadata["compile"] is True and eager.metadata["compile"] is False
     assert _texts(comp.generate(PROMPTS[:2], **KW)) == _texts(eager.generate(PROMPTS[:2], **KW))
     assert comp.generate(PROMPTS[2], **KW).text == eager.generate(PROMPTS[2], **KW).text  # one row, same graph
