@@ -12,6 +12,7 @@ matmuls (benchmarks/bench_parallel.py measures it).
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
@@ -52,6 +53,7 @@ class MemberPool:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)} (got {mode!r})")
         self.groups = member_groups(devices, mode)
         self._group_of = {m: i for i, g in enumerate(self.groups) for m in g}
+        self._device = [devices[g[0]] for g in self.groups]
         cpu_groups = sum(1 for g in self.groups if devices[g[0]].type == "cpu")
         # CPU workers split the cores (each thread's intra-op thread count is its own)
         self._cpu_threads = {
@@ -87,12 +89,16 @@ class MemberPool:
         if g in self._cpu_threads and torch.get_num_threads() != self._cpu_threads[g]:
             torch.set_num_threads(self._cpu_threads[g])
         out, err = {}, {}
-        for m in names:
-            try:
-                out[m] = fn(m)
-            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-                err[m] = exc
-                break  # this worker's later members would run on a state the error left behind
+        dev = self._device[g]
+        # Triton launches on the current device's stream: make it this group's GPU
+        ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            for m in names:
+                try:
+                    out[m] = fn(m)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                    err[m] = exc
+                    break  # this worker's later members would run on a state the error left behind
         return out, err
 
     def close(self) -> None:
