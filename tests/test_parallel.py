@@ -69,6 +69,12 @@ def test_a_failing_member_ends_the_round_and_the_engine_stays_usable(three, monk
 def test_parallel_setting_is_checked(tiny_dirs):
     with pytest.raises(SpecEMError, match="parallel must be one of auto, on, off"):
         Ensemble.from_pretrained([str(tiny_dirs["llama"])], parallel="yes")
+    names = [str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])]
+    with pytest.raises(SpecEMError, match="parallel='on' cannot run Triton kernels on the CPU"):
+        Ensemble.from_pretrained(names, kernels="triton", parallel="on", cache_tokens=64)
+    interpreted = Ensemble.from_pretrained(names, kernels="triton", cache_tokens=64)  # auto: in turn
+    assert interpreted.metadata["parallel"] is None
+    interpreted.close()
 
 
 def test_groups_follow_devices():
