@@ -552,22 +552,24 @@ def _first_diff(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _bench_kernels():
-    name = "bench_kernels_bypath"
+def _sibling(stem: str):
+    """Another script of benchmarks/ as a module (they are not a package), loaded once."""
+    name = f"{stem}_bypath"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "bench_kernels.py")
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{stem}.py")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
 
 
+def _bench_kernels():
+    return _sibling("bench_kernels")
+
+
 def load_checkout():
     """specem_fast from this checkout, kernels/ as specem_fast.kernels (engine_cuda_check's loader)."""
-    spec = importlib.util.spec_from_file_location("engine_cuda_check_bypath", HERE / "engine_cuda_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.load_checkout()
+    return _sibling("engine_cuda_check").load_checkout()
 
 
 def run(folders: list[Path], a) -> int:

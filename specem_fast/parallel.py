@@ -19,6 +19,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from .config import PARALLEL_CHOICES
+from .errors import SpecEMError
 
 T = TypeVar("T")
 
@@ -48,10 +49,15 @@ class MemberPool:
     first error in that order is raised.
     """
 
-    def __init__(self, devices: dict[str, torch.device], mode: str = "auto"):
+    def __init__(self, devices: dict[str, torch.device], mode: str = "auto", interpreted: bool = False):
+        """``interpreted``: some member runs Triton kernels through the interpreter (on a CPU),
+        which patches module state while a kernel runs, so members must run in turn."""
         if mode not in PARALLEL_CHOICES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)} (got {mode!r})")
-        self.groups = member_groups(devices, mode)
+        if interpreted and mode == "on":
+            raise SpecEMError("parallel='on' cannot run Triton kernels on the CPU (the Triton interpreter is "
+                              "not thread-safe); use parallel='auto' or 'off', or kernels='torch'")
+        self.groups = member_groups(devices, "off" if interpreted else mode)
         self._group_of = {m: i for i, g in enumerate(self.groups) for m in g}
         self._device = [devices[g[0]] for g in self.groups]
         cpu_groups = sum(1 for g in self.groups if devices[g[0]].type == "cpu")

@@ -20,7 +20,6 @@ import torch
 
 from . import scoring
 from .config import GenerationSettings
-from .errors import SpecEMError
 from .results import Candidate, GenerationResult, RoundRecord
 from .parallel import MemberPool
 from .runtime import ModelRunner, Run, score_all
@@ -87,15 +86,9 @@ class Scheduler:
         self.verifiers = verifiers
         self.learners = [m for m in drafters if m in verifiers]
         self.cache = cache
-        # per-member work of a round (drafting, a verifier's forward) on one thread per device group;
-        # the Triton interpreter (Triton kernels on a CPU) patches module state while it runs a
-        # kernel, so interpreted members run in turn
-        if parallel != "off" and any(r.triton and r.device.type == "cpu" for r in runners.values()):
-            if parallel == "on":
-                raise SpecEMError("parallel='on' cannot run Triton kernels on the CPU (the Triton interpreter is "
-                                  "not thread-safe); use parallel='auto' or 'off', or kernels='torch'")
-            parallel = "off"
-        self.pool = MemberPool({n: r.device for n, r in runners.items()}, parallel)
+        # per-member work of a round (drafting, a verifier's forward) on one thread per device group
+        interpreted = any(r.triton and r.device.type == "cpu" for r in runners.values())
+        self.pool = MemberPool({n: r.device for n, r in runners.items()}, parallel, interpreted)
         self._groups: dict[str, dict] = {}  # per drafter: sampling groups of the round it drafts (see _choose)
 
     # -- requests ---------------------------------------------------------------
