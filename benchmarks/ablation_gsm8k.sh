@@ -16,6 +16,9 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 E=benchmarks/eval
 W=$E/weights-gsm8k-dev.json
+# Prior weights from the first 46 calibration items (the 100-item calibration is
+# unfinished); every prior run so far uses this file.
+P46=$E/weights-gsm8k-dev-partial46.json
 run() { .venv/bin/specem-fast eval "$@" --max-new-tokens 256 --cache-tokens 1024; }
 ens() { local name=$1; shift; run gsm8k --limit 60 --batch 30 --no-singles --out "$E/gsm8k60-$name.jsonl" \
           --trace "$E/gsm8k60-$name.trace.jsonl" "$@"; }
@@ -25,19 +28,21 @@ case "${1:-}" in
     .venv/bin/specem-fast calibrate gsm8k --skip 300 --limit 100 --max-new-tokens 256 --batch 25 \
       --cache-tokens 1024 --out "$W" ;;
   ablation)
-    run gsm8k --limit 60 --batch 26 --out "$E/gsm8k60-reference.jsonl" --trace "$E/gsm8k60-reference.trace.jsonl"
+    # The members alone on these items are the first 60 of gsm8k200-members.jsonl
+    # (`final`), and the recommended combination's are the first 60 of
+    # gsm8k200-prior-exit.jsonl, so neither is rerun here. (The reference file's
+    # first 26 items also hold the members' answers: it ran without --no-singles.)
+    ens reference
     ens skip-agreed --skip-agreed
+    ens exit --exit-threshold 0.3 --exit-patience 3
+    ens prior --weights "$P46" --init-weights prior
     ens no-self-votes --no-self-votes
     ens constant-lr --hedge-schedule constant
-    ens learned --init-weights learned --save-weights "$E/weights-learned-gsm8k60.json"
-    ens exit --exit-threshold 0.3 --exit-patience 3
-    ens prior --weights "$W" --init-weights prior
-    ens prior-exit --weights "$W" --init-weights prior --exit-threshold 0.2 --exit-patience 2 --skip-agreed ;;
+    ens learned --init-weights learned --save-weights "$E/weights-learned-gsm8k60.json" ;;
   final)
     # Members alone (the first 26 items' answers were carried over from the
     # reference run's file: same settings, float32 greedy is batch-independent).
     MEMBERS=smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,gemma3-270m
-    P46=$E/weights-gsm8k-dev-partial46.json
     PRIOR_EXIT=(--weights "$P46" --init-weights prior --exit-threshold 0.2 --exit-patience 2 --skip-agreed)
     run gsm8k --limit 200 --batch 25 --systems "$MEMBERS" --out "$E/gsm8k200-members.jsonl"
     run gsm8k --limit 200 --batch 25 --no-singles "${PRIOR_EXIT[@]}" \

@@ -1,0 +1,86 @@
+"""One table for issue 8's ablation: every run of `specem-fast eval` on the same items.
+
+Each argument is LABEL=RESULTS[:SYSTEM] (SYSTEM defaults to ``ensemble``; name a
+member to take its answers alone from a members file). Every row is summarised
+over the first --limit items of the data set with eval's own `summarize`, and the
+paired columns compare each row with the first one on the items both answered:
+``+`` right here and wrong there, ``-`` the other way.
+
+    python benchmarks/ablation_table.py --limit 60 \\
+        reference=benchmarks/eval/gsm8k60-reference.jsonl \\
+        skip-agreed=benchmarks/eval/gsm8k60-skip-agreed.jsonl \\
+        qwen=benchmarks/eval/gsm8k200-members.jsonl:qwen2.5-coder-0.5b-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from specem_fast.measure.datasets import load_items
+from specem_fast.measure.evaluate import ENSEMBLE, summarize
+
+
+def _rows(spec: str) -> tuple[str, Path, str]:
+    label, sep, rest = spec.partition("=")
+    if not sep or not label or not rest:
+        raise SystemExit(f"bad row {spec!r}: expected LABEL=RESULTS[:SYSTEM]")
+    path, _, system = rest.partition(":")
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no such results file")
+    return label, Path(path), system or ENSEMBLE
+
+
+def _records(path: Path) -> tuple[dict, list[dict]]:
+    recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    header = next((r for r in recs if r.get("type") == "header"), None)
+    if header is None:
+        raise SystemExit(f"{path}: not a results file of `specem-fast eval` (no header)")
+    return header, [r for r in recs if r.get("type") == "item"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rows", nargs="+", help="LABEL=RESULTS[:SYSTEM]; the first row is the baseline")
+    ap.add_argument("--limit", type=int, default=60, help="first N items of the data set (default 60)")
+    args = ap.parse_args()
+
+    table, base = [], None
+    for spec in args.rows:
+        label, path, system = _rows(spec)
+        header, recs = _records(path)
+        items = load_items(header["dataset"], seed=header.get("seed", 0), limit=args.limit)
+        row = summarize(recs, items, [system], dataset=header["dataset"], seed=header.get("seed", 0),
+                        settings=header["settings"])["systems"][0]
+        ids = {it.id for it in items}
+        right = {r["item_id"]: bool(r.get("correct")) for r in recs
+                 if r.get("system") == system and r["item_id"] in ids and "error" not in r}
+        if base is None:
+            base = right
+        both = right.keys() & base.keys()
+        gained = sum(right[i] and not base[i] for i in both)
+        lost = sum(base[i] and not right[i] for i in both)
+        table.append((label, row, gained, lost))
+
+    head = (f"{'setting':<16} {'done':>6}  {'accuracy [95% CI]':<22} {'+/-':>6} {'tokens':>6} "
+            f"{'tok/s':>6} {'drafters':>8} {'no verify':>9}  winner share")
+    print(f"first {args.limit} items; +/- = right only here / right only in the first row")
+    print(head)
+    print("-" * len(head))
+    for label, r, gained, lost in table:
+        acc = r["accuracy"]
+        pct = (f"{100 * acc['value']:5.1f}% [{100 * acc['ci_low']:4.1f}, {100 * acc['ci_high']:4.1f}]"
+               if acc.get("value") is not None else "n/a")
+        drafters = f"{r['mean_drafters']:.2f}" if "mean_drafters" in r else "-"
+        skipped = f"{100 * r['skipped_verify_share']:.0f}%" if "skipped_verify_share" in r else "-"
+        share = ", ".join(f"{m.split('-')[0]} {100 * v:.0f}%"
+                          for m, v in sorted((r.get("win_share") or {}).items(), key=lambda kv: -kv[1]))
+        tok = f"{r['mean_new_tokens']:.0f}" if r["mean_new_tokens"] is not None else "-"
+        tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] is not None else "-"
+        print(f"{label:<16} {r['n_done']:>3}/{r['n_items']:<2}  {pct:<22} {f'+{gained}/-{lost}':>6} {tok:>6} "
+              f"{tps:>6} {drafters:>8} {skipped:>9}  {share}")
+
+
+if __name__ == "__main__":
+    main()
