@@ -7,7 +7,11 @@ scores), the share of rounds its segment won, and the Hedge weight answers ended
 with. Also the reward on items where the member alone was right vs wrong.
 
     python benchmarks/reward_vs_accuracy.py benchmarks/eval/gsm8k60-reference.jsonl \
-        benchmarks/eval/gsm8k60-reference.trace.jsonl [--self-votes]
+        benchmarks/eval/gsm8k60-reference.trace.jsonl [--no-self-votes] \
+        [--members benchmarks/eval/gsm8k200-members.jsonl]
+
+--members reads the members' answers alone from another results file (an
+ensemble run made with --no-singles); the first file's own answers come first.
 """
 
 from __future__ import annotations
@@ -26,12 +30,19 @@ def main() -> None:
     ap.add_argument("results")
     ap.add_argument("trace")
     ap.add_argument("--no-self-votes", action="store_true", help="rewards as with self_votes=False")
+    ap.add_argument("--members", action="append", default=[], metavar="RESULTS",
+                    help="another results file with the members' answers alone (repeatable)")
     args = ap.parse_args()
 
     recs = [json.loads(x) for x in open(args.results, encoding="utf-8") if x.strip()]
     header = next(r for r in recs if r.get("type") == "header")
     members = header["models"]
-    correct = {(r["system"], r["item_id"]): r.get("correct") for r in recs if r.get("type") == "item"}
+    correct: dict[tuple[str, str], bool | None] = {}
+    for path in [args.results, *args.members]:
+        for line in open(path, encoding="utf-8"):
+            r = json.loads(line) if line.strip() else {}
+            if r.get("type") == "item":
+                correct.setdefault((r["system"], r["item_id"]), r.get("correct"))
     rounds = read_trace(args.trace)
 
     rewards: dict[str, list[float]] = defaultdict(list)
