@@ -183,8 +183,16 @@ class WeightBook:
                 "use the same models, or calibrate this ensemble"
             )
         self.set_prior(data.get("prior"), data.get("calibration"))
-        learned = data.get("learned")
+        self.restore(data, f"{p}: learned weights")
+
+    def restore(self, state: Mapping[str, Any], what: str = "learned weights") -> None:
+        """Take the running estimate (``learned``, ``requests``) from a :meth:`to_dict`."""
+        learned = state.get("learned")
         if learned is not None:
-            self.learned = apply_floor(_normalised(learned, self.names, f"{p}: learned weights"), self.floor)
-        requests = data.get("requests", 0)
+            fixed = apply_floor(_normalised(learned, self.names, what), self.floor)
+            # a state this book wrote is already normalised and floored: keep it bit for bit,
+            # so a resumed run continues exactly (renormalising moves the last digits)
+            same = all(abs(fixed[n] - learned[n]) <= 1e-12 for n in self.names)
+            self.learned = {n: float(learned[n]) for n in self.names} if same else fixed
+        requests = state.get("requests", 0)
         self.requests = requests if isinstance(requests, int) and requests >= 0 else 0

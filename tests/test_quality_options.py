@@ -145,6 +145,51 @@ def test_learned_weights_carry_over_persist_and_reload(tiny, names, tmp_path):
     assert again.text == third.text and again.rounds[0].weights == pytest.approx(third.rounds[0].weights)
 
 
+def test_resumed_learned_eval_answers_as_an_uninterrupted_one(tiny, tmp_path, capsys):
+    """A learned run's later batches start from weights learned on earlier ones; a run
+    stopped after its first batch and resumed in a fresh process must pick them up."""
+    from specem_fast.measure.datasets import load_items
+    from specem_fast.measure.evaluate import LEARNED_KEY, run_eval
+
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in PROMPTS + [PROMPTS[0]]))
+    items = load_items(str(data))
+    kw = dict(dataset=str(data), settings=GenerationSettings(max_new_tokens=12, window=4, hedge_lr=5.0,
+              hedge_schedule="constant", init_weights="learned"), systems=["ensemble"], progress=False, batch=2)
+
+    def answers(path):
+        recs = [json.loads(x) for x in path.read_text().splitlines()]
+        return [(r["item_id"], r["output"], r[LEARNED_KEY]) for r in recs if r.get("type") == "item"]
+
+    _reset_book(tiny)
+    whole = tmp_path / "whole.jsonl"
+    run_eval(tiny, items, out_path=whole, trace_path=tmp_path / "whole.trace", **kw)
+    assert tiny.weights.requests == 4
+    rounds = [r for r in map(json.loads, (tmp_path / "whole.trace").read_text().splitlines()) if r["round"] == 1]
+    assert rounds[2]["weights"] != pytest.approx(rounds[0]["weights"])  # batch 2 really started elsewhere
+
+    _reset_book(tiny)
+    part = tmp_path / "part.jsonl"
+    run_eval(tiny, items[:2], out_path=part, **kw)
+    _reset_book(tiny)  # what a fresh process has
+    run_eval(tiny, items, out_path=part, **kw)
+    assert answers(part) == answers(whole)
+    assert tiny.weights.requests == 4
+
+    # stopped halfway through writing a batch: the rest of it cannot start from the weights
+    # before the batch any more, and the user is told
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:-1]))
+    _reset_book(tiny)
+    capsys.readouterr()
+    run_eval(tiny, items, out_path=part, **kw)
+    assert "stopped while writing a batch" in capsys.readouterr().err
+
+    # the batch decides which requests learn from which: another batch is another run
+    with pytest.raises(SpecEMError, match="batch"):
+        run_eval(tiny, items, out_path=part, **{**kw, "batch": 1})
+
+
 def test_prior_weights_start_the_request(tiny, names, tmp_path):
     _reset_book(tiny)
     with pytest.raises(SpecEMError, match="no prior weights"):

@@ -27,7 +27,8 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items (after --skip)")
     p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N items (default 0)")
     p.add_argument("--batch", type=int, default=8, metavar="N",
-                   help="items decoded together per system (default 8; each keeps its own seed)")
+                   help="items decoded together per system (default 8; each keeps its own seed; with "
+                        "--init-weights learned a batch starts from what earlier batches learned)")
     p.add_argument("--save-weights", default=None, metavar="FILE",
                    help="after the run, write the ensemble's prior and learned weights (JSON) here")
     p.add_argument(

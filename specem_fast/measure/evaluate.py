@@ -37,7 +37,9 @@ __all__ = ["ENSEMBLE", "FORMAT", "ResultsFile", "run_eval", "summarize", "format
 ENSEMBLE = "ensemble"
 FORMAT = "specem-fast-eval/1"
 # Header fields a resumed run must agree with.
-_IDENTITY = ("dataset", "seed", "settings", "models", "verifiers", "prior")
+# Ensemble records of an init_weights="learned" run: the running estimate after the batch.
+LEARNED_KEY = "learned_after_batch"
+_IDENTITY = ("dataset", "seed", "settings", "models", "verifiers", "prior", "batch")
 
 
 class ResultsFile:
@@ -224,6 +226,8 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
                 sdict: dict, models: list[str], systems: list[str], trace_path, summary_path, progress: bool,
                 verifiers, batch: int) -> dict[str, Any]:
     header, records, note = results.load()
+    book = getattr(ensemble, "weights", None)
+    learned = sdict.get("init_weights") == "learned" and hasattr(book, "restore")
     identity = {
         "dataset": dataset,
         "seed": seed,
@@ -233,6 +237,8 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
         # answers that start from prior weights depend on them (files without it read as None)
         "prior": getattr(getattr(ensemble, "weights", None), "prior", None) if sdict.get("init_weights") == "prior"
         else None,
+        # answers that start from learned weights depend on which requests ran before them
+        "batch": batch if learned else None,
     }
     if header is None:
         if results.path.parent and not results.path.parent.exists():
@@ -266,6 +272,9 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
         if it is not None and rec.get("system") in systems:
             running.add(rec["system"], rec.get("correct"))
 
+    if learned:
+        _resume_learned(book, records, items, batch, results.path)
+
     total = len(items) * len(systems)
     left = sum(1 for it in items for s in systems if (s, it.id) not in done)
     bar = _progress(total=total, initial=total - left, enabled=progress, desc=f"eval {dataset}")
@@ -276,7 +285,10 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
                 todo = [(i, it) for i, it in chunk if (system, it.id) not in done]
                 if not todo:
                     continue
-                for (i, item), (record, result) in zip(todo, _run_batch(ensemble, todo, system, sdict)):
+                pairs = _run_batch(ensemble, todo, system, sdict)
+                for (i, item), (record, result) in zip(todo, pairs):
+                    if learned and system == ENSEMBLE:
+                        record[LEARNED_KEY] = {"learned": book.learned, "requests": book.requests}
                     results.append(record)
                     running.add(system, record.get("correct"))
                     if trace_path is not None and result is not None and system == ENSEMBLE:
@@ -290,13 +302,36 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
 
     _, records, _ = results.load()
     summary = summarize(records, items, systems, dataset=dataset, seed=seed, settings=sdict, out_path=results.path)
-    book = getattr(ensemble, "weights", None)
     if hasattr(book, "to_dict"):  # what the weights learned across these requests ended at
         summary["weights"] = book.to_dict()
     spath = Path(summary_path) if summary_path is not None else summary_path_for(results.path)
     spath.write_text(_json_line(summary, indent=2) + "\n", encoding="utf-8")
     summary["summary_path"] = str(spath)
     return summary
+
+
+def _resume_learned(book: Any, records: Sequence[dict], items: Sequence[EvalItem], batch: int, path: Path) -> None:
+    """Put back the running weight estimate a learned run had reached, so a resumed
+    run answers the rest exactly as an uninterrupted one would.
+
+    Every ensemble record of such a run holds the estimate after its batch; the
+    last one recorded is where the run stopped.
+    """
+    state = None
+    for rec in records:
+        if rec.get("system") == ENSEMBLE and LEARNED_KEY in rec:
+            state = rec[LEARNED_KEY]
+    if state is None:
+        return
+    book.restore(state, f"{path}: learned weights")
+    position = {it.id: i for i, it in enumerate(items)}
+    done = {position[r["item_id"]] for r in records if r.get("system") == ENSEMBLE and r.get("item_id") in position}
+    torn = [s for s in range(0, len(items), batch)
+            if 0 < len(done & set(range(s, min(s + batch, len(items))))) < min(batch, len(items) - s)]
+    if torn:
+        print(f"specem-fast: {path}: the run stopped while writing a batch; the rest of that batch starts from "
+              "the weights learned after it, not before it (learned answers there may differ from an "
+              "uninterrupted run)", file=sys.stderr)
 
 
 def _run_batch(ensemble: Any, todo: list[tuple[int, EvalItem]], system: str, sdict: dict
