@@ -43,14 +43,16 @@ def _records(path: Path) -> tuple[dict, list[dict]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="+", help="LABEL=RESULTS[:SYSTEM]; the first row is the baseline")
-    ap.add_argument("--limit", type=int, default=60, help="first N items of the data set (default 60)")
+    ap.add_argument("--limit", type=int, default=60, help="N items of the data set (default 60)")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out the first items (e.g. to compare speed only on items every run shared a machine for)")
     args = ap.parse_args()
 
     table, base = [], None
     for spec in args.rows:
         label, path, system = _rows(spec)
         header, recs = _records(path)
-        items = load_items(header["dataset"], seed=header.get("seed", 0), limit=args.limit)
+        items = load_items(header["dataset"], seed=header.get("seed", 0), limit=args.limit, skip=args.skip)
         row = summarize(recs, items, [system], dataset=header["dataset"], seed=header.get("seed", 0),
                         settings=header["settings"])["systems"][0]
         ids = {it.id for it in items}
@@ -65,7 +67,7 @@ def main() -> None:
 
     head = (f"{'setting':<16} {'done':>6}  {'accuracy [95% CI]':<22} {'+/-':>6} {'tokens':>6} "
             f"{'tok/s':>6} {'drafters':>8} {'no verify':>9}  winner share")
-    print(f"first {args.limit} items; +/- = right only here / right only in the first row")
+    print(f"items {args.skip}-{args.skip + args.limit - 1}; +/- = right only here / right only in the first row")
     print(head)
     print("-" * len(head))
     for label, r, gained, lost in table:
