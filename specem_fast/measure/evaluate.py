@@ -235,8 +235,7 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
         "models": models,
         "verifiers": list(verifiers) if verifiers is not None else None,
         # answers that start from prior weights depend on them (files without it read as None)
-        "prior": getattr(getattr(ensemble, "weights", None), "prior", None) if sdict.get("init_weights") == "prior"
-        else None,
+        "prior": getattr(book, "prior", None) if sdict.get("init_weights") == "prior" else None,
         # answers that start from learned weights depend on which requests ran before them
         "batch": batch if learned else None,
     }
