@@ -7,7 +7,8 @@
 #   bash benchmarks/ablation_gsm8k.sh calibrate   # members alone on GSM8K 300-399 -> prior weights
 #   bash benchmarks/ablation_gsm8k.sh ablation    # first 60 items: reference (+ members), each option alone
 #   bash benchmarks/ablation_gsm8k.sh final       # first 200 items and 60 IFBench prompts:
-#                                                 # members alone, then the recommended setting
+#                                                 # members alone, the recommended setting,
+#                                                 # the reference method
 #
 # OMP_NUM_THREADS=1: on the 2-core development VMs one thread per process was
 # faster than two (benchmarks/RESULTS.md); run two steps side by side instead.
@@ -32,7 +33,9 @@ case "${1:-}" in
     # (`final`), and the recommended combination's are the first 60 of
     # gsm8k200-prior-exit.jsonl, so neither is rerun here. (The reference file's
     # first 26 items also hold the members' answers: it ran without --no-singles.)
-    ens reference
+    # the reference's file holds 200 items once `final` has run (its first 60 are these)
+    run gsm8k --limit 60 --batch 30 --no-singles --out "$E/gsm8k200-reference.jsonl" \
+      --trace "$E/gsm8k200-reference.trace.jsonl"
     ens skip-agreed --skip-agreed
     # 0.3 never triggers under the reference schedule (lowest weight in its trace: 0.318)
     ens exit --exit-threshold 0.325 --exit-patience 3
@@ -49,7 +52,11 @@ case "${1:-}" in
     run gsm8k --limit 200 --batch 25 --systems "$MEMBERS" --out "$E/gsm8k200-members.jsonl"
     run gsm8k --limit 200 --batch 25 --no-singles "${PRIOR_EXIT[@]}" \
       --out "$E/gsm8k200-prior-exit.jsonl" --trace "$E/gsm8k200-prior-exit.trace.jsonl"
+    run gsm8k --limit 200 --batch 20 --no-singles --out "$E/gsm8k200-reference.jsonl" \
+      --trace "$E/gsm8k200-reference.trace.jsonl"
     run ifbench --limit 60 --batch 20 --systems "$MEMBERS" --out "$E/ifbench60-members.jsonl"
+    run ifbench --limit 60 --batch 20 --no-singles --out "$E/ifbench60-reference.jsonl" \
+      --trace "$E/ifbench60-reference.trace.jsonl"
     run ifbench --limit 60 --batch 20 --no-singles "${PRIOR_EXIT[@]}" \
       --out "$E/ifbench60-prior-exit.jsonl" --trace "$E/ifbench60-prior-exit.trace.jsonl" ;;
   *)

@@ -7,7 +7,7 @@ paired columns compare each row with the first one on the items both answered:
 ``+`` right here and wrong there, ``-`` the other way.
 
     python benchmarks/ablation_table.py --limit 60 \\
-        reference=benchmarks/eval/gsm8k60-reference.jsonl \\
+        reference=benchmarks/eval/gsm8k200-reference.jsonl \\
         skip-agreed=benchmarks/eval/gsm8k60-skip-agreed.jsonl \\
         qwen=benchmarks/eval/gsm8k200-members.jsonl:qwen2.5-coder-0.5b-instruct
 """

@@ -6,8 +6,8 @@ its mean win-rate reward over the verified rounds (recomputed from the recorded
 scores), the share of rounds its segment won, and the Hedge weight answers ended
 with. Also the reward on items where the member alone was right vs wrong.
 
-    python benchmarks/reward_vs_accuracy.py benchmarks/eval/gsm8k60-reference.jsonl \
-        benchmarks/eval/gsm8k60-reference.trace.jsonl [--no-self-votes] \
+    python benchmarks/reward_vs_accuracy.py benchmarks/eval/gsm8k200-reference.jsonl \
+        benchmarks/eval/gsm8k200-reference.trace.jsonl [--no-self-votes] \
         [--members benchmarks/eval/gsm8k200-members.jsonl]
 
 --members reads the members' answers alone from another results file (an
