@@ -10,6 +10,10 @@
 #                                                 # members alone, the recommended setting,
 #                                                 # the reference method
 #
+# The repository keeps finished round traces gzip-compressed (*.trace.jsonl.gz,
+# read as they are by `plot` and benchmarks/reward_vs_accuracy.py); before resuming
+# a run whose trace is compressed, `gzip -d` it so the rest is appended to it.
+#
 # OMP_NUM_THREADS=1: on the 2-core development VMs one thread per process was
 # faster than two (benchmarks/RESULTS.md); run two steps side by side instead.
 set -euo pipefail

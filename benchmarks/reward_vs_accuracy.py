@@ -7,7 +7,7 @@ scores), the share of rounds its segment won, and the Hedge weight answers ended
 with. Also the reward on items where the member alone was right vs wrong.
 
     python benchmarks/reward_vs_accuracy.py benchmarks/eval/gsm8k200-reference.jsonl \
-        benchmarks/eval/gsm8k200-reference.trace.jsonl [--no-self-votes] \
+        benchmarks/eval/gsm8k200-reference.trace.jsonl.gz [--no-self-votes] \
         [--members benchmarks/eval/gsm8k200-members.jsonl]
 
 --members reads the members' answers alone from another results file (an

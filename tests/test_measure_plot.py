@@ -38,6 +38,19 @@ def test_write_trace_api(tmp_path):
         write_trace(tmp_path / "missing" / "t.jsonl", results)
 
 
+def test_read_trace_reads_a_gzip_compressed_trace_and_names_a_damaged_one(tmp_path):
+    import gzip
+
+    write_trace(tmp_path / "t.jsonl", FakeEnsemble().generate(["p1", "p2"]))
+    plain = read_trace(tmp_path / "t.jsonl")
+    packed = gzip.compress((tmp_path / "t.jsonl").read_bytes())
+    (tmp_path / "t.jsonl.gz").write_bytes(packed)
+    assert read_trace(tmp_path / "t.jsonl.gz") == plain and len(plain) == 6
+    (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(SpecEMError, match="damaged or incomplete gzip"):
+        read_trace(tmp_path / "cut.jsonl.gz")
+
+
 def test_plot_trace_and_bench_pngs(tmp_path, capsys):
     ens = FakeEnsemble()
     trace = tmp_path / "run.jsonl"

@@ -1,8 +1,9 @@
 """Round traces: every round of every request as one JSON line.
 
 ``write_trace(path, results)`` is what ``generate --trace``, ``eval --trace`` and
-``bench --trace`` call; ``read_trace(path)`` reads it back (for ``plot``). One
-line per round::
+``bench --trace`` call; ``read_trace(path)`` reads it back (for ``plot``), also
+gzip-compressed (how finished traces are kept in the repository). One line per
+round::
 
     {"type": "round", "request": "gsm8k-0", "round": 1, "winner_model": "...",
      "winner": 0, "weights": {...}, "scores": {...}, "raw_scores": {...},
@@ -13,8 +14,10 @@ line per round::
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -143,12 +146,19 @@ def write_trace(
 
 
 def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Round records of a trace file (a torn last line is ignored)."""
+    """Round records of a trace file, plain or gzip-compressed (a torn last line is ignored)."""
     p = Path(path)
     try:
         raw = p.read_bytes()
     except OSError as exc:
         raise SpecEMError(f"cannot read trace {str(p)!r}: {exc.strerror}") from None
+    if raw[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by the file name
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error):
+            raise SpecEMError(
+                f"cannot read trace {str(p)!r}: a damaged or incomplete gzip file; "
+                "compress the plain trace again (gzip -k FILE)") from None
     records = []
     lines = raw.split(b"\n")
     for lineno, line in enumerate(lines, start=1):
