@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 import sys
@@ -67,6 +68,15 @@ def test_full_run_summary_and_stream(tmp_path, items):
     # the trace holds 3 rounds per ensemble answer, labelled by item id
     trace = read_trace(tmp_path / "t.jsonl")
     assert len(trace) == 3 * N_ITEMS and trace[0]["request"] == "line-1"
+
+
+def test_eval_refuses_a_gzip_trace_before_answering(tmp_path, items):
+    trace = tmp_path / "t.jsonl.gz"
+    trace.write_bytes(gzip.compress(b'{"type": "round"}\n'))
+    ens = FakeEnsemble(right_for)
+    with pytest.raises(SpecEMError, match="gzip-compressed; decompress it first"):
+        run_eval(ens, items, out_path=tmp_path / "res.jsonl", dataset="data", progress=False, trace_path=trace)
+    assert ens.calls == [] and not (tmp_path / "res.jsonl").exists()
 
 
 def test_m_alpha_expected_count(items):

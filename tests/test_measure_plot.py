@@ -1,4 +1,5 @@
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -39,8 +40,6 @@ def test_write_trace_api(tmp_path):
 
 
 def test_read_trace_reads_a_gzip_compressed_trace_and_names_a_damaged_one(tmp_path):
-    import gzip
-
     write_trace(tmp_path / "t.jsonl", FakeEnsemble().generate(["p1", "p2"]))
     plain = read_trace(tmp_path / "t.jsonl")
     packed = gzip.compress((tmp_path / "t.jsonl").read_bytes())
@@ -49,6 +48,10 @@ def test_read_trace_reads_a_gzip_compressed_trace_and_names_a_damaged_one(tmp_pa
     (tmp_path / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
     with pytest.raises(SpecEMError, match="damaged or incomplete gzip"):
         read_trace(tmp_path / "cut.jsonl.gz")
+    # appending plain lines would corrupt a compressed trace: refused, file untouched
+    with pytest.raises(SpecEMError, match="gzip-compressed; decompress it first"):
+        write_trace(tmp_path / "t.jsonl.gz", FakeEnsemble().generate(["p3"]), append=True)
+    assert (tmp_path / "t.jsonl.gz").read_bytes() == packed
 
 
 def test_plot_trace_and_bench_pngs(tmp_path, capsys):

@@ -30,7 +30,7 @@ from .answers import grade
 from .datasets import EvalItem
 from .ifbench import check_instructions
 from .stats import accuracy, mean
-from .trace import repair_jsonl_tail, write_trace
+from .trace import check_appendable, repair_jsonl_tail, write_trace
 
 __all__ = ["ENSEMBLE", "FORMAT", "ResultsFile", "run_eval", "summarize", "format_summary", "summary_path_for"]
 
@@ -213,6 +213,8 @@ def run_eval(
         raise SpecEMError(f"unknown system(s) {', '.join(unknown)}; choose from {', '.join(all_systems)}")
     if not items:
         raise SpecEMError("no items to evaluate")
+    if trace_path is not None:
+        check_appendable(trace_path)  # before any answer is decoded
 
     results = ResultsFile(out_path)
     with _exclusive(results.path):

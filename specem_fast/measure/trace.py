@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from ..errors import SpecEMError
 
-__all__ = ["write_trace", "trace_lines", "read_trace", "iter_requests", "repair_jsonl_tail"]
+__all__ = ["write_trace", "trace_lines", "read_trace", "iter_requests", "repair_jsonl_tail", "check_appendable"]
 
 
 def repair_jsonl_tail(path: str | os.PathLike) -> str:
@@ -133,6 +133,8 @@ def write_trace(
     if p.parent and not p.parent.exists():
         raise SpecEMError(f"cannot write trace {str(p)!r}: folder {str(p.parent)!r} does not exist")
     data = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in lines).encode("utf-8")
+    if append:
+        check_appendable(p)
     try:
         if append:
             repair_jsonl_tail(p)
@@ -145,6 +147,21 @@ def write_trace(
     return len(lines)
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def check_appendable(path: str | os.PathLike) -> None:
+    """Refuse a gzip-compressed trace before a run would append plain lines to it."""
+    try:
+        with open(path, "rb") as fh:
+            packed = fh.read(2) == _GZIP_MAGIC
+    except OSError:
+        return  # missing (created on first write) or unreadable (reported by the write)
+    if packed:
+        raise SpecEMError(f"cannot append to trace {str(path)!r}: it is gzip-compressed; "
+                          "decompress it first (gzip -d FILE) or choose another --trace file")
+
+
 def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Round records of a trace file, plain or gzip-compressed (a torn last line is ignored)."""
     p = Path(path)
@@ -152,7 +169,7 @@ def read_trace(path: str | os.PathLike) -> list[dict[str, Any]]:
         raw = p.read_bytes()
     except OSError as exc:
         raise SpecEMError(f"cannot read trace {str(p)!r}: {exc.strerror}") from None
-    if raw[:2] == b"\x1f\x8b":  # gzip magic: decide by content, not by the file name
+    if raw[:2] == _GZIP_MAGIC:  # decided by content, not by the file name
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error):
