@@ -175,6 +175,11 @@ class EngineCore:
                 self.cancel(h.id, wait=True)
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (no new requests are taken)."""
+        return self._stop
+
+    @property
     def waiting(self) -> int:
         return len(self._waiting)
 

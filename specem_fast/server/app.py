@@ -213,7 +213,7 @@ class _Service:
         chat = isinstance(body, ChatCompletionRequest)
         field = "messages" if chat else "prompt"
         self._check_model(body.model)
-        if self.ensemble.engine._stop:
+        if self.ensemble.engine.closed:
             raise APIError(503, "the engine is closed (the server is shutting down); retry on another server",
                            "server_error", code="shutting_down")
         try:
@@ -404,7 +404,7 @@ def create_app(ensemble, *, model_name: str = "specem-fast", api_key: str | None
     @app.get("/health")
     async def health():
         eng = ensemble.engine
-        ok = not eng._stop
+        ok = not eng.closed
         return JSONResponse({"status": "ok" if ok else "closed", "running": eng.running, "waiting": eng.waiting},
                             status_code=200 if ok else 503)
 
