@@ -557,35 +557,27 @@ def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or spec.startswith((".", "~")) or (os.altsep is not None and os.altsep in spec)
 
 
-def resolve_model(spec: str) -> Path:
-    """Turn a registry name or a local HF folder path into a checked model folder.
+def _registered_dir(spec: str) -> Path:
+    """Registry models were converted by us, so a cheap size check is all a load needs."""
+    if not is_ready(spec):
+        raise SpecEMError(
+            f"model {spec} is not fetched yet; run `specem-fast models fetch {spec}`"
+        )
+    problems = verify_model(spec, full=False)  # sizes only: cheap enough for every load
+    if problems:
+        raise SpecEMError(f"the converted files of {spec} are damaged ({'; '.join(problems)}); {repair_hint(spec)}")
+    return model_dir(spec)
 
-    Checks up front what the runtime needs (config, safetensors weights, a
-    tokenizer, a supported architecture) so the user gets a fixable message
-    instead of a traceback deep inside model loading.
-    """
-    entry = get_entry(spec)
-    if entry is not None and not (Path(spec).is_dir() and _looks_like_path(spec)):
-        if not is_ready(spec):
-            raise SpecEMError(
-                f"model {spec} is not fetched yet; run `specem-fast models fetch {spec}`"
-            )
-        problems = verify_model(spec, full=False)  # sizes only: cheap enough for every load
-        if problems:
-            raise SpecEMError(f"the converted files of {spec} are damaged ({'; '.join(problems)}); {repair_hint(spec)}")
-        return model_dir(spec)
 
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise SpecEMError(_unknown_name_message(spec))
+def _check_folder_files(path: Path) -> None:
+    """Name the first missing piece of a HF folder, with how to produce it."""
     if not path.is_dir():
         raise SpecEMError(
             f"{path} is a file, not a model folder; pass a folder holding config.json, "
             "*.safetensors weights and tokenizer.json, or a registry name "
             f"({', '.join(model_names())})"
         )
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
+    if not (path / "config.json").is_file():
         raise SpecEMError(
             f"{path} has no config.json; point to a Hugging Face model folder "
             "(config.json, *.safetensors, tokenizer.json)"
@@ -603,6 +595,11 @@ def resolve_model(spec: str) -> Path:
             f"{path} has no tokenizer (tokenizer.json or tokenizer.model); save the "
             "tokenizer with `AutoTokenizer.from_pretrained(...).save_pretrained(folder)`"
         )
+
+
+def _check_architecture(path: Path) -> None:
+    """Refuse unsupported model types before loading, not deep inside it."""
+    cfg_path = path / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -621,6 +618,23 @@ def resolve_model(spec: str) -> Path:
             f"{path} is a {mtype!r} model, which specem_fast does not support; supported "
             f"architectures (config model_type): {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
         )
+
+
+def resolve_model(spec: str) -> Path:
+    """Turn a registry name or a local HF folder path into a checked model folder.
+
+    Checks up front what the runtime needs (config, safetensors weights, a
+    tokenizer, a supported architecture) so the user gets a fixable message
+    instead of a traceback deep inside model loading.
+    """
+    entry = get_entry(spec)
+    if entry is not None and not (Path(spec).is_dir() and _looks_like_path(spec)):
+        return _registered_dir(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SpecEMError(_unknown_name_message(spec))
+    _check_folder_files(path)
+    _check_architecture(path)
     refuse_remote_code(path)
     return path.resolve()
 
