@@ -55,33 +55,40 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
 
 
-def plot_trace(trace_path: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
-    """Hedge weights over rounds and win shares from a trace; returns the PNG paths."""
-    records = read_trace(trace_path)
-    if not records:
-        raise SpecEMError(f"{trace_path}: no rounds in this trace (was it written with --trace?)")
-    plt = _pyplot()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    groups = iter_requests(records)
+def _trace_models(records: list[dict[str, Any]]) -> list[str]:
+    """Models in first-seen order, so colours stay the same across figures."""
     models: list[str] = []
     for rec in records:
         for m in list(rec.get("weights", {})) + [rec.get("winner_model")]:
             if m and m not in models:
                 models.append(m)
+    return models
 
-    paths = []
-    # Hedge weights per round
+
+def _save(plt: _Figures, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _weights_per_round(groups: dict, model: str, n_rounds: int) -> list[list[float]]:
+    """One model's weight in every request, bucketed by round (round t -> index t-1)."""
+    per_round: list[list[float]] = [[] for _ in range(n_rounds)]
+    for recs in groups.values():
+        for r in recs:
+            w = r.get("weights", {}).get(model)
+            if w is not None:
+                per_round[int(r["round"]) - 1].append(float(w))
+    return per_round
+
+
+def _plot_weights(plt: _Figures, records: list[dict[str, Any]], groups: dict, models: list[str], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     max_round = max(int(r["round"]) for r in records)
     xs = list(range(1, max_round + 1))
     for m in models:
-        per_round: list[list[float]] = [[] for _ in xs]
-        for recs in groups.values():
-            for r in recs:
-                w = r.get("weights", {}).get(m)
-                if w is not None:
-                    per_round[int(r["round"]) - 1].append(float(w))
+        per_round = _weights_per_round(groups, m, max_round)
         pts = [(x, sorted(v)) for x, v in zip(xs, per_round) if v]
         if not pts:
             continue
@@ -109,13 +116,10 @@ def plot_trace(trace_path: str | os.PathLike, out_dir: str | os.PathLike, prefix
     ax.margins(y=0.15)
     ax.grid(True, alpha=0.3)
     ax.legend(title="model", loc="best", fontsize="small")
-    fig.tight_layout()
-    p = out / f"{prefix}weights.png"
-    fig.savefig(p)
-    plt.close(fig)
-    paths.append(p)
+    return _save(plt, fig, path)
 
-    # win share
+
+def _plot_wins(plt: _Figures, records: list[dict[str, Any]], models: list[str], n_req: int, path: Path) -> Path:
     wins = {m: 0 for m in models}
     for r in records:
         wins[r["winner_model"]] = wins.get(r["winner_model"], 0) + 1
@@ -133,12 +137,23 @@ def plot_trace(trace_path: str | os.PathLike, out_dir: str | os.PathLike, prefix
     ax.set_ylim(0, max(shares + [1.0]) * 1.15)
     ax.legend(title="winner", fontsize="small")
     ax.tick_params(axis="x", labelrotation=15)
-    fig.tight_layout()
-    p = out / f"{prefix}wins.png"
-    fig.savefig(p)
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    return _save(plt, fig, path)
+
+
+def plot_trace(trace_path: str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Hedge weights over rounds and win shares from a trace; returns the PNG paths."""
+    records = read_trace(trace_path)
+    if not records:
+        raise SpecEMError(f"{trace_path}: no rounds in this trace (was it written with --trace?)")
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = iter_requests(records)
+    models = _trace_models(records)
+    return [
+        _plot_weights(plt, records, groups, models, out / f"{prefix}weights.png"),
+        _plot_wins(plt, records, models, len(groups), out / f"{prefix}wins.png"),
+    ]
 
 
 def plot_bench(report: dict[str, Any] | str | os.PathLike, out_dir: str | os.PathLike, prefix: str = "") -> list[Path]:
@@ -187,11 +202,7 @@ def plot_bench(report: dict[str, Any] | str | os.PathLike, out_dir: str | os.Pat
     ax.set_ylabel("tokens/s (new tokens per second)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(title="system", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    p = out / f"{prefix}bench_tokens_per_s.png"
-    fig.savefig(p)
-    plt.close(fig)
-    return [p]
+    return [_save(plt, fig, out / f"{prefix}bench_tokens_per_s.png")]
 
 
 def _load_json(path: str | os.PathLike) -> dict[str, Any]:
