@@ -193,6 +193,223 @@ def _medians(reps: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _fitting_prompts(
+    plan: BenchPlan,
+    n_models: int,
+    count: Callable[[str], int],
+    problems: Sequence[str],
+    capacity: int | None,
+    skipped: list[dict[str, Any]],
+) -> list[tuple[str, str, int]]:
+    """Prompts the engine can hold; the others are noted in ``skipped`` instead of failing mid-run."""
+    prompts = []
+    for length in plan.lengths:
+        text = build_prompt(length, count, problems)
+        n_tok = count(text)
+        # prompt + answer + one round of packed candidates (K drafts of up to W+4 tokens)
+        need = n_tok + plan.new_tokens + n_models * (max(plan.windows) + 4)
+        if capacity is not None and need > capacity:
+            skipped.append({"prompt": str(length), "reason": f"needs about {need} tokens, the engine holds {capacity}"})
+            continue
+        prompts.append((str(length), text, n_tok))
+    return prompts
+
+
+def _ratio(
+    label: str,
+    n_tok: int,
+    window: int,
+    by_mode: dict[str, dict[str, Any]],
+    singles: dict[str, dict[str, Any]],
+    n_models: int,
+) -> dict[str, Any]:
+    """Per-token cost ratios, so answers of different lengths compare fairly."""
+    ratio: dict[str, Any] = {"prompt": label, "prompt_tokens": n_tok, "window": window}
+    c, rc = by_mode.get("cached"), by_mode.get("recompute")
+    if c and rc:
+        c_spt = c["median"]["total_s"] / max(1, c["median"]["new_tokens"])
+        r_spt = rc["median"]["total_s"] / max(1, rc["median"]["new_tokens"])
+        ratio["recompute_over_cached"] = r_spt / c_spt if c_spt > 0 else None
+        ratio["same_text_cached_recompute"] = c["reps"][0]["text_sha"] == rc["reps"][0]["text_sha"]
+    if c and singles and len(singles) == n_models:
+        alone = sum(s["median"]["total_s"] for s in singles.values())
+        ratio["cached_over_sum_alone"] = c["median"]["total_s"] / alone if alone > 0 else None
+    return ratio
+
+
+class _BenchRun:
+    """State shared by the measuring steps of one ``run_bench`` call."""
+
+    def __init__(
+        self,
+        ensemble: Any,
+        plan: BenchPlan,
+        models: list[str],
+        base: dict[str, Any],
+        trace_path: str | os.PathLike | None,
+        skipped: list[dict[str, Any]],
+        bar: Any,
+    ) -> None:
+        self.ensemble = ensemble
+        self.plan = plan
+        self.models = models
+        self.base = base
+        self.trace_path = trace_path
+        self.skipped = skipped
+        self.bar = bar
+        self.runs_per_cfg = plan.warmup + plan.reps
+        self.rows: list[dict[str, Any]] = []
+        self.ratios: list[dict[str, Any]] = []
+        # a model alone does not depend on the window: measure it once per prompt and token target
+        self.single_cache: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self.first_meta: dict[str, Any] = {}
+
+    def tick(self, desc: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(desc, refresh=False)
+            self.bar.update(1)
+
+    def measure_window(self, label: str, text: str, n_tok: int, window: int) -> bool:
+        """False when the cache overflowed: larger windows of this prompt would too."""
+        by_mode: dict[str, dict[str, Any]] = {}
+        for mode in self.plan.modes:
+            row = self._ensemble_row(label, text, n_tok, window, mode)
+            if row is None:
+                return False
+            by_mode[mode] = row
+        singles: dict[str, dict[str, Any]] = {}
+        if self.plan.singles:
+            ref = by_mode.get("cached") or next(iter(by_mode.values()), None)
+            for m in self.models:
+                singles[m] = self._single_row(label, text, n_tok, window, m, ref)
+        self.ratios.append(_ratio(label, n_tok, window, by_mode, singles, len(self.models)))
+        return True
+
+    def _ensemble_row(self, label: str, text: str, n_tok: int, window: int, mode: str) -> dict[str, Any] | None:
+        """The row of one mode, or None (noted in ``skipped``) when the cache cannot hold the run."""
+        settings = {**self.base, "window": window, "max_new_tokens": self.plan.new_tokens, "mode": mode}
+        reps = []
+        last = None
+        try:
+            for r in range(self.runs_per_cfg):
+                res = self.ensemble.generate(text, **settings)
+                self.tick(f"{label} W{window} {mode}")
+                if r >= self.plan.warmup:
+                    reps.append(_ensemble_metrics(res))
+                    last = res
+        except CacheFullError as exc:
+            self.skipped.append({"prompt": label, "window": window, "mode": mode, "reason": str(exc)})
+            return None
+        if not self.first_meta and last is not None:
+            self.first_meta = dict(getattr(last, "metadata", {}) or {})
+        row = {
+            "prompt": label,
+            "prompt_tokens": n_tok,
+            "window": window,
+            "system": f"ensemble-{mode}",
+            "kind": "ensemble",
+            "mode": mode,
+            "reps": reps,
+            "median": _medians(reps),
+            "same_text_all_reps": len({r["text_sha"] for r in reps}) == 1,
+        }
+        self.rows.append(row)
+        if self.trace_path is not None and last is not None:
+            write_trace(self.trace_path, last, labels=[f"{label} W{window} {mode}"], append=True)
+        return row
+
+    def _single_target(self, model: str, ref: dict[str, Any] | None) -> int:
+        """As many new tokens as the model wrote inside the ensemble answer, so speeds compare like for like."""
+        if ref is not None:
+            per_model = [r["tokens_per_model"].get(model) for r in ref["reps"]]
+            n_new = int(median(v for v in per_model if v is not None) or ref["median"]["new_tokens"])
+        else:
+            n_new = self.plan.new_tokens
+        return max(1, n_new)
+
+    def _time_single(self, label: str, text: str, window: int, model: str, n_new: int) -> dict[str, Any]:
+        reps = []
+        for r in range(self.runs_per_cfg):
+            res = self.ensemble.generate_single(
+                model,
+                text,
+                max_new_tokens=n_new,
+                temperature=self.base["temperature"],
+                top_p=self.base["top_p"],
+                seed=self.base["seed"],
+                ignore_eos=True,
+            )
+            self.tick(f"{label} W{window} {model}")
+            if r >= self.plan.warmup:
+                reps.append(_single_metrics(res))
+        return {"reps": reps, "median": _medians(reps)}
+
+    def _single_row(
+        self, label: str, text: str, n_tok: int, window: int, model: str, ref: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        n_new = self._single_target(model, ref)
+        key = (label, model, n_new)
+        reused = key in self.single_cache
+        if reused:
+            if self.bar is not None:
+                self.bar.update(self.runs_per_cfg)
+        else:
+            self.single_cache[key] = self._time_single(label, text, window, model, n_new)
+        row = {
+            "prompt": label,
+            "prompt_tokens": n_tok,
+            "window": window,
+            "system": model,
+            "kind": "single",
+            "mode": None,
+            "target_new_tokens": n_new,
+            "reused": reused,
+            **self.single_cache[key],
+        }
+        self.rows.append(row)
+        return row
+
+
+def _meta(
+    ensemble: Any,
+    plan: BenchPlan,
+    models: list[str],
+    engine_meta: dict[str, Any],
+    base: dict[str, Any],
+    sources: tuple[str, str],
+    command: str | None,
+) -> dict[str, Any]:
+    """Where and how the numbers were taken, so a report can be compared with another later."""
+    try:
+        import torch
+
+        torch_version = torch.__version__
+        threads = torch.get_num_threads()
+    except Exception:  # pragma: no cover - torch is a hard dependency
+        torch_version, threads = None, None
+    prompt_source, count_source = sources
+    return {
+        "command": command,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "models": models,
+        "device": _device(engine_meta, ensemble),
+        "engine": engine_meta,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch_version,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "prompt_source": prompt_source,
+        "prompt_tokens_counted_by": count_source,
+        "new_tokens": plan.new_tokens,
+        "reps": plan.reps,
+        "warmup": plan.warmup,
+        "windows": plan.windows,
+        "lengths": [str(x) for x in plan.lengths],
+        "settings": base,
+    }
+
+
 def run_bench(
     ensemble: Any,
     plan: BenchPlan,
@@ -210,166 +427,26 @@ def run_bench(
     base = GenerationSettings().with_overrides(**{"temperature": 0.0, **plan.settings}).to_dict()
     if trace_path is not None:
         Path(trace_path).write_bytes(b"")
-
-    prompts = []
-    skipped = []
-    for length in plan.lengths:
-        text = build_prompt(length, count, problems)
-        n_tok = count(text)
-        # prompt + answer + one round of packed candidates (K drafts of up to W+4 tokens)
-        need = n_tok + plan.new_tokens + len(models) * (max(plan.windows) + 4)
-        if capacity is not None and need > capacity:
-            skipped.append({"prompt": str(length), "reason": f"needs about {need} tokens, the engine holds {capacity}"})
-            continue
-        prompts.append((str(length), text, n_tok))
+    skipped: list[dict[str, Any]] = []
+    prompts = _fitting_prompts(plan, len(models), count, problems, capacity, skipped)
 
     runs_per_cfg = plan.warmup + plan.reps
     total_runs = len(prompts) * len(plan.windows) * (len(plan.modes) + (len(models) if plan.singles else 0)) * runs_per_cfg
     bar = _progress(total_runs, progress)
-    rows: list[dict[str, Any]] = []
-    ratios: list[dict[str, Any]] = []
-    single_cache: dict[tuple[str, str, int], dict[str, Any]] = {}
-    first_meta: dict[str, Any] = {}
-
-    def tick(desc: str) -> None:
-        if bar is not None:
-            bar.set_description_str(desc, refresh=False)
-            bar.update(1)
-
+    run = _BenchRun(ensemble, plan, models, base, trace_path, skipped, bar)
     try:
         for label, text, n_tok in prompts:
-            too_long = False
             for window in plan.windows:
-                if too_long:
+                if not run.measure_window(label, text, n_tok, window):
                     break
-                by_mode: dict[str, dict[str, Any]] = {}
-                for mode in plan.modes:
-                    settings = {**base, "window": window, "max_new_tokens": plan.new_tokens, "mode": mode}
-                    reps = []
-                    last = None
-                    try:
-                        for r in range(runs_per_cfg):
-                            res = ensemble.generate(text, **settings)
-                            tick(f"{label} W{window} {mode}")
-                            if r >= plan.warmup:
-                                reps.append(_ensemble_metrics(res))
-                                last = res
-                    except CacheFullError as exc:
-                        skipped.append({"prompt": label, "window": window, "mode": mode, "reason": str(exc)})
-                        too_long = True
-                        break
-                    if not first_meta and last is not None:
-                        first_meta = dict(getattr(last, "metadata", {}) or {})
-                    row = {
-                        "prompt": label,
-                        "prompt_tokens": n_tok,
-                        "window": window,
-                        "system": f"ensemble-{mode}",
-                        "kind": "ensemble",
-                        "mode": mode,
-                        "reps": reps,
-                        "median": _medians(reps),
-                        "same_text_all_reps": len({r["text_sha"] for r in reps}) == 1,
-                    }
-                    rows.append(row)
-                    by_mode[mode] = row
-                    if trace_path is not None and last is not None:
-                        write_trace(trace_path, last, labels=[f"{label} W{window} {mode}"], append=True)
-                if too_long:
-                    break
-
-                singles: dict[str, dict[str, Any]] = {}
-                if plan.singles:
-                    ref = by_mode.get("cached") or next(iter(by_mode.values()), None)
-                    for m in models:
-                        if ref is not None:
-                            per_model = [r["tokens_per_model"].get(m) for r in ref["reps"]]
-                            n_new = int(median(v for v in per_model if v is not None) or ref["median"]["new_tokens"])
-                        else:
-                            n_new = plan.new_tokens
-                        n_new = max(1, n_new)
-                        key = (label, m, n_new)
-                        if key not in single_cache:
-                            reps = []
-                            for r in range(runs_per_cfg):
-                                res = ensemble.generate_single(
-                                    m,
-                                    text,
-                                    max_new_tokens=n_new,
-                                    temperature=base["temperature"],
-                                    top_p=base["top_p"],
-                                    seed=base["seed"],
-                                    ignore_eos=True,
-                                )
-                                tick(f"{label} W{window} {m}")
-                                if r >= plan.warmup:
-                                    reps.append(_single_metrics(res))
-                            single_cache[key] = {"reps": reps, "median": _medians(reps)}
-                            reused = False
-                        else:
-                            if bar is not None:
-                                bar.update(runs_per_cfg)
-                            reused = True
-                        row = {
-                            "prompt": label,
-                            "prompt_tokens": n_tok,
-                            "window": window,
-                            "system": m,
-                            "kind": "single",
-                            "mode": None,
-                            "target_new_tokens": n_new,
-                            "reused": reused,
-                            **single_cache[key],
-                        }
-                        rows.append(row)
-                        singles[m] = row
-
-                ratio: dict[str, Any] = {"prompt": label, "prompt_tokens": n_tok, "window": window}
-                c, rc = by_mode.get("cached"), by_mode.get("recompute")
-                if c and rc:
-                    c_spt = c["median"]["total_s"] / max(1, c["median"]["new_tokens"])
-                    r_spt = rc["median"]["total_s"] / max(1, rc["median"]["new_tokens"])
-                    ratio["recompute_over_cached"] = r_spt / c_spt if c_spt > 0 else None
-                    ratio["same_text_cached_recompute"] = c["reps"][0]["text_sha"] == rc["reps"][0]["text_sha"]
-                if c and singles and len(singles) == len(models):
-                    alone = sum(s["median"]["total_s"] for s in singles.values())
-                    ratio["cached_over_sum_alone"] = c["median"]["total_s"] / alone if alone > 0 else None
-                ratios.append(ratio)
     finally:
         if bar is not None:
             bar.close()
-
-    try:
-        import torch
-
-        torch_version = torch.__version__
-        threads = torch.get_num_threads()
-    except Exception:  # pragma: no cover - torch is a hard dependency
-        torch_version, threads = None, None
     return {
         "format": FORMAT,
-        "meta": {
-            "command": command,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "models": models,
-            "device": _device(first_meta, ensemble),
-            "engine": first_meta,
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "torch": torch_version,
-            "torch_threads": threads,
-            "cpu_count": os.cpu_count(),
-            "prompt_source": source,
-            "prompt_tokens_counted_by": count_source,
-            "new_tokens": plan.new_tokens,
-            "reps": plan.reps,
-            "warmup": plan.warmup,
-            "windows": plan.windows,
-            "lengths": [str(x) for x in plan.lengths],
-            "settings": base,
-        },
-        "rows": rows,
-        "ratios": ratios,
+        "meta": _meta(ensemble, plan, models, run.first_meta, base, (source, count_source), command),
+        "rows": run.rows,
+        "ratios": run.ratios,
         "skipped": skipped,
     }
 
