@@ -224,13 +224,10 @@ def run_eval(
         )
 
 
-def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, *, dataset: str, seed: int,
-                sdict: dict, models: list[str], systems: list[str], trace_path, summary_path, progress: bool,
-                verifiers, batch: int) -> dict[str, Any]:
-    header, records, note = results.load()
-    book = getattr(ensemble, "weights", None)
-    learned = sdict.get("init_weights") == "learned" and hasattr(book, "restore")
-    identity = {
+def _identity(dataset: str, seed: int, sdict: dict, models: list[str], verifiers, batch: int, book: Any,
+              learned: bool) -> dict[str, Any]:
+    """What the answers depend on: the header fields a resumed run must agree with."""
+    return {
         "dataset": dataset,
         "seed": seed,
         "settings": sdict,
@@ -241,21 +238,30 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
         # answers that start from learned weights depend on which requests ran before them
         "batch": batch if learned else None,
     }
+
+
+def _start_or_match_header(results: ResultsFile, header: dict | None, identity: dict[str, Any]) -> None:
+    """Write the header of a new file, or refuse to mix this run into a different run's file."""
     if header is None:
         if results.path.parent and not results.path.parent.exists():
             raise SpecEMError(f"cannot write {str(results.path)!r}: folder {str(results.path.parent)!r} does not exist")
         results.append({"type": "header", "format": FORMAT, **identity})
-    else:
-        diffs = [k for k in _IDENTITY if json.dumps(header.get(k), sort_keys=True) != json.dumps(identity[k], sort_keys=True)]
-        if diffs:
-            detail = "; ".join(f"{k}: file has {header.get(k)!r}, this run {identity[k]!r}" for k in diffs)
-            raise SpecEMError(
-                f"{results.path} holds results of a different run ({detail}); "
-                "resume with the same options or choose another --out file"
-            )
-    if note != "ok" and progress:
-        print(f"specem-fast: repaired the end of {results.path} ({note})", file=sys.stderr)
+        return
+    diffs = [k for k in _IDENTITY if json.dumps(header.get(k), sort_keys=True) != json.dumps(identity[k], sort_keys=True)]
+    if diffs:
+        detail = "; ".join(f"{k}: file has {header.get(k)!r}, this run {identity[k]!r}" for k in diffs)
+        raise SpecEMError(
+            f"{results.path} holds results of a different run ({detail}); "
+            "resume with the same options or choose another --out file"
+        )
 
+
+def _finished(records: Sequence[dict], items: Sequence[EvalItem], systems: list[str], path: Path
+              ) -> tuple[set[tuple[str, str]], _Running]:
+    """The (system, item) pairs already answered, and the running accuracy they start the bar at.
+
+    A record whose prompt no longer matches its item is refused: the data changed under the file.
+    """
     by_id = {it.id: it for it in items}
     done: set[tuple[str, str]] = set()
     running = _Running()
@@ -267,12 +273,38 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
         it = by_id.get(rec.get("item_id"))
         if it is not None and rec.get("prompt_sha") not in (None, it.prompt_sha):
             raise SpecEMError(
-                f"{results.path}: item {it.id} was answered for a different prompt; "
+                f"{path}: item {it.id} was answered for a different prompt; "
                 "the data changed since that run, choose another --out file"
             )
         if it is not None and rec.get("system") in systems:
             running.add(rec["system"], rec.get("correct"))
+    return done, running
 
+
+def _write_summary(results: ResultsFile, items: Sequence[EvalItem], systems: list[str], *, dataset: str, seed: int,
+                   sdict: dict, book: Any, summary_path) -> dict[str, Any]:
+    """Summarise from the file, not memory, so a resumed run counts the earlier records too."""
+    _, records, _ = results.load()
+    summary = summarize(records, items, systems, dataset=dataset, seed=seed, settings=sdict, out_path=results.path)
+    if hasattr(book, "to_dict"):  # what the weights learned across these requests ended at
+        summary["weights"] = book.to_dict()
+    spath = Path(summary_path) if summary_path is not None else summary_path_for(results.path)
+    spath.write_text(_json_line(summary, indent=2) + "\n", encoding="utf-8")
+    summary["summary_path"] = str(spath)
+    return summary
+
+
+def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, *, dataset: str, seed: int,
+                sdict: dict, models: list[str], systems: list[str], trace_path, summary_path, progress: bool,
+                verifiers, batch: int) -> dict[str, Any]:
+    header, records, note = results.load()
+    book = getattr(ensemble, "weights", None)
+    learned = sdict.get("init_weights") == "learned" and hasattr(book, "restore")
+    _start_or_match_header(results, header, _identity(dataset, seed, sdict, models, verifiers, batch, book, learned))
+    if note != "ok" and progress:
+        print(f"specem-fast: repaired the end of {results.path} ({note})", file=sys.stderr)
+
+    done, running = _finished(records, items, systems, results.path)
     if learned:
         _resume_learned(book, records, items, batch, results.path)
 
@@ -300,15 +332,8 @@ def _run_locked(ensemble: Any, items: Sequence[EvalItem], results: ResultsFile, 
     finally:
         if bar is not None:
             bar.close()
-
-    _, records, _ = results.load()
-    summary = summarize(records, items, systems, dataset=dataset, seed=seed, settings=sdict, out_path=results.path)
-    if hasattr(book, "to_dict"):  # what the weights learned across these requests ended at
-        summary["weights"] = book.to_dict()
-    spath = Path(summary_path) if summary_path is not None else summary_path_for(results.path)
-    spath.write_text(_json_line(summary, indent=2) + "\n", encoding="utf-8")
-    summary["summary_path"] = str(spath)
-    return summary
+    return _write_summary(results, items, systems, dataset=dataset, seed=seed, sdict=sdict, book=book,
+                          summary_path=summary_path)
 
 
 def _resume_learned(book: Any, records: Sequence[dict], items: Sequence[EvalItem], batch: int, path: Path) -> None:
