@@ -481,6 +481,16 @@ def _precision(dtype: torch.dtype, precision: str | None) -> str:
 # --------------------------------------------------------------------------
 
 
+def _split_plan(cfg: SegmentScoreConfig, n: int, v: int, slots: int) -> tuple[int, int, int]:
+    """(token blocks, vocab tiles per split, splits), with no split left empty."""
+    num_n = _cdiv(n, cfg.block_n)
+    v_tiles = _cdiv(v, cfg.block_v)
+    splits = cfg.num_splits or _choose_splits(num_n, v_tiles, slots)
+    splits = max(1, min(splits, v_tiles))
+    per = _cdiv(v_tiles, splits)
+    return num_n, per, _cdiv(v_tiles, per)
+
+
 def segment_score(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -516,12 +526,7 @@ def segment_score(
         _check_values(targets, offsets, n, v)
     res = _check_out(out, n, c, hidden.device)
     cfg = config or _default_config(n, d, hidden.device, hidden.dtype)
-    num_n = _cdiv(n, cfg.block_n)
-    v_tiles = _cdiv(v, cfg.block_v)
-    splits = cfg.num_splits or _choose_splits(num_n, v_tiles, _num_sms(hidden.device) * _resident(cfg))
-    splits = max(1, min(splits, v_tiles))
-    per = _cdiv(v_tiles, splits)
-    splits = _cdiv(v_tiles, per)
+    num_n, per, splits = _split_plan(cfg, n, v, _num_sms(hidden.device) * _resident(cfg))
     pm = _scratch((splits, n), hidden.device)
     ps = _scratch((splits, n), hidden.device)
     upcast = _interpreting()
@@ -581,32 +586,23 @@ def segment_score_grouped(
     return results  # type: ignore[return-value]
 
 
-def _launch_group(probs, idx, results, config, precision) -> None:
-    device = probs[0][0].device
-    n_max = max(p[0].shape[0] for p in probs)
-    d_max = max(p[0].shape[1] for p in probs)
-    cfg = config or _default_config(n_max, d_max, device, probs[0][0].dtype)
-    slots = _num_sms(device) * _resident(cfg)
-    n_tot = sum(p[0].shape[0] for p in probs)
-    c_tot = sum(p[3].shape[0] - 1 for p in probs)
-    # One allocation for all outputs: [lp | logit] per token, [mean_lp | mean_lg] per candidate.
-    tok = torch.empty((2, n_tot), dtype=torch.float32, device=device)
-    seg = torch.empty((2, c_tot), dtype=torch.float32, device=device)
+def _group_table(probs, cfg: SegmentScoreConfig, slots: int, tok: torch.Tensor, seg: torch.Tensor):
+    """Everything the two grouped launches need, laid out in one pass.
+
+    Returns the table rows (see ``_GROUP_FIELDS``), the caps, the first program
+    then the first candidate of each problem, the scratch buffer the rows point
+    into, the program and candidate totals, and the largest split count.
+    """
     plan = []
     scratch_len = 0
-    for h, w, t, o, cap in probs:
-        n, v = h.shape[0], w.shape[0]
-        num_n = _cdiv(n, cfg.block_n)
-        v_tiles = _cdiv(v, cfg.block_v)
+    for h, w, *_ in probs:
         # Splits chosen per problem as if alone: the grouped launch then has
         # (roughly) the sum of the problems' waves, with one tail instead of G.
-        splits = cfg.num_splits or _choose_splits(num_n, v_tiles, slots)
-        splits = max(1, min(splits, v_tiles))
-        per = _cdiv(v_tiles, splits)
-        splits = _cdiv(v_tiles, per)
+        num_n, per, splits = _split_plan(cfg, h.shape[0], w.shape[0], slots)
         plan.append((num_n, per, splits, scratch_len))
-        scratch_len += splits * n
-    scratch = _scratch((2, scratch_len), device)
+        scratch_len += splits * h.shape[0]
+    scratch = _scratch((2, scratch_len), tok.device)
+    n_tot, c_tot = tok.shape[1], seg.shape[1]
     rows, caps, starts, seg_starts = [], [], [], []
     tok_at = seg_at = prog = segs = 0
     f32 = 4
@@ -630,10 +626,39 @@ def _launch_group(probs, idx, results, config, precision) -> None:
         segs += c
         tok_at += n
         seg_at += c
+    return rows, caps, starts + seg_starts, scratch, prog, segs, max(p[2] for p in plan)
+
+
+def _scatter_results(probs, idx, results, tok: torch.Tensor, seg: torch.Tensor) -> None:
+    """Views into the shared output buffers, one ``SegmentScores`` per problem."""
+    tok_at = seg_at = 0
+    for i, (h, w, t, o, cap) in zip(idx, probs):
+        n, c = h.shape[0], o.shape[0] - 1
+        results[i] = SegmentScores(
+            tok[0, tok_at : tok_at + n], tok[1, tok_at : tok_at + n],
+            seg[0, seg_at : seg_at + c], seg[1, seg_at : seg_at + c],
+        )
+        tok_at += n
+        seg_at += c
+
+
+def _launch_group(probs, idx, results, config, precision) -> None:
+    device = probs[0][0].device
+    n_max = max(p[0].shape[0] for p in probs)
+    d_max = max(p[0].shape[1] for p in probs)
+    cfg = config or _default_config(n_max, d_max, device, probs[0][0].dtype)
+    slots = _num_sms(device) * _resident(cfg)
+    n_tot = sum(p[0].shape[0] for p in probs)
+    c_tot = sum(p[3].shape[0] - 1 for p in probs)
+    # One allocation for all outputs: [lp | logit] per token, [mean_lp | mean_lg] per candidate.
+    tok = torch.empty((2, n_tot), dtype=torch.float32, device=device)
+    seg = torch.empty((2, c_tot), dtype=torch.float32, device=device)
+    # scratch must outlive both launches: the table holds raw pointers into it
+    rows, caps, starts, scratch, prog, segs, max_splits = _group_table(probs, cfg, slots, tok, seg)
     g = len(probs)
     tab = torch.tensor(rows, dtype=torch.int64).to(device)
     cap_t = torch.tensor(caps, dtype=torch.float32).to(device)
-    starts_t = torch.tensor(starts + seg_starts, dtype=torch.int32).to(device)
+    starts_t = torch.tensor(starts, dtype=torch.int32).to(device)
     upcast = _interpreting()
     prec = _precision(probs[0][0].dtype, precision)
     block_g = max(_next_pow2(g), 2)
@@ -648,18 +673,9 @@ def _launch_group(probs, idx, results, config, precision) -> None:
         EVEN_D=all(p[0].shape[1] % cfg.block_d == 0 for p in probs), ALIGNED=aligned,
         UPCAST=upcast, PRECISION=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    max_splits = max(p[2] for p in plan)
     _merge_grouped_kernel[(segs,)](
         tab, starts_t[g:], probs[0][3], g,
         NF=_GROUP_FIELDS, BLOCK_G=block_g, BLOCK_T=16 if n_max <= 1024 else 64,
         BLOCK_S=min(_next_pow2(max_splits), _MERGE_CHUNK), num_warps=4,
     )
-    tok_at = seg_at = 0
-    for i, (h, w, t, o, cap) in zip(idx, probs):
-        n, c = h.shape[0], o.shape[0] - 1
-        results[i] = SegmentScores(
-            tok[0, tok_at : tok_at + n], tok[1, tok_at : tok_at + n],
-            seg[0, seg_at : seg_at + c], seg[1, seg_at : seg_at + c],
-        )
-        tok_at += n
-        seg_at += c
+    _scatter_results(probs, idx, results, tok, seg)
