@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ._triton import HAS_TRITON, cdiv as _cdiv, is_interpreted, next_pow2 as _next_pow2, num_sms, require_triton, tl, triton
+from .segment_score import _precision
 
 __all__ = ["BranchAttentionConfig", "BranchAttentionPlan", "branch_attention", "plan_branch_attention",
            "plan_branch_attention_host"]
@@ -82,24 +83,12 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit(do_not_specialize=["window", "T", "num_splits"])
-    def _branch_attn_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
-        order_ptr, bstart_ptr, bcount_ptr, slot_ptr, qpos_ptr, plen_ptr, bst_ptr,
-        qk_scale, window, T, Hq, Lmax, D, num_splits,
-        stride_qt, stride_qh, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
-        stride_ot, stride_oh,
-        GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
-        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    @triton.jit
+    def _block_queries(
+        order_ptr, bstart_ptr, bcount_ptr, slot_ptr, qpos_ptr, plen_ptr, bst_ptr, blk, kvh,
+        GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
     ):
-        LOG2E: tl.constexpr = 1.4426950408889634
-        LN2: tl.constexpr = 0.6931471805599453
-        BIG: tl.constexpr = 1073741824
-        blk = tl.program_id(0)
-        kvh = tl.program_id(1)
-        sp = tl.program_id(2)
-
+        # Rows are (query, q head of this KV head's group) pairs; a block's queries share one slot.
         start = tl.load(bstart_ptr + blk)
         cnt = tl.load(bcount_ptr + blk)
         r = tl.arange(0, BLOCK_R)
@@ -112,9 +101,13 @@ if HAS_TRITON:
         qp = tl.load(qpos_ptr + t, mask=r_ok, other=0).to(tl.int32)
         pl = tl.load(plen_ptr + t, mask=r_ok, other=0).to(tl.int32)
         bs = tl.load(bst_ptr + t, mask=r_ok, other=0).to(tl.int32)
-        q_log = pl + (qp - bs)
+        return t, h, r_ok, s_idx, qp, pl, bs
 
-        # Key tile ranges: A = prefix, B = branches (merged when they overlap).
+    @triton.jit
+    def _key_tiles(pl, bs, qp, q_log, r_ok, window, num_splits, sp, HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Key tile ranges: A = prefix, B = branches (merged when they overlap);
+        # this split visits tiles [i0, i1) of the nA + nB.
+        BIG: tl.constexpr = 1073741824
         a1 = tl.max(tl.where(r_ok, pl, 0), axis=0)
         if HAS_WINDOW:
             a0 = tl.maximum(tl.min(tl.where(r_ok, q_log - window + 1, BIG), axis=0), 0)
@@ -136,6 +129,49 @@ if HAS_TRITON:
         tps = (total + num_splits - 1) // num_splits
         i0 = sp * tps
         i1 = tl.minimum(i0 + tps, total)
+        return a1, b0, b1, A0, nA, B0, i0, i1
+
+    @triton.jit
+    def _store_rows(
+        acc, m_i, l_i, t, h, r_ok, offs_d, d_mask, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, sp, T, Hq, D,
+        stride_ot, stride_oh, SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
+    ):
+        # A split leaves its unnormalised partial for the merge kernel; a lone split normalises here.
+        LN2: tl.constexpr = 0.6931471805599453
+        row_mask = r_ok[:, None] & d_mask[None, :]
+        if SPLIT:
+            prow = (sp * T + t).to(tl.int64) * Hq + h
+            tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_mask)
+            tl.store(pm_ptr + prow, m_i, mask=r_ok)
+            tl.store(pl_ptr + prow, l_i, mask=r_ok)
+        else:
+            l_safe = tl.where(r_ok, l_i, 1.0)
+            o = acc / l_safe[:, None]
+            o_rows = o_ptr + t.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_rows, o.to(o_ptr.dtype.element_ty), mask=row_mask)
+            if RETURN_LSE:
+                tl.store(lse_ptr + t.to(tl.int64) * Hq + h, (m_i + tl.log2(l_safe)) * LN2, mask=r_ok)
+
+    @triton.jit(do_not_specialize=["window", "T", "num_splits"])
+    def _branch_attn_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
+        order_ptr, bstart_ptr, bcount_ptr, slot_ptr, qpos_ptr, plen_ptr, bst_ptr,
+        qk_scale, window, T, Hq, Lmax, D, num_splits,
+        stride_qt, stride_qh, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
+        stride_ot, stride_oh,
+        GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        blk = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        t, h, r_ok, s_idx, qp, pl, bs = _block_queries(
+            order_ptr, bstart_ptr, bcount_ptr, slot_ptr, qpos_ptr, plen_ptr, bst_ptr, blk, kvh, GROUP, BLOCK_R,
+        )
+        q_log = pl + (qp - bs)
+        a1, b0, b1, A0, nA, B0, i0, i1 = _key_tiles(pl, bs, qp, q_log, r_ok, window, num_splits, sp, HAS_WINDOW, BLOCK_N)
 
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
@@ -160,20 +196,10 @@ if HAS_TRITON:
                 acc, m_i, l_i, q, k_base, v_base, B0 + (i - nA) * BLOCK_N, stride_kl, stride_vl, offs_d, d_mask,
                 Lmax, a1, b0, b1, pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
             )
-
-        row_mask = r_ok[:, None] & d_mask[None, :]
-        if SPLIT:
-            prow = (sp * T + t).to(tl.int64) * Hq + h
-            tl.store(po_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_mask)
-            tl.store(pm_ptr + prow, m_i, mask=r_ok)
-            tl.store(pl_ptr + prow, l_i, mask=r_ok)
-        else:
-            l_safe = tl.where(r_ok, l_i, 1.0)
-            o = acc / l_safe[:, None]
-            o_rows = o_ptr + t.to(tl.int64)[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :]
-            tl.store(o_rows, o.to(o_ptr.dtype.element_ty), mask=row_mask)
-            if RETURN_LSE:
-                tl.store(lse_ptr + t.to(tl.int64) * Hq + h, (m_i + tl.log2(l_safe)) * LN2, mask=r_ok)
+        _store_rows(
+            acc, m_i, l_i, t, h, r_ok, offs_d, d_mask, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, sp, T, Hq, D,
+            stride_ot, stride_oh, SPLIT, RETURN_LSE,
+        )
 
     @triton.jit(do_not_specialize=["T", "num_splits"])
     def _branch_merge_kernel(
@@ -373,6 +399,38 @@ def plan_branch_attention(
                                       device=q.device, block_r=block_r)
 
 
+def _check_index_values(sl, qp, pl, bs, s_: int, lmax: int) -> None:
+    """Out-of-range indices would read or write outside the cache: refuse them on the host."""
+    if sl.min() < 0 or sl.max() >= s_:
+        raise ValueError(f"slot values must lie in [0, S={s_}), got {sl.min()}..{sl.max()}")
+    if pl.min() < 0 or pl.max() > lmax:
+        raise ValueError(f"prefix_len must lie in [0, Lmax={lmax}], got {pl.min()}..{pl.max()}")
+    if qp.max() >= lmax:
+        raise ValueError(f"qpos must be < Lmax={lmax}, got max {qp.max()}")
+    bad = np.nonzero((bs < 0) | (bs > qp))[0]
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"need 0 <= branch_start <= qpos: token {i} has branch_start={bs[i]} qpos={qp[i]}")
+    check_branch_after_prefix(pl, bs)
+
+
+def _slot_blocks(sorted_slots, per_block: int) -> tuple[list[int], list[int]]:
+    """(start, count) of each block: runs of one slot, cut every ``per_block`` queries,
+    so no block mixes two slots' caches."""
+    t_ = len(sorted_slots)
+    starts, counts = [], []
+    i = 0
+    while i < t_:
+        j = i
+        while j < t_ and sorted_slots[j] == sorted_slots[i]:
+            j += 1
+        for s in range(i, j, per_block):
+            starts.append(s)
+            counts.append(min(per_block, j - s))
+        i = j
+    return starts, counts
+
+
 def plan_branch_attention_host(
     slot,
     qpos,
@@ -403,29 +461,9 @@ def plan_branch_attention_host(
         block_r = _default_config(d, torch.device(device), dtype).block_r
     block_r = max(block_r, _next_pow2(group), 16)
     if t_:
-        if sl.min() < 0 or sl.max() >= s_:
-            raise ValueError(f"slot values must lie in [0, S={s_}), got {sl.min()}..{sl.max()}")
-        if pl.min() < 0 or pl.max() > lmax:
-            raise ValueError(f"prefix_len must lie in [0, Lmax={lmax}], got {pl.min()}..{pl.max()}")
-        if qp.max() >= lmax:
-            raise ValueError(f"qpos must be < Lmax={lmax}, got max {qp.max()}")
-        bad = np.nonzero((bs < 0) | (bs > qp))[0]
-        if len(bad):
-            i = int(bad[0])
-            raise ValueError(f"need 0 <= branch_start <= qpos: token {i} has branch_start={bs[i]} qpos={qp[i]}")
-        check_branch_after_prefix(pl, bs)
+        _check_index_values(sl, qp, pl, bs, s_, lmax)
     order = np.argsort(sl, kind="stable")
-    qpb = max(1, block_r // group)
-    starts, counts = [], []
-    i = 0
-    while i < t_:
-        j = i
-        while j < t_ and sl[order[j]] == sl[order[i]]:
-            j += 1
-        for s in range(i, j, qpb):
-            starts.append(s)
-            counts.append(min(qpb, j - s))
-        i = j
+    starts, counts = _slot_blocks(sl[order], max(1, block_r // group))
     qlog = pl + (qp - bs)
     mins = lambda a: np.array([a[order[s : s + c]].min() for s, c in zip(starts, counts)], dtype=np.int64)  # noqa: E731
     maxs = lambda a: np.array([a[order[s : s + c]].max() for s, c in zip(starts, counts)], dtype=np.int64)  # noqa: E731
@@ -436,6 +474,62 @@ def plan_branch_attention_host(
         num_tokens=t_, group=group, block_r=block_r,
         order=packed[:t_], blk_start=packed[t_ : t_ + nb], blk_count=packed[t_ + nb :],
         blk_min_qlog=mins(qlog), blk_max_pl=maxs(pl), blk_min_bs=mins(bs), blk_max_qp=maxs(qp),
+    )
+
+
+def _outputs(q: torch.Tensor, out: torch.Tensor | None, return_lse: bool):
+    """(out, lse or None): the caller's ``out`` is checked, as the kernel writes it by raw strides."""
+    t_, hq, _ = q.shape
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
+          or out.device != q.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+    lse = torch.empty((t_, hq), dtype=torch.float32, device=q.device) if return_lse else None
+    return out, lse
+
+
+def _num_key_splits(cfg: BranchAttentionConfig, plan: BranchAttentionPlan, window: int, hkv: int,
+                    device: torch.device) -> int:
+    """Enough key splits to fill the GPU twice over, but never under 4 key tiles each."""
+    max_tiles = plan.max_tiles(cfg.block_n, window)
+    if cfg.num_splits:
+        splits = cfg.num_splits
+    else:
+        want = _cdiv(2 * _num_sms(device), plan.num_blocks * hkv)
+        splits = min(want, max(1, max_tiles // 4))
+    return max(1, min(splits, max(1, max_tiles)))
+
+
+def _split_partials(shape: tuple[int, int, int], d: int, device: torch.device):
+    """(partial out, max, sum-exp) buffers of the split pass; NaN-filled when tests poison scratch."""
+    fill = torch.full if POISON_SCRATCH else (lambda s, v, **kw: torch.empty(s, **kw))
+    po = fill(shape + (d,), float("nan"), dtype=torch.float32, device=device)
+    pm = fill(shape, float("nan"), dtype=torch.float32, device=device)
+    pl = fill(shape, float("nan"), dtype=torch.float32, device=device)
+    return po, pm, pl
+
+
+def _checked_plan(plan, q, k_cache, slot, qpos, prefix_len, branch_start, block_r: int, group: int
+                  ) -> BranchAttentionPlan:
+    """The caller's plan, once it fits these inputs, or a new one (one sync)."""
+    if plan is None:
+        plan = plan_branch_attention(q, k_cache, slot, qpos, prefix_len, branch_start, block_r=block_r)
+    elif not isinstance(plan, BranchAttentionPlan) or plan.num_tokens != q.shape[0] or plan.group != group:
+        raise ValueError("plan does not match these inputs (token count or GQA group differ): rebuild it")
+    if plan.order.device != q.device:
+        raise ValueError(f"plan is on {plan.order.device} but q is on {q.device}")
+    return plan
+
+
+def _launch_merge(po, pm, pl, out: torch.Tensor, lse_arg: torch.Tensor, splits: int, block_d: int,
+                  return_lse: bool) -> None:
+    """Combine the split partials by log-sum-exp; heads per program capped to bound registers."""
+    t_, hq, d = out.shape
+    block_h = max(1, min(_next_pow2(hq), 2048 // block_d))
+    _branch_merge_kernel[(t_, _cdiv(hq, block_h))](
+        po, pm, pl, out, lse_arg, t_, hq, d, splits, out.stride(0), out.stride(1),
+        RETURN_LSE=return_lse, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )
 
 
@@ -472,61 +566,27 @@ def branch_attention(
     t_, hq, d = q.shape
     s_, hkv, lmax, _ = k_cache.shape
     group = hq // hkv
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    elif (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
-          or out.device != q.device or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
-    lse = torch.empty((t_, hq), dtype=torch.float32, device=q.device) if return_lse else None
+    out, lse = _outputs(q, out, return_lse)
     if t_ == 0:
         return (out, lse) if return_lse else out
     cfg = config or _default_config(d, q.device, q.dtype)
-    if plan is None:
-        plan = plan_branch_attention(q, k_cache, slot, qpos, prefix_len, branch_start, block_r=cfg.block_r)
-    elif not isinstance(plan, BranchAttentionPlan) or plan.num_tokens != t_ or plan.group != group:
-        raise ValueError("plan does not match these inputs (token count or GQA group differ): rebuild it")
-    if plan.order.device != q.device:
-        raise ValueError(f"plan is on {plan.order.device} but q is on {q.device}")
-    block_r = plan.block_r
+    plan = _checked_plan(plan, q, k_cache, slot, qpos, prefix_len, branch_start, cfg.block_r, group)
     block_d = max(16, _next_pow2(d))
-    nb = plan.num_blocks
-    max_tiles = plan.max_tiles(cfg.block_n, window)
-    if cfg.num_splits:
-        splits = cfg.num_splits
-    else:
-        base = nb * hkv
-        want = _cdiv(2 * _num_sms(q.device), base)
-        splits = min(want, max(1, max_tiles // 4))  # >= 4 key tiles per split
-    splits = max(1, min(splits, max(1, max_tiles)))
+    splits = _num_key_splits(cfg, plan, window, hkv, q.device)
     split = splits > 1
-    if split:
-        shape = (splits, t_, hq)
-        fill = torch.full if POISON_SCRATCH else (lambda s, v, **kw: torch.empty(s, **kw))
-        po = fill(shape + (d,), float("nan"), dtype=torch.float32, device=q.device)
-        pm = fill(shape, float("nan"), dtype=torch.float32, device=q.device)
-        pl = fill(shape, float("nan"), dtype=torch.float32, device=q.device)
-    else:
-        po = pm = pl = out  # unused
-    upcast = _interpreting()
-    if precision is None:
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    elif precision not in ("ieee", "tf32", "tf32x3"):
-        raise ValueError(f"precision must be 'ieee', 'tf32' or 'tf32x3', got {precision!r}")
+    po, pm, pl = _split_partials((splits, t_, hq), d, q.device) if split else (out, out, out)  # unused unless split
     lse_arg = lse if lse is not None else out
-    _branch_attn_kernel[(nb, hkv, splits)](
+    _branch_attn_kernel[(plan.num_blocks, hkv, splits)](
         q, k_cache, v_cache, out, lse_arg, po, pm, pl,
         plan.order, plan.blk_start, plan.blk_count, slot, qpos, prefix_len, branch_start,
         float(scale), int(window), t_, hq, lmax, d, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_R=block_r, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        GROUP=group, BLOCK_R=plan.block_r, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         HAS_WINDOW=window > 0, SPLIT=split, RETURN_LSE=return_lse,
-        UPCAST=upcast, PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        UPCAST=_interpreting(), PRECISION=_precision(q.dtype, precision),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split:
-        block_h = max(1, min(_next_pow2(hq), 2048 // block_d))
-        _branch_merge_kernel[(t_, _cdiv(hq, block_h))](
-            po, pm, pl, out, lse_arg, t_, hq, d, splits, out.stride(0), out.stride(1),
-            RETURN_LSE=return_lse, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
-        )
+        _launch_merge(po, pm, pl, out, lse_arg, splits, block_d, return_lse)
     return (out, lse) if return_lse else out
