@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator
 
-from .ensemble import Ensemble, Segment, _Releaser
+from .ensemble import Ensemble
+from .release import Releaser, Segment
 from .results import GenerationResult, RoundRecord
 
 
@@ -42,7 +43,7 @@ class AsyncRequest:
 
     async def stream_with_result(self) -> AsyncIterator[Segment | GenerationResult]:
         """The answer's text as rounds accept it (see :meth:`Ensemble.stream`), then the GenerationResult."""
-        rel = _Releaser(self.handle.settings.stop)
+        rel = Releaser(self.handle.settings.stop)
         events = self.events()
         try:
             async for ev in events:

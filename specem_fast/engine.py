@@ -1,19 +1,19 @@
-"""The engine loop: one owner of every request's life, with continuous batching.
+"""The engine loop: the one owner of every request's life, with continuous batching.
 
 Callers (any thread, or an asyncio loop through :class:`AsyncEnsemble`) submit
-requests; one background thread admits waiting requests into free cache slots
-between rounds, runs one round at a time over every running request from every
-caller, and hands each request its events (a ``RoundRecord`` per accepted
-segment, then the ``GenerationResult``, or an exception). Requests join and
-leave between rounds; a request's answer does not depend on what else runs
-(the rounds keep requests independent), so batching never changes an answer.
+prepared requests; one background thread admits waiting requests into free
+cache slots between rounds, runs one round at a time over every running
+request from every caller, and hands each request its events (a
+``RoundRecord`` per accepted segment, then the ``GenerationResult``, or an
+exception). Requests join and leave between rounds; a request's answer does
+not depend on what else runs, so batching never changes an answer.
 
-Single-model requests (``Ensemble.generate_single``, the baseline) are requests
-of the same loop: each round also feeds every one of them one token.
+Single-model requests (the baseline) are requests of the same loop: each round
+also feeds every one of them one token.
 
-Slots are taken and given back only through ``Ensemble._acquire/_release``
-under the ensemble's lock: a request's slot comes back when it finishes, is
-cancelled, or when anything in its life raises, before its last event is sent.
+Only this loop takes and gives back cache slots: a request's slot comes back
+when it finishes, is cancelled, or when anything in its life raises, before its
+last event is sent.
 """
 
 from __future__ import annotations
@@ -25,34 +25,45 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
+from .baseline import Baseline, SingleRequest
 from .config import GenerationSettings
 from .errors import QueueFullError, RequestCancelled, SpecEMError
+from .kv_cache import KVCacheManager
 from .results import GenerationResult, RoundRecord
-from .scheduler import Request
-
-if TYPE_CHECKING:
-    from .ensemble import Ensemble
+from .scheduler import Request, Scheduler
+from .weights import WeightBook
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Job:
+    """What to run: an ensemble request, or one member alone (``single`` names it)."""
+
+    prompt: str
+    ids: dict[str, list[int]]  # the prompt in each member's tokens
+    settings: GenerationSettings
+    single: str | None = None
+    ignore_eos: bool = False
+    t0: float = 0.0  # a single-model call's start (its timings count from there)
+
+
+@dataclass(eq=False)
 class Handle:
     """One submitted request: its id and where its events go."""
 
     id: int
-    prompt: str
-    ids: dict[str, list[int]]
-    settings: GenerationSettings
+    job: Job
     sink: Callable[[object], None]
     done: threading.Event = field(default_factory=threading.Event)
     slot: int | None = None
-    req: Request | None = None
-    # a single-model request (``Ensemble.generate_single``): its decode state, advanced
-    # one token per engine round by ``Ensemble._single_step``; None for ensemble requests
-    single: object | None = None
+    req: Request | SingleRequest | None = None
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return self.job.settings
 
     def send(self, ev: object) -> None:
         """Hand one event to the caller; a failing sink (a closed event loop) must not end the engine loop."""
@@ -69,19 +80,27 @@ class Handle:
             self.done.set()
 
 
+def _queue_full(n: int) -> QueueFullError:
+    return QueueFullError(f"the engine's waiting queue is full ({n} requests wait for a slot); "
+                          "retry later, or raise max_waiting / max_batch")
+
+
 class EngineCore:
     """Waiting queue, admission, rounds over all running requests, release.
 
     ``max_waiting`` bounds the requests waiting for a slot; a submission beyond
     it raises :class:`QueueFullError` at once. The loop thread starts with the
-    first submission and stops at :meth:`close`.
+    first submission and stops at :meth:`close`. ``metadata()`` is attached to
+    every ensemble result.
     """
 
-    def __init__(self, ens: "Ensemble", max_waiting: int = 256):
+    def __init__(self, scheduler: Scheduler, baseline: Baseline, cache: KVCacheManager, weights: WeightBook, *,
+                 max_waiting: int = 256, metadata: Callable[[], dict] = dict):
         if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 0:
             raise SpecEMError(f"max_waiting must be a whole number >= 0 (got {max_waiting!r})")
-        self.ens = ens
+        self.scheduler, self.baseline, self.cache, self.weights = scheduler, baseline, cache, weights
         self.max_waiting = max_waiting
+        self.metadata = metadata
         self._mu = threading.Condition()  # guards the queues below; never held during a round
         self._waiting: deque[Handle] = deque()
         self._running: dict[int, Handle] = {}
@@ -89,55 +108,37 @@ class EngineCore:
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._stop = False
-        self._owner = object()  # the engine's slots, in Ensemble._holders
         # rounds run, rounds that served more than one request, most requests in one round
         self.stats = {"rounds": 0, "batched_rounds": 0, "max_running": 0}
         # called on the engine thread after every round with (requests in it, seconds); for metrics
         self.round_listeners: list[Callable[[int, float], None]] = []
 
     # -- callers ---------------------------------------------------------------
-    def submit(self, prompt: str, ids: dict[str, list[int]], settings: GenerationSettings,
-               sink: Callable[[object], None] | None = None) -> tuple[Handle, "queue.Queue | None"]:
+    def submit(self, job: Job, sink: Callable[[object], None] | None = None) -> tuple[Handle, "queue.Queue | None"]:
         """Queue a prepared request; returns its handle and, without a sink, a queue of its events."""
         q = None
         if sink is None:
             q = queue.Queue()
             sink = q.put
-        with self._mu:
-            if self._stop:
-                raise SpecEMError("the engine is closed; build a new Ensemble")
-            if len(self._waiting) >= self.max_waiting:
-                raise QueueFullError(
-                    f"the engine's waiting queue is full ({self.max_waiting} requests wait for a slot); "
-                    "retry later, or raise max_waiting / max_batch"
-                )
-            h = Handle(next(self._ids), prompt, ids, settings, sink)
-            self._waiting.append(h)
-            self._start()
-            self._mu.notify_all()
-        return h, q
+        return self.submit_many([(job, sink)], all_or_none=True)[0], q
 
-    def submit_many(self, items: list[tuple[str, dict, GenerationSettings, Callable[[object], None], object]]
+    def submit_many(self, items: list[tuple[Job, Callable[[object], None]]], all_or_none: bool = False
                     ) -> list[Handle]:
-        """Queue several prepared requests at once ``(prompt, ids, settings, sink, single)``,
-        so that free slots admit them together (one prefill forward for single-model
-        requests, as one call's prompts always had). Queues as many as ``max_waiting``
-        allows and returns their handles; none fitting raises :class:`QueueFullError`."""
+        """Queue several prepared requests at once, so that free slots admit them
+        together (one prefill forward for single-model requests). Queues as many as
+        ``max_waiting`` allows and returns their handles; none fitting raises
+        :class:`QueueFullError`."""
         out = []
         with self._mu:
             if self._stop:
                 raise SpecEMError("the engine is closed; build a new Ensemble")
-            for prompt, ids, settings, sink, single in items:
-                if len(self._waiting) >= self.max_waiting:
-                    break
-                h = Handle(next(self._ids), prompt, ids, settings, sink, single=single)
+            room = self.max_waiting - len(self._waiting)
+            if room < (len(items) if all_or_none else 1):
+                raise _queue_full(self.max_waiting)
+            for job, sink in items[:room]:
+                h = Handle(next(self._ids), job, sink)
                 self._waiting.append(h)
                 out.append(h)
-            if not out:
-                raise QueueFullError(
-                    f"the engine's waiting queue is full ({self.max_waiting} requests wait for a slot); "
-                    "retry later, or raise max_waiting / max_batch"
-                )
             self._start()
             self._mu.notify_all()
         return out
@@ -157,8 +158,13 @@ class EngineCore:
                 self._mu.notify_all()
         if h is not None:
             h.finish(RequestCancelled(f"request {request_id} was cancelled"))
-        elif wait and threading.current_thread() is not self._thread:
-            running.done.wait()
+        elif wait:
+            self.wait(running)
+
+    def wait(self, h: Handle) -> None:
+        """Block until ``h`` sent its last event (at once on the engine thread, which would deadlock)."""
+        if threading.current_thread() is not self._thread:
+            h.done.wait()
 
     def events(self, h: Handle, q: "queue.Queue") -> Iterator[RoundRecord | GenerationResult]:
         """A request's events, for a synchronous consumer; stopping early cancels it."""
@@ -187,13 +193,16 @@ class EngineCore:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the loop thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def close(self) -> None:
         """Cancel everything and stop the loop thread."""
         with self._mu:
             self._stop = True
             self._mu.notify_all()
-        with self.ens._lock:
-            self.ens._lock.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -213,16 +222,21 @@ class EngineCore:
                     self._waiting.clear()
                     break
             self._step()
-        with self.ens._lock:
-            for h in stopping:
-                self._end(h, RequestCancelled("the engine was closed"))
+        for h in stopping:
+            self._end(h, RequestCancelled("the engine was closed"))
 
     def _end(self, h: Handle, ev: object) -> None:
-        """Give the request's slot back (lock held), then send its last event."""
+        """Forget the request in the members, give its slot back, then send its last event."""
+        try:
+            if h.req is not None:
+                self.scheduler.discard([h.id])  # idempotent: a finished request is already closed
+        except Exception as exc:  # noqa: BLE001 - the request still ends
+            ev = ev if isinstance(ev, BaseException) else exc
         try:
             if h.slot is not None:
-                self.ens._release(h.slot, self._owner)
-        except Exception as exc:  # noqa: BLE001 - the request still ends
+                self.cache.free(h.slot)
+                h.slot = None
+        except Exception as exc:  # noqa: BLE001
             ev = ev if isinstance(ev, BaseException) else exc
         finally:
             with self._mu:
@@ -231,34 +245,46 @@ class EngineCore:
             h.finish(ev)
 
     def _step(self) -> None:
-        ens = self.ens
-        with ens._lock:
+        with self._mu:
+            cancelled = [self._running[i] for i in self._cancel if i in self._running]
+        for h in cancelled:
+            self._end(h, RequestCancelled(f"request {h.id} was cancelled"))
+        self._admit()
+        with self._mu:
+            running = list(self._running.values())
+        rounds = [h for h in running if h.job.single is None]
+        singles = [h for h in running if h.job.single is not None]
+        if rounds:
+            self._round(rounds)
+        if singles:
+            self._decode(singles)
+
+    def _admit(self) -> None:
+        while self.cache.free_slots:
             with self._mu:
-                cancelled = [self._running[i] for i in self._cancel if i in self._running]
-            for h in cancelled:
-                self._end(h, RequestCancelled(f"request {h.id} was cancelled"))
-            self._admit()
-            with self._mu:
-                running = list(self._running.values())
-                starved = not running and bool(self._waiting) and not self._stop
-            if starved:
-                ens._lock.wait(0.05)  # every slot is held outside the engine: wait for one
-            if not running:
-                return
-            rounds = [h for h in running if h.single is None]
-            singles = [h for h in running if h.single is not None]
-            if rounds:
-                self._round(rounds)
-            if singles:
-                self._decode(singles)
+                if not self._waiting or self._stop:
+                    return
+                h = self._waiting.popleft()
+                self._running[h.id] = h
+            try:
+                h.slot = self.cache.allocate()
+                job, st = h.job, h.job.settings
+                if job.single is not None:
+                    req = SingleRequest(h.id, job.single, job.prompt, st, job.ignore_eos, job.t0)
+                    self.baseline.open(req, job.ids[job.single], h.slot)
+                else:
+                    req = self.scheduler.open(h.id, job.prompt, st, job.ids, self.weights.initial(st.init_weights),
+                                              h.slot)
+                h.req = req
+            except Exception as exc:  # noqa: BLE001 - this request ends, the others run
+                self._end(h, exc)
 
     def _round(self, running: list[Handle]) -> None:
-        """One ensemble round over every running ensemble request (lock held)."""
-        ens = self.ens
-        by_slot = {h.slot: h for h in running}
+        """One ensemble round over every running ensemble request."""
+        by_id = {h.id: h for h in running}
         t0 = time.perf_counter()
         try:
-            events = list(ens.scheduler.round([h.req for h in running]))
+            events = list(self.scheduler.round([h.req for h in running]))
         except Exception as exc:  # noqa: BLE001 - the round's state is unknown: every request in it ends
             for h in running:
                 self._end(h, exc)
@@ -273,60 +299,39 @@ class EngineCore:
             except Exception:  # noqa: BLE001 - a metrics hook must not stop the engine
                 log.exception("a round listener failed")
         for req, rec in events:
-            by_slot[req.slot].send(rec)
+            by_id[req.id].send(rec)
         for h in running:
             if h.req.stop_reason:
-                self._finish(h)
+                self._end(h, self._result(h))
+
+    def _result(self, h: Handle) -> GenerationResult | Exception:
+        try:
+            res = self.scheduler.close(h.req)
+            res.metadata = self.metadata()
+            st = h.settings
+            if st.init_weights == "learned" and st.hedge_lr is not None and any(rd.verified for rd in h.req.rounds):
+                self.weights.observe(h.req.weights)
+            return res
+        except Exception as exc:  # noqa: BLE001
+            return exc
 
     def _decode(self, singles: list[Handle]) -> None:
-        """One token for every running single-model request (lock held): one step per
-        member and sampling setting, so a failure ends only that group's requests."""
-        groups: dict[tuple, list[Handle]] = {}
+        """One token for every running single-model request: one step per member, so a
+        failure ends only that member's requests."""
+        groups: dict[str, list[Handle]] = {}
         for h in singles:
-            groups.setdefault(h.single.group, []).append(h)
+            groups.setdefault(h.job.single, []).append(h)
         for group in groups.values():
             try:
-                self.ens._single_step([h.single for h in group])
+                self.baseline.step([h.req for h in group])
             except Exception as exc:  # noqa: BLE001 - the group's state is unknown: its requests end
                 for h in group:
                     self._end(h, exc)
                 continue
             for h in group:
-                if h.single.stop_reason:
+                if h.req.stop_reason:
                     try:
-                        res = self.ens._single_result(h.prompt, h.single)
+                        res = self.baseline.close(h.req)
                     except Exception as exc:  # noqa: BLE001
                         res = exc
                     self._end(h, res)
-
-    def _admit(self) -> None:
-        ens = self.ens
-        while ens.cache.free_slots:
-            with self._mu:
-                if not self._waiting or self._stop:
-                    return
-                h = self._waiting.popleft()
-                self._running[h.id] = h
-            try:
-                h.slot = ens._acquire(self._owner)
-                st = h.settings
-                if h.single is not None:
-                    h.single.slot = h.slot  # prefilled at its first decode step
-                    continue
-                h.req = ens.scheduler.open(h.prompt, st, h.ids, ens.weights.initial(st.init_weights), h.slot)
-            except Exception as exc:  # noqa: BLE001 - this request ends, the others run
-                self._end(h, exc)
-
-    def _finish(self, h: Handle) -> None:
-        ens = self.ens
-        try:
-            req = h.req
-            res = ens.scheduler.close(req)
-            res.metadata = ens.metadata
-            res.prompt_tokens = {m: s.prompt_len for m, s in req.seqs.items()}
-            st = req.settings
-            if st.init_weights == "learned" and st.hedge_lr is not None and any(rd.verified for rd in req.rounds):
-                ens.weights.observe(req.weights)
-        except Exception as exc:  # noqa: BLE001
-            res = exc
-        self._end(h, res)

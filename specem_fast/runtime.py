@@ -17,7 +17,8 @@ import torch
 
 from . import kernels
 from .config import FLASH_ATTN_CHOICES, env_choice
-from .decode_step import CompiledDecode, compile_problem
+from .backends import check_backend
+from .decode_step import CompiledDecode
 from .errors import SpecEMError
 from .kv_cache import CacheShape, ModelCache
 from .modeling.loader import load_transformer, read_config
@@ -73,14 +74,7 @@ class ModelRunner:
         self.folder = folder
         self.device = torch.device(device)
         self.dtype = resolve_dtype(self.device, dtype)
-        try:  # the kernel path is checked before any weights load
-            self.triton = kernels.use_triton(self.device, kernel_setting)
-        except ValueError as exc:
-            raise SpecEMError(f"{exc}; use auto, triton or torch") from None
-        if self.triton and (problem := kernels.triton_problem(self.device)):
-            raise SpecEMError(f"kernels='triton' cannot run on {self.device}: {problem}; use kernels='torch' or 'auto'")
-        if compile and (problem := compile_problem(self.device)):
-            raise SpecEMError(f"compile=True cannot be used on {self.device}: {problem}; or run without --compile")
+        self.triton = check_backend(self.device, kernel_setting, compile)  # before any weights load
         cfg = read_config(folder)
         if model is None:
             model = load_transformer(folder, self.device, self.dtype, cfg)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import functools
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -97,8 +99,17 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class WeightBook:
-    """Per-ensemble weights across requests (thread safety: the caller's lock)."""
+    """Per-ensemble weights across requests; safe to share between threads (the engine
+    loop observes finished requests while callers load or save)."""
 
     def __init__(self, names: Sequence[str], floor: float = 0.1, horizon: int = 50):
         if not 0 <= floor < 1:
@@ -112,10 +123,12 @@ class WeightBook:
         self.learned: dict[str, float] = self.uniform()
         self.requests = 0  # requests folded into the running estimate
         self.calibration: dict[str, Any] | None = None
+        self._lock = threading.RLock()
 
     def uniform(self) -> dict[str, float]:
         return {n: 1.0 / len(self.names) for n in self.names}
 
+    @_locked
     def set_prior(self, weights: Mapping[str, float] | None, calibration: dict[str, Any] | None = None) -> None:
         """Set (or clear, with None) the prior; the running estimate restarts from it."""
         self.prior = None if weights is None else _normalised(weights, self.names, "prior weights")
@@ -123,6 +136,7 @@ class WeightBook:
         self.learned = dict(self.prior) if self.prior else self.uniform()
         self.requests = 0
 
+    @_locked
     def initial(self, kind: str) -> dict[str, float]:
         """A request's starting weights: ``uniform``, ``prior`` or ``learned``."""
         if kind == "uniform":
@@ -138,6 +152,7 @@ class WeightBook:
             return dict(self.learned)
         raise SpecEMError(f"unknown init_weights {kind!r}")
 
+    @_locked
     def observe(self, final: Mapping[str, float]) -> None:
         """Fold the weights one request ended with into the running estimate.
 
@@ -151,6 +166,7 @@ class WeightBook:
         self.learned = apply_floor({n: v / total for n, v in mixed.items()}, self.floor)
 
     # -- persistence -----------------------------------------------------------------
+    @_locked
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -172,6 +188,7 @@ class WeightBook:
         os.replace(tmp, p)
         return p
 
+    @_locked
     def load(self, path: str | os.PathLike) -> None:
         """Read a book written by :meth:`save` (or by ``specem-fast calibrate``)."""
         p = Path(path)
@@ -185,6 +202,7 @@ class WeightBook:
         self.set_prior(data.get("prior"), data.get("calibration"))
         self.restore(data, f"{p}: learned weights")
 
+    @_locked
     def restore(self, state: Mapping[str, Any], what: str = "learned weights") -> None:
         """Take the running estimate (``learned``, ``requests``) from a :meth:`to_dict`."""
         learned = state.get("learned")

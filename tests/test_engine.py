@@ -120,16 +120,16 @@ def test_fast_eos_ends_on_the_first_draft_that_stops(tiny, monkeypatch):
     surely drafts in round 1, so its first draft ends with a stop token."""
     m = tiny.drafters[1]
     runner = tiny.runners[m]
+    member = tiny.members[m]
     chosen = []
-    real_choose = tiny.scheduler._choose
-    monkeypatch.setattr(tiny.scheduler, "_choose",
-                        lambda logits, reqs, model: chosen.append((model, real_choose(logits, reqs, model))) or chosen[-1][1])
+    real_choose = member._choose
+    monkeypatch.setattr(member, "_choose", lambda logits, seqs: chosen.append(real_choose(logits, seqs)) or chosen[-1])
     kw = dict(max_new_tokens=30, window=6)
     base = tiny.generate(PROMPTS[0], **kw)
-    monkeypatch.setattr(tiny.scheduler, "_choose", real_choose)
+    monkeypatch.setattr(member, "_choose", real_choose)
     assert base.stop_reason != "fast_eos" and not any(c.ended_with_stop for c in base.rounds[0].candidates)
-    # round 1's draft of m: m's first 6 token choices (members may draft concurrently, so others' interleave)
-    toks = [t[0] for model, t in chosen if model == m][:6]
+    # round 1's draft of m: m's first 6 token choices
+    toks = [t[0] for t in chosen][:6]
     assert len(toks) == 6
     k = next(j for j in range(1, len(toks)) if toks[j] not in toks[:j])
     monkeypatch.setattr(runner.codec, "stop_ids", runner.codec.stop_ids | {toks[k]})

@@ -1,0 +1,113 @@
+"""Loading an ensemble's members: names checked, memory checked, weights loaded."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .errors import SpecEMError
+from .fetch import resolve_model
+from .registry import DEFAULT_MODELS
+from .runtime import ModelRunner, available_memory, memory_needs, resolve_dtype
+
+
+def load_runners(models: Sequence[str] | str | None, verifiers: Sequence[str] | str | None, config: EngineConfig,
+                 progress: bool = False) -> tuple[dict[str, ModelRunner], list[str], list[str]]:
+    """(runners by name, drafters, verifiers): every name resolved and checked, and
+    the KV cache checked against the memory of each device, before any weights load."""
+    drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
+    verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
+    for what, per_model in (("devices", config.devices), ("dtypes", config.dtypes)):
+        if per_model and len(per_model) != len(drafters):
+            raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
+    # one model under two spellings (a registry name and its folder, ./x and x/) is one model
+    folders = {spec: resolve_model(spec) for spec in dict.fromkeys(drafters + verifiers_)}
+    drafters = _distinct(drafters, folders, "models")
+    verifiers_ = _distinct(verifiers_, folders, "verifiers")
+    same = {folders[d].resolve(): d for d in drafters}
+    verifiers_ = [same.get(folders[v].resolve(), v) for v in verifiers_]
+    all_names = drafters + [v for v in verifiers_ if v not in drafters]
+    placement = dict(zip(drafters, config.devices))
+    precision = dict(zip(drafters, config.dtypes))
+    where = {n: (placement.get(n, config.device), precision.get(n, config.dtype)) for n in all_names}
+    _check_memory({n: (folders[n], *where[n]) for n in all_names}, config)
+    runners = {}
+    for spec in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
+        runners[spec] = ModelRunner(spec, folders[spec], *where[spec], config.kernels, config.flash_attn,
+                                    config.compile)
+    return runners, drafters, verifiers_
+
+
+def _name_list(value: Sequence[str] | str, what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    if not names or any(not n for n in names):
+        raise SpecEMError(f"the {what} list is empty or has an empty entry; name at least one model")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SpecEMError(f"the {what} list names {', '.join(dup)} more than once; list each model once")
+    return names
+
+
+def _distinct(names: list[str], folders: dict, what: str) -> list[str]:
+    """Refuse one model listed under two spellings (same folder once symlinks and
+    relative parts are resolved): it would be loaded twice and vote twice."""
+    seen: dict = {}
+    for n in names:
+        real = folders[n].resolve()
+        if real in seen:
+            raise SpecEMError(
+                f"the {what} list names one model twice: {seen[real]!r} and {n!r} are both {str(real)!r}; "
+                "list each model once"
+            )
+        seen[real] = n
+    return names
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _check_memory(models: dict[str, tuple], config: EngineConfig) -> None:
+    """Refuse cache_tokens x max_batch whose KV cache (plus the weights) cannot fit on
+    its device, before any weights load; the message says what fits.
+
+    ``models``: name -> (folder, device, dtype setting). The KV cache is
+    ``2 * layers * kv_heads * head_dim * dtype size`` bytes per token and slot.
+    """
+    per_device: dict = {}
+    for name, (folder, dev, dt) in models.items():
+        d = torch.device(dev)
+        if d.type == "cuda" and d.index is None and torch.cuda.is_available():
+            d = torch.device("cuda", torch.cuda.current_device())
+        kv, weights = memory_needs(folder, resolve_dtype(d, dt))
+        per_device.setdefault(d, []).append((name, kv, weights))
+    slots, tokens = config.max_batch, config.cache_tokens
+    for dev, rows in per_device.items():
+        avail = available_memory(dev)
+        if avail is None:
+            continue
+        per_token = sum(kv for _, kv, _ in rows)  # bytes per cache token and slot, all models on dev
+        weights = sum(w for _, _, w in rows)
+        need = per_token * tokens * slots
+        if need + weights <= avail:
+            continue
+        each = ", ".join(f"{n}: {_gib(kv * tokens * slots)}" for n, kv, _ in rows)
+        room = avail - weights
+        if room < per_token * 16 * slots and room < per_token * tokens:
+            fits = "the weights alone nearly fill it; use fewer or smaller models, a smaller dtype or another device"
+        else:
+            fit_tokens = room // (per_token * slots)
+            fit_slots = room // (per_token * tokens)
+            options = []
+            if fit_tokens >= 16:
+                options.append(f"cache_tokens={fit_tokens} with max_batch={slots}")
+            if fit_slots >= 1:
+                options.append(f"max_batch={fit_slots} with cache_tokens={tokens}")
+            fits = "at most " + " or ".join(options) + " fits; lower --cache-tokens or max_batch (--batch)"
+        raise SpecEMError(
+            f"cache_tokens={tokens} x max_batch={slots} needs {_gib(need)} of KV cache on {dev} ({each}) "
+            f"plus {_gib(weights)} of weights, but only {_gib(avail)} is available; {fits}"
+        )

@@ -1,0 +1,466 @@
+"""The local member: a :class:`ModelRunner` in this process behind the member interface.
+
+It owns every tensor of its requests: hidden states, samplers, the K/V of
+drafts and verify branches. Cache invariant per request: positions below the
+cache's committed length hold ``ids[:length]``; ``ids[length:]`` is pending and
+goes into the member's next forward (folded into drafting or verifying); when
+nothing is pending, ``last_hidden`` is the hidden state of the last committed
+token, which predicts the next one. No committed token is processed twice in
+cached mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .member import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut
+from .parallel import MemberPool
+from .runtime import ModelRunner, Run, score_all
+from .sampling import sample_tokens
+from .text import trim_to_word_boundary
+
+
+@dataclass
+class _Draft:
+    tokens: list[int]  # sampled, stop token excluded
+    fed: int  # tokens[:fed] have K/V above the committed length
+    hiddens: list[torch.Tensor]  # hiddens[j] predicts tokens[j]; len fed + 1
+    stopped: bool
+    text: str = ""
+    ids: list[int] = field(default_factory=list)  # the member's encoding of text
+    reuse: int = 0  # leading ids whose K/V from drafting is kept
+
+
+@dataclass
+class _Branch:
+    """Where one candidate lies in the scratch region after a verify pass."""
+
+    ids: list[int]
+    qpos: int
+    fed: int
+    reuse: int
+    final_hidden: torch.Tensor
+
+
+@dataclass(eq=False)
+class _Seq:
+    """One request as this member holds it."""
+
+    slot: int
+    ids: list[int]
+    temperature: float
+    top_p: float
+    generator: torch.Generator | None
+    last_hidden: torch.Tensor | None = None
+    draft: _Draft | None = None  # this round's
+    branches: list[_Branch] | None = None  # this round's verify pass
+
+
+class LocalMember:
+    """One model in this process (see :mod:`.member` for the calls)."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.name = runner.name
+        self._seqs: dict[int, _Seq] = {}
+        self._groups: dict[tuple, list] = {}  # sampling groups of the current draft call
+
+    @property
+    def capacity(self) -> int:
+        return self.runner.cache.capacity
+
+    # -- text -----------------------------------------------------------------
+    def prompt_ids(self, prompt) -> list[int]:
+        codec = self.runner.codec
+        return codec.prompt_ids(prompt) if isinstance(prompt, str) else codec.chat_ids(prompt)
+
+    def encode(self, text: str) -> list[int]:
+        return self.runner.codec.encode_segment(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.runner.codec.decode(list(ids))
+
+    # -- requests -------------------------------------------------------------
+    def open(self, calls: Sequence[OpenCall]) -> None:
+        for c in calls:
+            if c.request in self._seqs:
+                raise MemberStateError(f"{self.name} already holds request {c.request}")
+            if self.runner.cache.length[c.slot]:
+                raise MemberStateError(f"{self.name}: cache slot {c.slot} of request {c.request} is not empty")
+            gen = None
+            if c.seed is not None:  # on the model's device: sampling never leaves it
+                gen = torch.Generator(device=self.runner.device).manual_seed(c.seed)
+            self._seqs[c.request] = _Seq(c.slot, list(c.ids), c.temperature, c.top_p, gen)
+
+    def close(self, requests: Sequence[int]) -> None:
+        for r in requests:
+            self._seqs.pop(r, None)
+
+    def _seq(self, request: int, prefix: int) -> _Seq:
+        s = self._seqs.get(request)
+        if s is None:
+            raise MemberStateError(f"{self.name} holds no request {request}; open it first")
+        if len(s.ids) != prefix:
+            raise MemberStateError(f"{self.name} holds {len(s.ids)} tokens of request {request}, the call expects "
+                                   f"{prefix}: member and scheduler are out of step")
+        return s
+
+    # -- draft ----------------------------------------------------------------
+    def draft(self, calls: Sequence[DraftCall]) -> list[DraftOut]:
+        seqs = [self._seq(c.request, c.prefix) for c in calls]
+        cache = self.runner.cache
+        for c, s in zip(calls, seqs):
+            s.draft, s.branches = None, None
+            if c.recompute:  # the reference cost model: no cache across rounds
+                cache.crop(s.slot, 0)
+        self._catch_up(seqs)
+        out: list[DraftOut | None] = [None] * len(calls)
+        for ignore in (False, True):  # the stop tokens differ: two loops
+            idx = [i for i, c in enumerate(calls) if c.ignore_stop is ignore]
+            if idx:
+                drafts = self._draft_tokens([seqs[i] for i in idx], [calls[i].window for i in idx], ignore)
+                for i, d in zip(idx, drafts):
+                    out[i] = self._finish_draft(calls[i], seqs[i], d)
+        return out
+
+    def _finish_draft(self, c: DraftCall, s: _Seq, d: _Draft) -> DraftOut:
+        codec = self.runner.codec
+        text = codec.decode(d.tokens)
+        if c.raw or (c.alone and d.tokens and self._decodes_on(s.ids, d.tokens, text)):
+            # Drafting alone, no other tokenizer has to start on this boundary:
+            # keep the exact ids sampled, as if the model decoded alone.
+            d.text, d.ids = text, list(d.tokens)
+        else:
+            d.text = text if d.stopped else trim_to_word_boundary(text)
+            d.ids = codec.encode_segment(d.text) if d.text else []
+        if not c.recompute:
+            d.reuse = _common_prefix(d.ids, d.tokens[: d.fed])
+        s.draft = d
+        return DraftOut(tuple(d.tokens), d.text, tuple(d.ids), d.stopped)
+
+    def _catch_up(self, seqs: list[_Seq], extra: list[Run] | None = None) -> torch.Tensor:
+        """Process pending tokens (plus optional extra runs) in one forward; returns
+        the hidden states of the extra runs, in order."""
+        runner = self.runner
+        cache = runner.cache
+        runs, owners = [], []
+        for s in seqs:
+            start = cache.length[s.slot]
+            pending = s.ids[start:]
+            if pending:
+                runs.append(Run(s.slot, pending, start, start, start))
+                owners.append(s)
+        runs_all = runs + (extra or [])
+        if not runs_all:
+            return torch.empty(0, runner.model.args.hidden_size, dtype=runner.dtype, device=runner.device)
+        h = runner.forward(runs_all)
+        pos = 0
+        for run, s in zip(runs, owners):
+            pos += len(run.tokens)
+            cache.append(s.slot, len(run.tokens))
+            s.last_hidden = h[pos - 1]
+        return h[pos:]
+
+    @torch.inference_mode()  # sampled tokens too: the compiled step sees one kind of tensor
+    def _draft_tokens(self, seqs: list[_Seq], limits: list[int], ignore_stop: bool) -> list[_Draft]:
+        """Up to ``limits[i]`` sampled tokens per request, stop token excluded.
+
+        Host work happens once per round: before the loop, every step's
+        placement and attention plan (:meth:`ModelRunner.plan_draft`); after it,
+        one read of all sampled tokens. The steps between read nothing back, so
+        on a GPU they queue up without waiting. Stop tokens are looked for after
+        the loop: a draft that sampled one drafts on with the others and is cut
+        afterwards (its extra K/V lies in scratch space above the committed
+        length), and a sampled request's generator is put back to where that
+        token left it, so the draws are those of a draft that stopped there.
+        """
+        runner = self.runner
+        counts = [n - 1 for n in limits]  # tokens fed: the last sampled token waits for the next round
+        steps = runner.plan_draft([s.slot for s in seqs], [runner.cache.length[s.slot] for s in seqs], counts)
+        stop_set = set() if ignore_stop else {int(t) for t in runner.codec.stop_ids}
+        stops = torch.tensor(sorted(stop_set), dtype=torch.long).to(runner.device)
+        gens = [s.generator for s in seqs]
+        states: dict[tuple[int, int], torch.Tensor] = {}
+        self._groups = {}
+        for j in sorted(set(counts)):  # each set of requests a step samples for
+            self._sampling_groups([s for s, c in zip(seqs, counts) if c >= j])
+        first = torch.stack([s.last_hidden for s in seqs])
+        toks, hs = self._draft_loop(seqs, steps, first, stops, gens, states, _StopProbe(runner.device))
+        flat = torch.cat(toks).tolist()  # the round's one device->host read
+        sampled: list[list[int]] = [[] for _ in seqs]
+        rows, at = list(range(len(seqs))), 0
+        for j in range(len(toks)):
+            for i in rows:
+                sampled[i].append(flat[at])
+                at += 1
+            if j < len(steps):
+                rows = steps[j].rows
+        drafts = []
+        for i, (s, seq) in enumerate(zip(seqs, sampled)):
+            k = next((n for n, t in enumerate(seq) if t in stop_set), None)
+            fed = counts[i] if k is None else k
+            if k is not None and gens[i] is not None and (i, k + 1) in states:
+                gens[i].set_state(states[i, k + 1])
+            hiddens = [s.last_hidden] + [hs[j][steps[j].rows.index(i)] for j in range(fed)]
+            drafts.append(_Draft(seq if k is None else seq[:k], fed, hiddens, k is not None))
+        return drafts
+
+    def _draft_loop(self, seqs: list[_Seq], steps: list, hidden: torch.Tensor, stops: torch.Tensor, gens: list,
+                    states: dict, probe: "_StopProbe") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The per-token loop: sample, feed, repeat, all on the device.
+
+        Returns the sampled tokens of every step (rows: the requests still
+        drafting) and the hidden states of every fed step. Ends early only when
+        every draft still to be fed has sampled a stop token, which the host
+        learns without waiting on the device (:class:`_StopProbe`).
+        """
+        runner = self.runner
+        toks, hs = [], []
+        rows = list(range(len(seqs)))
+        going = None  # per row of this step: no stop token sampled yet
+        for j in range(len(steps) + 1):
+            for i in rows:  # where each generator stands before this step's draw
+                if j and gens[i] is not None:
+                    states[i, j] = gens[i].get_state()
+            tok = self._choose(runner.logits(hidden), [seqs[i] for i in rows])
+            toks.append(tok)
+            going = ~torch.isin(tok, stops) if going is None else going & ~torch.isin(tok, stops)
+            if j == len(steps):
+                break
+            step = steps[j]
+            if step.keep is not None:
+                tok, going = tok[step.keep], going[step.keep]
+            if probe.all_stopped(going.any()):
+                break
+            step.tokens = tok
+            hidden = runner.forward(step)
+            hs.append(hidden)
+            rows = step.rows
+        return toks, hs
+
+    def _decodes_on(self, ids: list[int], new: list[int], text: str) -> bool:
+        """Whether ``new`` decodes to ``text`` after the sequence's last tokens too, so
+        the answer text stays the decode of the drafter's ids (a character split
+        across the boundary, or a decoder that drops a leading space, would not)."""
+        tok = self.runner.codec.tok
+
+        def raw(x: list[int]) -> str:
+            return tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        tail = ids[-8:]
+        joined = raw(tail + new)
+        return bool(text) and not joined.endswith("\ufffd") and joined == raw(tail) + text
+
+    def _choose(self, logits: torch.Tensor, seqs: list[_Seq]) -> torch.Tensor:
+        """The next token of each row, as a device tensor [rows]; rows are grouped by
+        (temperature, top_p), with the groups' index tensors made before the loop."""
+        out = None
+        for (temp, top_p), rows, index in self._sampling_groups(seqs):
+            gens = [seqs[i].generator for i in rows]
+            if index is None:
+                return sample_tokens(logits, temp, top_p, gens)
+            if out is None:
+                out = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
+            out[index] = sample_tokens(logits[index], temp, top_p, gens)
+        return out
+
+    def _sampling_groups(self, seqs: list[_Seq]) -> list[tuple]:
+        """((temperature, top_p), rows, row index tensor or None when one group) per group."""
+        key = tuple(id(s) for s in seqs)
+        groups = self._groups.get(key)
+        if groups is None:
+            by: dict[tuple[float, float], list[int]] = {}
+            for i, s in enumerate(seqs):
+                by.setdefault((s.temperature, s.top_p), []).append(i)
+            dev = self.runner.device
+            groups = [(st, rows, None if len(by) == 1 else torch.tensor(rows).to(dev)) for st, rows in by.items()]
+            self._groups[key] = groups
+        return groups
+
+    # -- verify ---------------------------------------------------------------
+    def verify(self, calls: Sequence[VerifyCall]) -> list[VerifyOut]:
+        plan, problem = self.lay_out(calls)
+        scores = score_all([self.runner], [problem])[0] if problem is not None else None
+        return self.scores_out(plan, scores)
+
+    def lay_out(self, calls: Sequence[VerifyCall]) -> tuple[list, tuple | None]:
+        """The verify forward over every request's packed candidates, laid out in
+        scratch space above the prefix. Returns the plan (per call: the number of
+        candidates, or None without room) and the scoring problem (None if no call fits).
+
+        Split from scoring so a crew scores several members on one device in one launch.
+        """
+        runner = self.runner
+        seqs = [self._seq(c.request, c.prefix) for c in calls]
+        encoded = [self._candidate_ids(c, s) for c, s in zip(calls, seqs)]
+        fits = [len(s.ids) + sum(len(ids) for ids, _ in enc) <= self.capacity for s, enc in zip(seqs, encoded)]
+        todo = [(c, s, enc) for c, s, enc, ok in zip(calls, seqs, encoded, fits) if ok]
+        layout, extra = [], []
+        for c, s, enc in todo:
+            if c.recompute:
+                runner.cache.crop(s.slot, 0)
+            P = len(s.ids)
+            own = next((d for _, d in enc if d is not None), None)
+            cursor = P + (own.reuse if own else 0)
+            for ids, mine in enc:
+                reuse = mine.reuse if mine else 0
+                run = Run(s.slot, ids[reuse:], cursor, P + reuse, P + reuse)
+                cursor += len(run.tokens)
+                layout.append((s, ids, reuse, run, mine))
+                if run.tokens:
+                    extra.append(run)
+        plan = [len(c.candidates) if ok else None for c, ok in zip(calls, fits)]
+        if not todo:
+            return plan, None
+        h = self._catch_up([s for _, s, _ in todo], extra)
+        return plan, self._branches(layout, h)
+
+    def _candidate_ids(self, c: VerifyCall, s: _Seq) -> list[tuple[list[int], _Draft | None]]:
+        """Each candidate in this member's tokens, with this member's own draft where it is one."""
+        own = s.draft
+        return [(own.ids, own) if m == self.name and own is not None else (self.encode(text), None)
+                for m, text in c.candidates]
+
+    def _branches(self, layout: list, h: torch.Tensor) -> tuple:
+        rows, targets, offsets = [], [], [0]
+        pos = 0
+        for s, ids, reuse, run, own in layout:
+            if s.branches is None:
+                s.branches = []
+            n = len(run.tokens)
+            hb = h[pos : pos + n]
+            pos += n
+            base = own.hiddens[: reuse + 1] if reuse else [s.last_hidden]  # own draft: hiddens known
+            seq = torch.cat([torch.stack(base), hb]) if n else torch.stack(base)
+            rows.append(seq[: len(ids)])
+            targets += ids
+            offsets.append(offsets[-1] + len(ids))
+            s.branches.append(_Branch(ids, run.qpos, n, reuse, seq[len(ids)]))
+        return self.runner.scoring_problem(torch.cat(rows), targets, offsets)
+
+    @staticmethod
+    def scores_out(plan: list, scores) -> list[VerifyOut]:
+        """The plan's calls with their candidates' mean log-probs and logits."""
+        out, c = [], 0
+        lp = scores.mean_logprob.tolist() if scores is not None else []
+        lg = scores.mean_logit.tolist() if scores is not None else []
+        for k in plan:
+            if k is None:
+                out.append(VerifyOut(room=False))
+                continue
+            out.append(VerifyOut(tuple(lp[c : c + k]), tuple(lg[c : c + k])))
+            c += k
+        return out
+
+    # -- commit ---------------------------------------------------------------
+    def commit(self, calls: Sequence[CommitCall]) -> list[tuple[int, ...]]:
+        """Append each winning text, keeping the K/V this member already has for it;
+        returns the ids appended per call."""
+        return [self._commit_one(c) for c in calls]
+
+    def _commit_one(self, c: CommitCall) -> tuple[int, ...]:
+        s = self._seq(c.request, c.prefix)
+        cache = self.runner.cache
+        P = cache.length[s.slot]
+        if s.branches is not None and c.winner is not None:
+            if P != len(s.ids):
+                raise MemberStateError(f"{self.name}: request {c.request} verified without catching up")
+            b = s.branches[c.winner]
+            ids = b.ids
+            cache.commit(s.slot, P, b.reuse)
+            cache.commit(s.slot, b.qpos, b.fed)
+            s.last_hidden = b.final_hidden
+        elif s.draft is not None and s.draft.text == c.text:
+            # this member drafted the winning text (or the same text, when agreement
+            # skipped the verify pass): keep the K/V it wrote drafting it
+            own = s.draft
+            ids = own.ids
+            if P == len(s.ids):
+                cache.commit(s.slot, P, own.reuse)
+                if own.reuse == len(ids):
+                    s.last_hidden = own.hiddens[own.reuse]
+        else:
+            ids = self.encode(c.text)
+        s.ids += ids
+        s.draft, s.branches = None, None
+        return tuple(ids)
+
+
+class LocalCrew:
+    """Local members called together: each member's forwards on its worker of a
+    :class:`MemberPool` (side by side across devices, or across a CPU's cores), and
+    one scoring launch for the verifiers that share a device (Triton path)."""
+
+    def __init__(self, members: dict[str, LocalMember], parallel: str = "auto"):
+        self.members = members
+        runners = [m.runner for m in members.values()]
+        interpreted = any(r.triton and r.device.type == "cpu" for r in runners)
+        self.pool = MemberPool({n: m.runner.device for n, m in members.items()}, parallel, interpreted)
+
+    def open(self, calls: dict[str, list[OpenCall]]) -> None:
+        for m, cs in calls.items():
+            self.members[m].open(cs)
+
+    def draft(self, calls: dict[str, list[DraftCall]]) -> dict[str, list[DraftOut]]:
+        names = [m for m, cs in calls.items() if cs]
+        return dict(zip(names, self.pool.map(lambda m: self.members[m].draft(calls[m]), names)))
+
+    def verify(self, calls: dict[str, list[VerifyCall]]) -> dict[str, list[VerifyOut]]:
+        names = [m for m, cs in calls.items() if cs]
+        laid = self.pool.map(lambda m: self.members[m].lay_out(calls[m]), names)
+        scored = [i for i, (_, problem) in enumerate(laid) if problem is not None]
+        scores: list = [None] * len(names)
+        results = score_all([self.members[names[i]].runner for i in scored], [laid[i][1] for i in scored])
+        for i, sc in zip(scored, results):
+            scores[i] = sc
+        return {m: LocalMember.scores_out(plan, sc) for m, (plan, _), sc in zip(names, laid, scores)}
+
+    def commit(self, calls: dict[str, list[CommitCall]]) -> dict[str, list[tuple[int, ...]]]:
+        return {m: self.members[m].commit(cs) for m, cs in calls.items() if cs}
+
+    def close(self, requests: Sequence[int]) -> None:
+        for m in self.members.values():
+            m.close(requests)
+
+    def shutdown(self) -> None:
+        self.pool.close()
+
+
+class _StopProbe:
+    """Lets the host learn that every draft has sampled a stop token, without waiting.
+
+    Each step copies one flag to host memory. On CUDA the copy is asynchronous
+    (pinned memory, checked through an event one step later); on the CPU there
+    is no device to wait for and the flag is read at once. The flag is read
+    through a NumPy view: a plain memory read, not a tensor operation.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.flag = torch.ones(1, dtype=torch.bool, pin_memory=self.cuda)
+        self.view = self.flag.numpy()
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def all_stopped(self, going: torch.Tensor) -> bool:
+        """Push this step's 'some draft still going' flag; True once a landed flag says none is."""
+        if not self.cuda:
+            self.flag.copy_(going.reshape(1))
+            return not self.view[0]
+        landed = self.pending and self.event.query() and not self.view[0]
+        self.flag.copy_(going.reshape(1), non_blocking=True)
+        self.event.record()
+        self.pending = True
+        return landed
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,63 @@
+"""Streaming text out of a request's events: released once, never taken back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .results import GenerationResult, RoundRecord
+
+
+@dataclass
+class Segment:
+    """Answer text released by :meth:`Ensemble.stream`, with the round that accepted it."""
+
+    text: str
+    model: str
+    round: RoundRecord
+
+
+class Releaser:
+    """Turn one request's events into streamable text that is never taken back.
+
+    With stop strings, the last ``len(longest stop) - 1`` characters are held
+    until the next round or the end: a stop string that straddles two segments
+    cuts text the previous round had accepted. The segments' texts join to the
+    final answer exactly; the GenerationResult comes last.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.answer, self.sent, self.last = "", 0, None
+
+    def feed(self, ev: RoundRecord | GenerationResult) -> list[Segment | GenerationResult]:
+        if isinstance(ev, RoundRecord):
+            self.answer = self.answer[: ev.answer_chars - len(ev.accepted)] + ev.accepted
+            self.last = ev
+            end = max(self.sent, len(self.answer) - self.hold)
+            seg = Segment(self.answer[self.sent:end], ev.winner_model, ev)
+            self.sent = end
+            return [seg]
+        out: list[Segment | GenerationResult] = []
+        if ev.text[self.sent:] and self.last is not None:
+            out.append(Segment(ev.text[self.sent:], self.last.winner_model, self.last))
+        return out + [ev]
+
+
+def release_segments(events: Iterator[tuple[int, RoundRecord | GenerationResult]], stop: Sequence[str]
+                      ) -> Iterator[Segment | GenerationResult]:
+    rel = Releaser(stop)
+    try:
+        for _, ev in events:
+            yield from rel.feed(ev)
+    finally:
+        events.close()  # an abandoned stream cancels its request: the slot comes back within a round
+
+
+def only_segments(events: Iterator[Segment | GenerationResult]) -> Iterator[Segment]:
+    try:
+        for ev in events:
+            if isinstance(ev, Segment):
+                yield ev
+    finally:
+        events.close()
