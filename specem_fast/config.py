@@ -65,21 +65,27 @@ class GenerationSettings:
             raise SpecEMError(f"window must be an integer >= 1 (got {self.window!r}); the paper uses 5-15, default 10")
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             raise SpecEMError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not _is_finite(self.temperature) or self.temperature < 0:
+        if not _is_finite(self.temperature):
+            raise SpecEMError(f"temperature must be a finite number (got {self.temperature!r}); use 0 for greedy "
+                              "decoding")
+        if self.temperature < 0:
             raise SpecEMError(f"temperature must be >= 0 (got {self.temperature!r}); use 0 for greedy decoding")
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise SpecEMError(
                 f"temperature {self.temperature!r} is too small to sample with (the minimum is {MIN_TEMPERATURE:g}; "
                 "below it sampling is greedy anyway and the scaled logits overflow); use 0 for greedy decoding"
             )
-        if not _is_finite(self.top_p) or not (0 < self.top_p <= 1):
+        if not _is_finite(self.top_p):
+            raise SpecEMError(f"top_p must be a finite number in (0, 1] (got {self.top_p!r}); use 1 to disable "
+                              "nucleus sampling")
+        if not 0 < self.top_p <= 1:
             raise SpecEMError(f"top_p must be in (0, 1] (got {self.top_p!r}); use 1 to disable nucleus sampling")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
             raise SpecEMError(f"seed must be an integer in [0, 2**40) (got {self.seed!r})")
         if self.score not in SCORE_MODES:
             raise SpecEMError(f"score must be one of {', '.join(SCORE_MODES)} (got {self.score!r})")
         if self.hedge_lr is not None and (not _is_finite(self.hedge_lr) or self.hedge_lr < 0):
-            raise SpecEMError(f"hedge_lr must be a number >= 0 or None/'off' (got {self.hedge_lr!r})")
+            raise SpecEMError(f"hedge_lr must be a finite number >= 0 or None/'off' (got {self.hedge_lr!r})")
         if self.mode not in RUN_MODES:
             raise SpecEMError(f"mode must be one of {', '.join(RUN_MODES)} (got {self.mode!r})")
         if self.hedge_schedule not in HEDGE_SCHEDULES:
@@ -92,7 +98,8 @@ class GenerationSettings:
             not _is_finite(self.exit_threshold) or not 0 < self.exit_threshold < 1
         ):
             raise SpecEMError(
-                f"exit_threshold must be a weight in (0, 1) or None to keep every drafter (got {self.exit_threshold!r})"
+                f"exit_threshold must be a finite number in (0, 1) (a weight) or None to keep every drafter "
+                f"(got {self.exit_threshold!r})"
             )
         if not isinstance(self.exit_patience, int) or isinstance(self.exit_patience, bool) or self.exit_patience < 1:
             raise SpecEMError(f"exit_patience must be an integer >= 1 (rounds; got {self.exit_patience!r})")
