@@ -69,6 +69,11 @@ class LocalMember:
         self._groups: dict[tuple, list] = {}  # sampling groups of the current draft call
 
     @property
+    def requests(self) -> list[int]:
+        """The requests this member holds state for."""
+        return list(self._seqs)
+
+    @property
     def capacity(self) -> int:
         return self.runner.cache.capacity
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import specem_fast.ensemble as ensemble_mod
+import specem_fast.loading as loading_mod
+import specem_fast.local_member as local_mod
 import specem_fast.runtime as runtime_mod
-import specem_fast.scheduler as scheduler_mod
 from specem_fast import Ensemble, kernels
 from specem_fast.config import GenerationSettings
 from specem_fast.errors import SpecEMError
@@ -44,7 +44,7 @@ def baseline(ens):
 
 def assert_engine_intact(ens, baseline):
     assert ens.cache.free_slots == ens.config.max_batch
-    assert ens._holders == {}
+    assert ens.engine.running == 0 and all(not m.requests for m in ens.members.values())
     assert [r.text for r in ens.generate(PROMPTS, **KW)] == baseline["batch"]
     assert ens.generate(PROMPTS[0], temperature=0.8, seed=5, **KW).text == baseline["sampled"]
     assert [r.text for r in ens.generate_single(ens.model_names[1], PROMPTS, max_new_tokens=10)] == baseline["single"]
@@ -77,15 +77,18 @@ STEPS = [
     ("scheduler", "open", 3),  # the queued third prompt, after a round ran
     ("scheduler", "round", 1),
     ("scheduler", "_draft", 1),
-    ("scheduler", "_draft", 5),
-    ("scheduler", "_catch_up", 4),
+    ("scheduler", "_draft", 3),
+    ("member", "draft", 2),
+    ("member", "_catch_up", 4),
     ("scheduler", "_verify", 1),
     ("scheduler", "_verify", 2),
+    ("member", "lay_out", 2),
     ("module", "score_all", 2),
-    ("scheduler", "_select", 3),
+    ("scheduler", "_record", 3),
     ("scheduler", "_commit", 1),
     ("scheduler", "_commit", 4),
-    ("scheduler", "_check_finished", 2),
+    ("member", "commit", 2),
+    ("scheduler", "_finish_round", 2),
     ("scheduler", "close", 1),
     ("scheduler", "close", 2),
     ("runner", "forward", 7),
@@ -97,8 +100,8 @@ STEPS = [
 @pytest.mark.parametrize("where, attr, nth", STEPS, ids=[f"{w}.{a}#{n}" for w, a, n in STEPS])
 def test_a_failure_at_any_step_keeps_no_slot(ens, baseline, monkeypatch, where, attr, nth):
     runner = ens.runners[ens.model_names[1]]
-    target = {"codec": runner.codec, "scheduler": ens.scheduler, "module": scheduler_mod, "runner": runner,
-              "cache": ens.cache[ens.model_names[0]]}[where]
+    target = {"codec": runner.codec, "scheduler": ens.scheduler, "module": local_mod, "runner": runner,
+              "member": ens.members[ens.model_names[1]], "cache": ens.cache[ens.model_names[0]]}[where]
     calls = fail_on_call(monkeypatch, target, attr, nth)
     with pytest.raises(Boom):
         ens.generate(PROMPTS, **KW)
@@ -108,7 +111,7 @@ def test_a_failure_at_any_step_keeps_no_slot(ens, baseline, monkeypatch, where, 
 
 
 def test_a_failure_while_streaming_or_learning_keeps_no_slot(ens, baseline, monkeypatch):
-    fail_on_call(monkeypatch, ens.scheduler, "_draft", 4)
+    fail_on_call(monkeypatch, ens.scheduler, "_draft", 2)
     stream = ens.stream(PROMPTS[0], **KW)
     next(stream)  # the first round's segment
     with pytest.raises(Boom):
@@ -124,10 +127,11 @@ def test_a_failure_while_streaming_or_learning_keeps_no_slot(ens, baseline, monk
 
 
 @pytest.mark.parametrize("where, attr, nth", [("runner", "forward", 1), ("runner", "forward", 4),
-                                              ("runner", "logits", 2), ("module", "choose_tokens", 3)])
+                                              ("runner", "logits", 2), ("module", "sample_tokens", 3),
+                                              ("member", "commit", 2)])
 def test_a_failure_in_the_single_model_loop_keeps_no_slot(ens, baseline, monkeypatch, where, attr, nth):
     runner = ens.runners[ens.model_names[1]]
-    target = runner if where == "runner" else ensemble_mod
+    target = {"runner": runner, "module": local_mod, "member": ens.members[ens.model_names[1]]}[where]
     fail_on_call(monkeypatch, target, attr, nth)
     with pytest.raises(Boom):
         ens.generate_single(ens.model_names[1], PROMPTS, max_new_tokens=10)
@@ -232,15 +236,15 @@ def test_kv_cache_too_large_for_memory_is_refused_before_loading(tiny_dirs, monk
     per_token = sum(runtime_mod.memory_needs(Path(n), runtime_mod.resolve_dtype("cpu", None))[0] for n in names)
     weights = sum(runtime_mod.memory_needs(Path(n), runtime_mod.resolve_dtype("cpu", None))[1] for n in names)
     avail = weights + per_token * 300 * 2
-    monkeypatch.setattr(ensemble_mod, "available_memory", lambda dev: avail)
+    monkeypatch.setattr(loading_mod, "available_memory", lambda dev: avail)
     with pytest.raises(SpecEMError, match="at most cache_tokens=300 with max_batch=2 or max_batch=1 with "
                                           "cache_tokens=512 fits") as exc:
         Ensemble.from_pretrained(names, cache_tokens=512, max_batch=2)
     assert "\n" not in str(exc.value)
-    monkeypatch.setattr(ensemble_mod, "available_memory", lambda dev: weights // 2)
+    monkeypatch.setattr(loading_mod, "available_memory", lambda dev: weights // 2)
     with pytest.raises(SpecEMError, match="the weights alone nearly fill it"):
         Ensemble.from_pretrained(names, cache_tokens=512, max_batch=2)
-    monkeypatch.setattr(ensemble_mod, "available_memory", lambda dev: avail)
+    monkeypatch.setattr(loading_mod, "available_memory", lambda dev: avail)
     monkeypatch.setattr(runtime_mod, "load_transformer", real_load)
     ok = Ensemble.from_pretrained(names, cache_tokens=300, max_batch=2)
     assert ok.cache.bytes == per_token * 300 * 2
