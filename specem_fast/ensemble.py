@@ -203,8 +203,14 @@ class Ensemble:
         RoundRecord per round, then the GenerationResult or an exception.
         Raises :class:`QueueFullError` when ``max_waiting`` requests wait.
         """
+        return self.engine.submit(self.prepare(prompt, messages=messages, settings=settings, **overrides), sink)
+
+    def prepare(self, prompt: str | None = None, *, messages=None, settings: GenerationSettings | None = None,
+                **overrides) -> Job:
+        """One request checked and tokenized for every member, ready for ``engine.submit``
+        (so the work of preparing can happen off the thread that submits)."""
         item, st = self._one(prompt, messages, settings, overrides, "submit")
-        return self.engine.submit(self._jobs([item], [st])[0], sink)
+        return self._jobs([item], [st])[0]
 
     def cancel(self, request_id: int) -> None:
         """Cancel an engine request by id (see :meth:`submit`); its slot is free within one round."""

@@ -162,12 +162,13 @@ def tiny(tiny_dirs):
 
 def test_the_draft_loop_reads_nothing_back(tiny, monkeypatch):
     loops = {"n": 0}
-    real = tiny.scheduler._draft_loop
 
-    def guarded(*a, **k):
-        loops["n"] += 1
-        with no_host_sync(host_to_device=True):
-            return real(*a, **k)
+    def guard(real):
+        def guarded(*a, **k):
+            loops["n"] += 1
+            with no_host_sync(host_to_device=True):
+                return real(*a, **k)
+        return guarded
 
     kw = dict(max_new_tokens=16, window=5)
     want = [r.text for r in tiny.generate(PROMPTS, **kw)]
@@ -182,7 +183,8 @@ def test_the_draft_loop_reads_nothing_back(tiny, monkeypatch):
     monkeypatch.setattr(runner.codec, "stop_ids", runner.codec.stop_ids | {stop})
     want_stop = [r.text for r in tiny.generate(PROMPTS, **kw)]
 
-    monkeypatch.setattr(tiny.scheduler, "_draft_loop", guarded)
+    for m in tiny.drafters:
+        monkeypatch.setattr(tiny.members[m].drafter, "loop", guard(tiny.members[m].drafter.loop))
     assert [r.text for r in tiny.generate(PROMPTS, **kw)] == want_stop
     monkeypatch.setattr(runner.codec, "stop_ids", runner.codec.stop_ids - {stop})
     assert [r.text for r in tiny.generate(PROMPTS, **kw)] == want

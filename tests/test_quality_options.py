@@ -40,7 +40,7 @@ def twins(tiny_dirs, tmp_path_factory):
 
 
 def _reset_book(ens):
-    ens.weights = WeightBook(ens.verifiers)
+    ens.set_prior_weights(None)  # no prior, uniform running estimate
 
 
 # -- model exit -----------------------------------------------------------------------

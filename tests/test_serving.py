@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from specem_fast import AsyncEnsemble, Ensemble, GenerationResult, QueueFullError, RequestCancelled, RoundRecord
+from specem_fast import (AsyncEnsemble, Ensemble, GenerationResult, GenerationSettings, QueueFullError,
+                         RequestCancelled, RoundRecord)
 from specem_fast.errors import SpecEMError
 
 PROMPTS = ["Write a short poem about the sea.", "What is 17 plus 25?", "List three colours.", "Name a big city."]
@@ -39,7 +40,7 @@ def drain(q, timeout=120):
 
 
 def idle(ens):
-    return ens.cache.free_slots == ens.config.max_batch and ens._holders == {} and ens.engine.running == 0
+    return ens.cache.free_slots == ens.config.max_batch and ens.engine.running == 0 and all(not m.requests for m in ens.members.values())
 
 
 # -- 1. engine loop ----------------------------------------------------------------
@@ -50,7 +51,7 @@ def test_a_request_that_joins_a_running_batch_keeps_its_greedy_answer(ens, join_
     running alone."""
     long = dict(max_new_tokens=80, window=3)
     ref = [ens.generate(p, **long).text for p in PROMPTS[:2]]
-    (pb, ids_b, st_b), = ens._prepare_all([PROMPTS[1]], [ens._settings_for(PROMPTS[1], None, long)[0]])
+    job_b = ens.prepare(PROMPTS[1], **long)
     seen, joined = {"n": 0}, {}
     qa = queue.Queue()
 
@@ -59,7 +60,7 @@ def test_a_request_that_joins_a_running_batch_keeps_its_greedy_answer(ens, join_
         if isinstance(ev, RoundRecord):
             seen["n"] += 1
             if seen["n"] == join_after:
-                joined["h"], joined["q"] = ens.engine.submit(pb, ids_b, st_b)
+                joined["h"], joined["q"] = ens.engine.submit(job_b)
 
     before = dict(ens.engine.stats)
     ens.submit(PROMPTS[0], sink=sink_a, **long)
@@ -147,10 +148,10 @@ def test_a_full_waiting_queue_refuses_at_once(ens, alone):
 def test_an_error_in_one_request_leaves_the_others_running(ens, alone, monkeypatch):
     real = ens.scheduler.open
 
-    def open_(prompt, *a, **k):
+    def open_(request_id, prompt, *a, **k):
         if prompt == PROMPTS[2]:
             raise RuntimeError("open failed")
-        return real(prompt, *a, **k)
+        return real(request_id, prompt, *a, **k)
 
     monkeypatch.setattr(ens.scheduler, "open", open_)
     h, q = ens.submit(PROMPTS[0], **KW)
@@ -163,9 +164,9 @@ def test_an_error_in_one_request_leaves_the_others_running(ens, alone, monkeypat
 
 def test_per_request_settings_in_one_batch(ens, alone):
     sampled = ens.generate(PROMPTS[1], temperature=0.8, seed=3, **KW).text
-    got = ens.generate(PROMPTS[:3], settings=[ens._settings_for("x", None, dict(KW, max_new_tokens=8))[0],
-                                              ens._settings_for("x", None, dict(KW, temperature=0.8, seed=3))[0],
-                                              ens._settings_for("x", None, KW)[0]])
+    got = ens.generate(PROMPTS[:3], settings=[GenerationSettings(**dict(KW, max_new_tokens=8)),
+                                              GenerationSettings(**dict(KW, temperature=0.8, seed=3)),
+                                              GenerationSettings(**KW)])
     assert got[0].new_tokens == 8 and alone[0].startswith(got[0].text)
     assert got[1].text == sampled and got[2].text == alone[2]
 
@@ -176,7 +177,7 @@ def test_close_stops_the_engine(tiny_dirs):
     q.get(timeout=120)
     e.close()
     assert isinstance(drain(q)[-1], RequestCancelled)
-    assert e.cache.free_slots == 1 and not e.engine._thread.is_alive()
+    assert e.cache.free_slots == 1 and not e.engine.alive
     with pytest.raises(SpecEMError, match="engine is closed"):
         e.generate(PROMPTS[0], max_new_tokens=4)
 
