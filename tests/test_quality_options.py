@@ -11,7 +11,7 @@ import torch
 from specem_fast import Ensemble, scoring
 from specem_fast.config import GenerationSettings
 from specem_fast.errors import SpecEMError
-from specem_fast.weights import WeightBook, apply_floor
+from specem_fast.weights import apply_floor
 
 PROMPTS = ["Write a short poem about the sea.", "What is 17 plus 25?", "List three colours."]
 
