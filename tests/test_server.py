@@ -207,7 +207,7 @@ def test_unknown_model_prompt_too_long_and_bad_json(ens, client, server):
     r = post(server, "/v1/completions", {"prompt": long})
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt"
-    assert "KV-cache budget of 256 tokens" in err["message"] and "--cache-tokens" in err["message"]
+    assert "over the 214 tokens a prompt may take" in err["message"] and "--cache-tokens 256" in err["message"]
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": long}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = httpx.post(server.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})

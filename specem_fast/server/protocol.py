@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..config import HEDGE_SCHEDULES, INIT_WEIGHTS, MAX_SEED, RUN_MODES, SCORE_MODES
 
-_STRICT = ConfigDict(extra="forbid", strict=True)
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN, Infinity: "finite number"
 
 # request field -> GenerationSettings field, for the ensemble options passed through as they are
 ENSEMBLE_FIELDS = ("window", "hedge_lr", "score", "fast_eos", "hedge_schedule", "init_weights", "exit_threshold",
