@@ -189,28 +189,30 @@ class Clock:
 class DraftClock:
     """Each member's draft-phase wall time and sampled tokens inside an ensemble.
 
-    Wraps the scheduler's per-member draft call on this instance only. That call
-    ends with the round's one device->host read of the sampled tokens, so its wall
-    time covers the member's device work (catch-up forward, decode steps, sampling).
+    Wraps each member's draft call on this instance only. That call ends with the
+    round's one device->host read of the sampled tokens, so its wall time covers
+    the member's device work (catch-up forward, decode steps, sampling).
     """
 
     def __init__(self, ens):
         self.s: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
-        sched = ens.scheduler
-        orig = getattr(sched, "_draft", None)
-        self.ok = callable(orig)
+        members = getattr(ens, "members", None)
+        self.ok = isinstance(members, dict)
         if not self.ok:
             return
+        for m, member in members.items():
+            member.draft = self._timed(m, member.draft)
 
-        def timed(m, *args, **kw):
+    def _timed(self, m, orig):
+        def timed(calls):
             t0 = time.perf_counter()
-            drafts = orig(m, *args, **kw)
+            drafts = orig(calls)
             self.s[m] = self.s.get(m, 0.0) + time.perf_counter() - t0
             self.tokens[m] = self.tokens.get(m, 0) + sum(len(d.tokens) for d in drafts)
             return drafts
 
-        sched._draft = timed
+        return timed
 
     def reset(self):
         self.s.clear()
