@@ -1,5 +1,7 @@
 """specem_fast: fast training-free LLM ensembling (SpecEM / SpecFuse)."""
 
+import importlib
+
 from .config import EngineConfig, GenerationSettings
 from .errors import QueueFullError, RequestCancelled, SpecEMError
 from .results import Candidate, GenerationResult, RoundRecord, SingleResult
@@ -7,15 +9,14 @@ from .results import Candidate, GenerationResult, RoundRecord, SingleResult
 __version__ = "0.1.0"
 
 
-def __getattr__(name):  # keep `import specem_fast` light: torch loads on first use
-    if name in ("Ensemble", "Segment"):
-        from . import ensemble
+# Keep `import specem_fast` light (torch loads on first use) and keep the package root
+# out of the layering: the faces are imported by name on first access.
+_LAZY = {"Ensemble": ".ensemble", "Segment": ".release", "AsyncEnsemble": ".aio"}
 
-        return getattr(ensemble, name)
-    if name == "AsyncEnsemble":
-        from .aio import AsyncEnsemble
 
-        return AsyncEnsemble
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(name)
 
 

@@ -25,15 +25,17 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .baseline import Baseline, SingleRequest
 from .config import GenerationSettings
 from .errors import QueueFullError, RequestCancelled, SpecEMError
-from .kv_cache import KVCacheManager
 from .results import GenerationResult, RoundRecord
 from .scheduler import Request, Scheduler
 from .weights import WeightBook
+
+if TYPE_CHECKING:  # the engine only takes and gives back slots; it never touches a tensor
+    from .kv_cache import KVCacheManager
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ class EngineCore:
     every ensemble result.
     """
 
-    def __init__(self, scheduler: Scheduler, baseline: Baseline, cache: KVCacheManager, weights: WeightBook, *,
+    def __init__(self, scheduler: Scheduler, baseline: Baseline, cache: "KVCacheManager", weights: WeightBook, *,
                  max_waiting: int = 256, metadata: Callable[[], dict] = dict):
         if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 0:
             raise SpecEMError(f"max_waiting must be a whole number >= 0 (got {max_waiting!r})")
