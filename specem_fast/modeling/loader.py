@@ -129,7 +129,7 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
         )
     model.load_state_dict(state, assign=True, strict=True)
     model.to(device)
-    model._inv_freqs = [(inv.to(device), scaling) for inv, scaling in model._inv_freqs]
+    model.inv_freqs = [(inv.to(device), scaling) for inv, scaling in model.inv_freqs]
     return model.eval().requires_grad_(False)
 
 
@@ -154,7 +154,7 @@ def random_transformer(args: ModelArgs, device: torch.device | str, dtype: torch
                 mod.weight.normal_(0.0, std, generator=gen)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.zero_()
-    model._inv_freqs = [(inv.to(device), scaling) for inv, scaling in model._inv_freqs]
+    model.inv_freqs = [(inv.to(device), scaling) for inv, scaling in model.inv_freqs]
     return model.eval().requires_grad_(False)
 
 

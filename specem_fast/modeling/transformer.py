@@ -136,14 +136,14 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         # Layers sharing rotary settings share one cos/sin table per forward.
         self._rope_groups: dict[int, int] = {}
-        self._inv_freqs: list[tuple[torch.Tensor, float]] = []
+        self.inv_freqs: list[tuple[torch.Tensor, float]] = []
         seen: dict[str, int] = {}
         for i in range(args.num_layers):
             key = repr(args.rope[i])
             if key not in seen:
-                seen[key] = len(self._inv_freqs)
+                seen[key] = len(self.inv_freqs)
                 inv, scaling = args.inv_freq(i)
-                self._inv_freqs.append((inv.float(), scaling))  # fp32 like the reference
+                self.inv_freqs.append((inv.float(), scaling))  # fp32 like the reference
             self._rope_groups[i] = seen[key]
         self._embed_scale: dict[tuple, torch.Tensor] = {}
 
@@ -158,7 +158,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         if a.gemma:
             x = x * self.embed_scale(x.dtype, x.device)
-        tables = [_cos_sin(inv, s, positions, x.dtype) for inv, s in self._inv_freqs]  # inv on device since load
+        tables = [_cos_sin(inv, s, positions, x.dtype) for inv, s in self.inv_freqs]  # inv on device since load
         for i, block in enumerate(self.model.layers):
             cos, sin = tables[self._rope_groups[i]]
             x = block(x, cos, sin, i, meta, a.windows[i], attend)
