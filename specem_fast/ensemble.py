@@ -20,8 +20,10 @@ from .engine import EngineCore, Job
 from .errors import CacheFullError, QueueFullError, SpecEMError
 from .inputs import Chat, parse_inputs, prompt_list
 from .kv_cache import KVCacheManager
-from .loading import load_runners
-from .local_member import LocalCrew, LocalMember
+from .loading import load_members
+from .crew import MemberCrew
+from .local_member import LocalMember
+from .member import Member
 from .release import Segment, only_segments, release_segments
 from .results import GenerationResult, RoundRecord, SingleResult
 from .runtime import ModelRunner
@@ -44,16 +46,21 @@ class Ensemble:
     """
 
     def __init__(self, runners: dict[str, ModelRunner], drafters: list[str], verifiers: list[str], config: EngineConfig,
-                 max_waiting: int = 256):
+                 max_waiting: int = 256, remote: dict[str, Member] | None = None):
+        """``runners``: the members in this process; ``remote``: members in other processes
+        or servers (Ray actors, vLLM endpoints), each holding its own cache."""
         self.config = config
         self.runners = runners
         self.drafters = drafters
         self.verifiers = verifiers
+        # the engine's slots; the local members' K/V (a remote member keeps its own)
         self.cache = KVCacheManager([r.cache_shape for r in runners.values()], config.max_batch, config.cache_tokens)
         for r in runners.values():
             r.cache = self.cache[r.name]
-        self.members = {n: LocalMember(r) for n, r in runners.items()}
-        self.crew = LocalCrew(self.members, config.parallel)
+        remote = remote or {}
+        order = list(dict.fromkeys(drafters + verifiers))
+        self.members: dict[str, Member] = {n: remote[n] if n in remote else LocalMember(runners[n]) for n in order}
+        self.crew = MemberCrew(self.members, config.parallel)
         self.scheduler = Scheduler(self.crew, drafters, verifiers)
         self.weights = WeightBook(verifiers)
         # the request lifecycle: waiting queue, admission, slots, rounds over every caller's requests
@@ -75,6 +82,8 @@ class Ensemble:
         devices: Sequence[str] = (),
         dtypes: Sequence[str | None] = (),
         progress: bool = False,
+        placement: str = "local",
+        ray_address: str | None = None,
         weights: str | None = None,
         max_waiting: int = 256,
         compile: bool = False,
@@ -85,8 +94,9 @@ class Ensemble:
                               kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes),
                               compile=compile, parallel=parallel)
         check_engine(config)
-        runners, drafters, verifiers_ = load_runners(models, verifiers, config, progress)
-        ens = cls(runners, drafters, verifiers_, config, max_waiting)
+        runners, remote, drafters, verifiers_ = load_members(models, verifiers, config, progress, placement,
+                                                             ray_address)
+        ens = cls(runners, drafters, verifiers_, config, max_waiting, remote)
         if weights is not None:
             ens.load_weights(weights)
         if warmup:
@@ -123,6 +133,7 @@ class Ensemble:
             "kernels": {n: r.kernel_path for n, r in self.runners.items()},
             "devices": {n: str(r.device) for n, r in self.runners.items()},
             "dtypes": {n: str(r.dtype).replace("torch.", "") for n, r in self.runners.items()},
+            "remote": {n: m.describe() for n, m in self.members.items() if n not in self.runners},
             "cache_tokens": self.config.cache_tokens,
             "compile": self.config.compile,
             "parallel": [list(g) for g in pool.groups] if pool.concurrent else None,

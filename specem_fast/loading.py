@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -10,35 +11,81 @@ from tqdm.auto import tqdm
 from .config import EngineConfig
 from .errors import SpecEMError
 from .fetch import resolve_model
+from .member import Member
 from .registry import DEFAULT_MODELS
 from .runtime import ModelRunner, available_memory, memory_needs, resolve_dtype
 
 
-def load_runners(models: Sequence[str] | str | None, verifiers: Sequence[str] | str | None, config: EngineConfig,
-                 progress: bool = False) -> tuple[dict[str, ModelRunner], list[str], list[str]]:
-    """(runners by name, drafters, verifiers): every name resolved and checked, and
-    the KV cache checked against the memory of each device, before any weights load."""
+PLACEMENTS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One member as named by the user: a registry name or folder (in this process),
+    ``ray:NAME`` (in a Ray actor) or ``vllm:URL#MODEL`` (served by vLLM over HTTP)."""
+
+    name: str  # as written: the member's name in results
+    kind: str  # local | ray | vllm
+    model: str  # registry name or folder: the weights (local, ray) or the tokenizer (vllm)
+    url: str | None = None  # vllm: the server's base URL
+
+
+def parse_spec(spec: str, placement: str = "local") -> MemberSpec:
+    if spec.startswith("ray:"):
+        model = spec[4:].strip()
+        if not model:
+            raise SpecEMError(f"member {spec!r} names no model; write ray:NAME with a registry name or folder")
+        return MemberSpec(spec, "ray", model)
+    if spec.startswith("vllm:"):
+        url, sep, model = spec[5:].partition("#")
+        if not sep or not model.strip() or not url.startswith(("http://", "https://")):
+            raise SpecEMError(f"member {spec!r} is not vllm:URL#MODEL (e.g. vllm:http://127.0.0.1:8001#"
+                              "qwen2.5-coder-0.5b-instruct, MODEL naming the served model and its tokenizer)")
+        return MemberSpec(spec, "vllm", model.strip(), url.rstrip("/"))
+    return MemberSpec(spec, "ray" if placement == "ray" else "local", spec)
+
+
+def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | str | None, config: EngineConfig,
+                 progress: bool = False, placement: str = "local", ray_address: str | None = None,
+                 ) -> tuple[dict[str, ModelRunner], dict[str, Member], list[str], list[str]]:
+    """(local runners, members in other processes or servers, drafters, verifiers): every name
+    resolved and checked, and the local KV cache checked against the memory of each device,
+    before any weights load."""
+    if placement not in PLACEMENTS:
+        raise SpecEMError(f"placement must be one of {', '.join(PLACEMENTS)} (got {placement!r})")
     drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
     verifiers_ = _name_list(verifiers, "verifiers") if verifiers is not None else list(drafters)
     for what, per_model in (("devices", config.devices), ("dtypes", config.dtypes)):
         if per_model and len(per_model) != len(drafters):
             raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
+    specs = {n: parse_spec(n, placement) for n in dict.fromkeys(drafters + verifiers_)}
     # one model under two spellings (a registry name and its folder, ./x and x/) is one model
-    folders = {spec: resolve_model(spec) for spec in dict.fromkeys(drafters + verifiers_)}
-    drafters = _distinct(drafters, folders, "models")
-    verifiers_ = _distinct(verifiers_, folders, "verifiers")
-    same = {folders[d].resolve(): d for d in drafters}
-    verifiers_ = [same.get(folders[v].resolve(), v) for v in verifiers_]
+    folders = {n: resolve_model(sp.model) for n, sp in specs.items()}
+    keys = {n: (sp.kind, sp.url, folders[n].resolve()) for n, sp in specs.items()}
+    drafters = _distinct(drafters, keys, "models")
+    verifiers_ = _distinct(verifiers_, keys, "verifiers")
+    same = {keys[d]: d for d in drafters}
+    verifiers_ = [same.get(keys[v], v) for v in verifiers_]
     all_names = drafters + [v for v in verifiers_ if v not in drafters]
-    placement = dict(zip(drafters, config.devices))
+    placement_of = dict(zip(drafters, config.devices))
     precision = dict(zip(drafters, config.dtypes))
-    where = {n: (placement.get(n, config.device), precision.get(n, config.dtype)) for n in all_names}
-    _check_memory({n: (folders[n], *where[n]) for n in all_names}, config)
-    runners = {}
-    for spec in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
-        runners[spec] = ModelRunner(spec, folders[spec], *where[spec], config.kernels, config.flash_attn,
-                                    config.compile)
-    return runners, drafters, verifiers_
+    where = {n: (placement_of.get(n, config.device), precision.get(n, config.dtype)) for n in all_names}
+    local = [n for n in all_names if specs[n].kind == "local"]
+    _check_memory({n: (folders[n], *where[n]) for n in local}, config)
+    runners, remote = {}, {}
+    for n in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
+        sp = specs[n]
+        if sp.kind == "local":
+            runners[n] = ModelRunner(n, folders[n], *where[n], config.kernels, config.flash_attn, config.compile)
+        elif sp.kind == "ray":
+            from .ray_member import RayMember
+
+            remote[n] = RayMember.start(n, folders[n], *where[n], config, ray_address=ray_address)
+        else:
+            from .vllm_member import VLLMMember
+
+            remote[n] = VLLMMember(n, sp.url, sp.model, folders[n], config)
+    return runners, remote, drafters, verifiers_
 
 
 def _name_list(value: Sequence[str] | str, what: str) -> list[str]:
@@ -51,15 +98,15 @@ def _name_list(value: Sequence[str] | str, what: str) -> list[str]:
     return names
 
 
-def _distinct(names: list[str], folders: dict, what: str) -> list[str]:
-    """Refuse one model listed under two spellings (same folder once symlinks and
-    relative parts are resolved): it would be loaded twice and vote twice."""
+def _distinct(names: list[str], keys: dict, what: str) -> list[str]:
+    """Refuse one model listed under two spellings (same kind, endpoint and folder once
+    symlinks and relative parts are resolved): it would be loaded twice and vote twice."""
     seen: dict = {}
     for n in names:
-        real = folders[n].resolve()
+        real = keys[n]
         if real in seen:
             raise SpecEMError(
-                f"the {what} list names one model twice: {seen[real]!r} and {n!r} are both {str(real)!r}; "
+                f"the {what} list names one model twice: {seen[real]!r} and {n!r} are both {str(real[2])!r}; "
                 "list each model once"
             )
         seen[real] = n

@@ -19,7 +19,6 @@ import torch
 from .member import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut
 from .draft_loop import Draft as _Draft
 from .draft_loop import Drafter
-from .parallel import MemberPool
 from .runtime import ModelRunner, Run, score_all
 from .text import trim_to_word_boundary
 
@@ -66,6 +65,14 @@ class LocalMember:
     @property
     def capacity(self) -> int:
         return self.runner.cache.capacity
+
+    def describe(self) -> dict:
+        r = self.runner
+        return {"kind": "local", "device": str(r.device), "dtype": str(r.dtype).replace("torch.", ""),
+                "kernels": r.kernel_path}
+
+    def shutdown(self) -> None:
+        """Nothing to release: the runner's buffers go with the ensemble."""
 
     # -- text -----------------------------------------------------------------
     def prompt_ids(self, prompt) -> list[int]:
@@ -279,46 +286,6 @@ class LocalMember:
         s.ids += ids
         s.draft, s.branches = None, None
         return tuple(ids)
-
-
-class LocalCrew:
-    """Local members called together: each member's forwards on its worker of a
-    :class:`MemberPool` (side by side across devices, or across a CPU's cores), and
-    one scoring launch for the verifiers that share a device (Triton path)."""
-
-    def __init__(self, members: dict[str, LocalMember], parallel: str = "auto"):
-        self.members = members
-        runners = [m.runner for m in members.values()]
-        interpreted = any(r.triton and r.device.type == "cpu" for r in runners)
-        self.pool = MemberPool({n: m.runner.device for n, m in members.items()}, parallel, interpreted)
-
-    def open(self, calls: dict[str, list[OpenCall]]) -> None:
-        for m, cs in calls.items():
-            self.members[m].open(cs)
-
-    def draft(self, calls: dict[str, list[DraftCall]]) -> dict[str, list[DraftOut]]:
-        names = [m for m, cs in calls.items() if cs]
-        return dict(zip(names, self.pool.map(lambda m: self.members[m].draft(calls[m]), names)))
-
-    def verify(self, calls: dict[str, list[VerifyCall]]) -> dict[str, list[VerifyOut]]:
-        names = [m for m, cs in calls.items() if cs]
-        laid = self.pool.map(lambda m: self.members[m].lay_out(calls[m]), names)
-        scored = [i for i, (_, problem) in enumerate(laid) if problem is not None]
-        scores: list = [None] * len(names)
-        results = score_all([self.members[names[i]].runner for i in scored], [laid[i][1] for i in scored])
-        for i, sc in zip(scored, results):
-            scores[i] = sc
-        return {m: LocalMember.scores_out(plan, sc) for m, (plan, _), sc in zip(names, laid, scores)}
-
-    def commit(self, calls: dict[str, list[CommitCall]]) -> dict[str, list[tuple[int, ...]]]:
-        return {m: self.members[m].commit(cs) for m, cs in calls.items() if cs}
-
-    def close(self, requests: Sequence[int]) -> None:
-        for m in self.members.values():
-            m.close(requests)
-
-    def shutdown(self) -> None:
-        self.pool.close()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -24,19 +24,26 @@ from .errors import SpecEMError
 T = TypeVar("T")
 
 
-def member_groups(devices: dict[str, torch.device], mode: str, cpu_threads: int | None = None) -> list[list[str]]:
+def member_groups(devices: dict[str, torch.device | None], mode: str, cpu_threads: int | None = None
+                  ) -> list[list[str]]:
     """Which members share a worker: "off" one group, "on" one per member, "auto" one per
     device, and one per member on a CPU with at least two intra-op threads to split
-    (measured 1.36x faster on 2 cores, benchmarks/RESULTS.md; with one thread there is nothing to split)."""
+    (measured 1.36x faster on 2 cores, benchmarks/RESULTS.md; with one thread there is nothing to split).
+    A member with no device here (``None``: in another process, behind HTTP) always has its own
+    worker, whatever the mode: it only waits."""
+    remote = [[m] for m, d in devices.items() if d is None]
+    devices = {m: d for m, d in devices.items() if d is not None}
+    if not devices:
+        return remote
     if mode == "off":
-        return [list(devices)]
+        return [list(devices)] + remote
     if mode == "on":
-        return [[m] for m in devices]
+        return [[m] for m in devices] + remote
     split_cpu = (torch.get_num_threads() if cpu_threads is None else cpu_threads) >= 2
     groups: dict[object, list[str]] = {}
     for m, d in devices.items():
         groups.setdefault(m if d.type == "cpu" and split_cpu else d, []).append(m)
-    return list(groups.values())
+    return list(groups.values()) + remote
 
 
 class MemberPool:
@@ -49,7 +56,7 @@ class MemberPool:
     first error in that order is raised.
     """
 
-    def __init__(self, devices: dict[str, torch.device], mode: str = "auto", interpreted: bool = False):
+    def __init__(self, devices: dict[str, torch.device | None], mode: str = "auto", interpreted: bool = False):
         """``interpreted``: some member runs Triton kernels through the interpreter (on a CPU),
         which patches module state while a kernel runs, so members must run in turn."""
         if mode not in PARALLEL_CHOICES:
@@ -60,12 +67,9 @@ class MemberPool:
         self.groups = member_groups(devices, "off" if interpreted else mode)
         self._group_of = {m: i for i, g in enumerate(self.groups) for m in g}
         self._device = [devices[g[0]] for g in self.groups]
-        cpu_groups = sum(1 for g in self.groups if devices[g[0]].type == "cpu")
+        on_cpu = [i for i, d in enumerate(self._device) if d is not None and d.type == "cpu"]
         # CPU workers split the cores (each thread's intra-op thread count is its own)
-        self._cpu_threads = {
-            i: max(1, torch.get_num_threads() // cpu_groups)
-            for i, g in enumerate(self.groups) if devices[g[0]].type == "cpu" and cpu_groups > 1
-        }
+        self._cpu_threads = {i: max(1, torch.get_num_threads() // len(on_cpu)) for i in on_cpu if len(on_cpu) > 1}
         self._pool = (ThreadPoolExecutor(len(self.groups), thread_name_prefix="specem-member")
                       if len(self.groups) > 1 else None)
 
@@ -97,7 +101,7 @@ class MemberPool:
         out, err = {}, {}
         dev = self._device[g]
         # Triton launches on the current device's stream: make it this group's GPU
-        ctx = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        ctx = torch.cuda.device(dev) if dev is not None and dev.type == "cuda" else contextlib.nullcontext()
         with ctx:
             for m in names:
                 try:
