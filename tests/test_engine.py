@@ -120,7 +120,7 @@ def test_fast_eos_ends_on_the_first_draft_that_stops(tiny, monkeypatch):
     surely drafts in round 1, so its first draft ends with a stop token."""
     m = tiny.drafters[1]
     runner = tiny.runners[m]
-    member = tiny.members[m]
+    member = tiny.members[m].drafter
     chosen = []
     real_choose = member._choose
     monkeypatch.setattr(member, "_choose", lambda logits, seqs: chosen.append(real_choose(logits, seqs)) or chosen[-1])
