@@ -18,6 +18,16 @@ INIT_WEIGHTS = ("uniform", "prior", "learned")
 MAX_SEED = 2**40
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
 PARALLEL_CHOICES = ("auto", "on", "off")
+# Named settings. "reference": the paper's method exactly (the dataclass defaults).
+# "recommended": the best measured setting for members of very unequal strength
+# (benchmarks/RESULTS.md): a calibrated prior, model exit and the agreement fast path.
+PRESETS: dict[str, dict] = {
+    "reference": {},
+    "recommended": {"init_weights": "prior", "exit_threshold": 0.2, "exit_patience": 2, "skip_agreed": True},
+}
+# "auto": recommended when the ensemble has prior weights (shipped for the default members, or
+# --weights), else reference (no option measured better than it for uncalibrated members)
+PRESET_CHOICES = ("auto", *PRESETS)
 # Sampling temperatures below this are refused: logits / T overflows float32 for
 # T around 1e-38 (NaN probabilities), and long before that the softmax is one-hot,
 # i.e. greedy. 0 is the way to ask for greedy decoding.
@@ -116,6 +126,13 @@ class GenerationSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GenerationSettings":
+        """The named settings (``reference`` or ``recommended``), with overrides on top."""
+        if name not in PRESETS:
+            raise SpecEMError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}")
+        return cls().with_overrides(**{**PRESETS[name], **overrides})
 
     def with_overrides(self, **overrides: Any) -> "GenerationSettings":
         known = {f.name for f in fields(self)}

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 from .backends import check_engine
 from .baseline import Baseline
-from .config import EngineConfig, GenerationSettings
+from .config import PRESET_CHOICES, EngineConfig, GenerationSettings
 from .engine import EngineCore, Job
 from .errors import CacheFullError, QueueFullError, SpecEMError
 from .inputs import Chat, parse_inputs, prompt_list
@@ -28,7 +28,7 @@ from .release import Segment, only_segments, release_segments
 from .results import GenerationResult, RoundRecord, SingleResult
 from .runtime import ModelRunner
 from .scheduler import Scheduler
-from .weights import WeightBook
+from .weights import WeightBook, shipped_weights
 
 __all__ = ["Ensemble", "Segment"]
 
@@ -63,6 +63,9 @@ class Ensemble:
         self.crew = MemberCrew(self.members, config.parallel)
         self.scheduler = Scheduler(self.crew, drafters, verifiers)
         self.weights = WeightBook(verifiers)
+        self.weights_source: str | None = None  # where the prior came from (metadata)
+        # what a request runs with when it gives no settings: see use_preset
+        self.preset, self.defaults = "reference", GenerationSettings()
         # the request lifecycle: waiting queue, admission, slots, rounds over every caller's requests
         self.engine = EngineCore(self.scheduler, Baseline(self.crew), self.cache, self.weights,
                                  max_waiting=max_waiting, metadata=self._describe)
@@ -89,7 +92,14 @@ class Ensemble:
         compile: bool = False,
         parallel: str = "auto",
         warmup: bool = False,
+        preset: str = "auto",
     ) -> "Ensemble":
+        """``preset``: the settings a request runs with by default (every option still
+        overrides): "auto" is "recommended" when the ensemble has prior weights (``weights``,
+        or the calibration shipped for the default members) and "reference" (the paper's
+        method) otherwise; see :meth:`use_preset`."""
+        if preset not in PRESET_CHOICES:
+            raise SpecEMError(f"preset must be one of {', '.join(PRESET_CHOICES)} (got {preset!r})")
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
                               kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes),
                               compile=compile, parallel=parallel)
@@ -99,6 +109,10 @@ class Ensemble:
         ens = cls(runners, drafters, verifiers_, config, max_waiting, remote)
         if weights is not None:
             ens.load_weights(weights)
+        elif preset != "reference" and (shipped := shipped_weights(ens.verifiers)) is not None:
+            ens.load_weights(shipped)
+            ens.weights_source = f"shipped: {shipped.name} (calibrated on GSM8K items 300-399)"
+        ens.use_preset(preset)
         if warmup:
             ens.warmup()
         return ens
@@ -133,11 +147,27 @@ class Ensemble:
             "kernels": {n: r.kernel_path for n, r in self.runners.items()},
             "devices": {n: str(r.device) for n, r in self.runners.items()},
             "dtypes": {n: str(r.dtype).replace("torch.", "") for n, r in self.runners.items()},
+            "preset": self.preset,
+            "weights": self.weights_source,
             "remote": {n: m.describe() for n, m in self.members.items() if n not in self.runners},
             "cache_tokens": self.config.cache_tokens,
             "compile": self.config.compile,
             "parallel": [list(g) for g in pool.groups] if pool.concurrent else None,
         }
+
+    def use_preset(self, preset: str) -> None:
+        """Make ``preset`` the default settings of requests that give none (overrides apply
+        on top): "reference", "recommended" (needs prior weights), or "auto" (recommended
+        with prior weights, reference without)."""
+        if preset not in PRESET_CHOICES:
+            raise SpecEMError(f"preset must be one of {', '.join(PRESET_CHOICES)} (got {preset!r})")
+        has_prior = self.weights.prior is not None
+        if preset == "auto":
+            preset = "recommended" if has_prior else "reference"
+        if preset == "recommended" and not has_prior:
+            raise SpecEMError("preset 'recommended' starts from prior weights, and these members have none: give "
+                              "weights=FILE (--weights) from `specem-fast calibrate`, or use preset 'reference'")
+        self.preset, self.defaults = preset, GenerationSettings.preset(preset)
 
     # -- weights across requests ---------------------------------------------------
     def set_prior_weights(self, weights: dict[str, float] | None) -> None:
@@ -148,6 +178,7 @@ class Ensemble:
     def load_weights(self, path: str) -> None:
         """Load prior and learned weights from a JSON file (``save_weights``, ``calibrate``)."""
         self.weights.load(path)
+        self.weights_source = str(path)
 
     def save_weights(self, path: str) -> None:
         """Write the prior and the weights learned so far, so a deployment warms up once."""
@@ -168,7 +199,7 @@ class Ensemble:
         """
         items, single = parse_inputs(prompts, messages)
         results = [None] * len(items)
-        for i, res in self._drive(self._jobs(items, _settings_for(len(items), settings, overrides))):
+        for i, res in self._drive(self._jobs(items, _settings_for(len(items), settings, overrides, self.defaults))):
             if isinstance(res, GenerationResult):
                 results[i] = res
         return results[0] if single else results
@@ -279,7 +310,7 @@ class Ensemble:
         items, single = parse_inputs(prompt, messages)
         if not single:
             raise SpecEMError(f"{what}() takes one prompt or one conversation; use generate() for a list")
-        return items[0], _settings_for(1, settings, overrides)[0]
+        return items[0], _settings_for(1, settings, overrides, self.defaults)[0]
 
     def _jobs(self, items: list, settings: list[GenerationSettings]) -> list[Job]:
         """The prompts tokenized for every member and checked against the cache budget."""
@@ -335,9 +366,9 @@ class Ensemble:
                 self.engine.wait(h)
 
 
-def _settings_for(n: int, settings, overrides: dict) -> list[GenerationSettings]:
+def _settings_for(n: int, settings, overrides: dict, default: GenerationSettings) -> list[GenerationSettings]:
     if settings is None or isinstance(settings, GenerationSettings):
-        base = [settings or GenerationSettings()] * n
+        base = [settings or default] * n
     else:
         base = list(settings)
         if len(base) != n or not all(isinstance(x, GenerationSettings) for x in base):

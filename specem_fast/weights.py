@@ -107,6 +107,17 @@ def _locked(method):
     return run
 
 
+def shipped_weights(verifiers: Sequence[str]) -> Path | None:
+    """The calibration shipped in the package (specem_fast/data/weights-default.json, made
+    for the default members), when it is for exactly these verifiers."""
+    path = Path(__file__).with_name("data") / "weights-default.json"
+    try:
+        names = read_weights_file(path).get("verifiers")
+    except (SpecEMError, OSError):
+        return None
+    return path if isinstance(names, list) and sorted(names) == sorted(verifiers) else None
+
+
 class WeightBook:
     """Per-ensemble weights across requests; safe to share between threads (the engine
     loop observes finished requests while callers load or save)."""

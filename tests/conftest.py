@@ -44,7 +44,7 @@ def default_model_dirs():
 def real_ensemble(default_model_dirs):
     from specem_fast import Ensemble
 
-    return Ensemble.from_pretrained(DEFAULT_NAMES, cache_tokens=2048, max_batch=4)
+    return Ensemble.from_pretrained(DEFAULT_NAMES, cache_tokens=2048, max_batch=4, preset="reference")
 
 
 @pytest.fixture(scope="session")

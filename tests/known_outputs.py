@@ -82,7 +82,9 @@ def tiny_ensemble(root: Path, **options):
 def real_ensemble(**options):
     from specem_fast import Ensemble
 
-    return Ensemble.from_pretrained(cache_tokens=1024, max_batch=4, dtype="float32", kernels="torch", **options)
+    # the snapshot was taken with the reference method, before presets existed
+    return Ensemble.from_pretrained(cache_tokens=1024, max_batch=4, dtype="float32", kernels="torch",
+                                    preset="reference", **options)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import HEDGE_SCHEDULES, INIT_WEIGHTS, RUN_MODES, SCORE_MODES, GenerationSettings
+from ..config import HEDGE_SCHEDULES, INIT_WEIGHTS, PRESET_CHOICES, RUN_MODES, SCORE_MODES, GenerationSettings
 from ..errors import SpecEMError
 
 
@@ -52,7 +52,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "model always; off: one model at a time")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="load prior and learned model weights from this JSON file (written by `calibrate` "
-                        "or --save-weights)")
+                        "or --save-weights); the default members come with a calibration")
+    p.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
+                   help="default settings, which every option below overrides (default auto: 'recommended' "
+                        "= calibrated prior + model exit + agreement fast path when there are prior weights, "
+                        "'reference' = the paper's method otherwise)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_new_tokens: bool = True) -> None:
@@ -73,19 +77,20 @@ def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_
     )
     g.add_argument("--fast-eos", action="store_true", default=None, help="finish as soon as any draft ends")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
-    q = p.add_argument_group("ensemble quality options (default: the reference method)")
+    q = p.add_argument_group("ensemble quality options (default: those of --preset)")
     q.add_argument("--hedge-schedule", choices=HEDGE_SCHEDULES, default=None,
                    help=f"Hedge learning-rate schedule (default {d.hedge_schedule}: lr/10*sqrt(1/K)/t; "
                         "constant: lr every round; sqrt: lr*sqrt(ln K/t))")
     q.add_argument("--init-weights", choices=INIT_WEIGHTS, default=None,
-                   help=f"start each request from uniform weights, the prior (--weights FILE) or the weights "
-                        f"learned on earlier requests (default {d.init_weights})")
+                   help="start each request from uniform weights, the prior (--weights FILE) or the weights "
+                        "learned on earlier requests (reference: uniform; recommended: prior)")
     q.add_argument("--exit-threshold", type=float, default=None, metavar="W",
-                   help="model exit: a drafter whose weight stays below W stops drafting (default off)")
+                   help="model exit: a drafter whose weight stays below W stops drafting (reference: off; "
+                        "recommended: 0.2)")
     q.add_argument("--exit-patience", type=int, default=None, metavar="N",
-                   help=f"rounds in a row below --exit-threshold before a drafter exits (default {d.exit_patience})")
+                   help="rounds in a row below --exit-threshold before a drafter exits (reference: 3; recommended: 2)")
     q.add_argument("--skip-agreed", action="store_true", default=None,
-                   help="accept identical candidates without a verify pass")
+                   help="accept identical candidates without a verify pass (on in recommended)")
     q.add_argument("--no-self-votes", dest="self_votes", action="store_false", default=None,
                    help="leave a candidate's own drafter out of its score and of the rewards")
     if window:  # bench runs both modes itself
@@ -112,8 +117,14 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]
         over["stop"] = tuple(args.stop)
     over.update(fixed)
     st = GenerationSettings().with_overrides(**over)  # raises SpecEMError on bad values
-    if st.init_weights == "prior" and not getattr(args, "weights", None):
-        raise SpecEMError("--init-weights prior needs prior weights: give --weights FILE (see `specem-fast calibrate`)")
+    shipped = getattr(args, "models", None) is None and getattr(args, "verifiers", None) is None  # the defaults
+    if not getattr(args, "weights", None) and not shipped:
+        if st.init_weights == "prior":
+            raise SpecEMError("--init-weights prior needs prior weights: give --weights FILE "
+                              "(see `specem-fast calibrate`)")
+        if getattr(args, "preset", None) == "recommended":
+            raise SpecEMError("--preset recommended starts from prior weights: give --weights FILE "
+                              "(see `specem-fast calibrate`), or use --preset reference")
     if getattr(args, "weights", None):
         from ..weights import read_weights_file
 
@@ -159,4 +170,5 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int
         compile=getattr(args, "compile", False),
         devices=getattr(args, "devices", None) or (),
         parallel=getattr(args, "parallel", "auto"),
+        preset=getattr(args, "preset", "auto"),
     )

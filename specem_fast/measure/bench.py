@@ -424,7 +424,8 @@ def run_bench(
     count, count_source = token_counter(ensemble)
     problems, source = _problems()
     capacity = _capacity(ensemble)
-    base = GenerationSettings().with_overrides(**{"temperature": 0.0, **plan.settings}).to_dict()
+    defaults = getattr(ensemble, "defaults", None) or GenerationSettings()  # the ensemble's preset
+    base = defaults.with_overrides(**{"temperature": 0.0, **plan.settings}).to_dict()
     if trace_path is not None:
         Path(trace_path).write_bytes(b"")
     skipped: list[dict[str, Any]] = []

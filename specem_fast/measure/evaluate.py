@@ -141,12 +141,13 @@ def summary_path_for(out_path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".summary.json")
 
 
-def _settings_dict(settings: GenerationSettings | dict | None) -> dict:
+def _settings_dict(settings: GenerationSettings | dict | None, base: GenerationSettings) -> dict:
+    """Every setting the answers depend on; a dict overrides the ensemble's defaults (its preset)."""
     if settings is None:
-        return GenerationSettings().to_dict()
+        return base.to_dict()
     if isinstance(settings, GenerationSettings):
         return settings.to_dict()
-    return GenerationSettings().with_overrides(**settings).to_dict()
+    return base.with_overrides(**settings).to_dict()
 
 
 def _score(item: EvalItem, text: str) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def run_eval(
     """
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise SpecEMError(f"batch must be an integer >= 1 (got {batch!r})")
-    sdict = _settings_dict(settings)
+    sdict = _settings_dict(settings, getattr(ensemble, "defaults", None) or GenerationSettings())
     if settings is None or (isinstance(settings, dict) and "seed" not in settings):
         sdict["seed"] = seed  # --seed drives sampling too, unless the settings say otherwise
     models = list(ensemble.model_names)
