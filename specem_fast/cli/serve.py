@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -10,6 +11,10 @@ import sys
 
 from ..errors import SpecEMError
 from .options import add_generation_args, add_model_args, load_ensemble, settings_from_args
+
+
+# the fewest tokens a prompt must be allowed (a chat template alone takes about this many)
+_MIN_PROMPT_TOKENS = 16
 
 
 def register(sub) -> None:
@@ -30,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM/SIGINT, running requests get S seconds to finish before they are cancelled "
                         "(default 30)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, metavar="MB",
+                   help="largest request body in MiB; a larger one is refused with 413 before it is read "
+                        "(default 4)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed of requests that give none (default 0)")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
     add_model_args(p)
@@ -56,23 +64,60 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_budget(args: argparse.Namespace, defaults) -> None:
+    """A --cache-tokens that leaves no room for a prompt at the default window is refused
+    before any model loads (each round needs drafters x (window + 4) tokens of it)."""
+    from ..registry import DEFAULT_MODELS
+
+    k = len(args.models or DEFAULT_MODELS)
+    room = k * (defaults.window + 4)
+    if args.cache_tokens - room < _MIN_PROMPT_TOKENS:
+        raise SpecEMError(
+            f"--cache-tokens {args.cache_tokens} is too small for any prompt: one round of {k} drafter(s) at "
+            f"--window {defaults.window} takes {k} x ({defaults.window} + 4) = {room} tokens of it, leaving "
+            f"{args.cache_tokens - room}; raise --cache-tokens to at least {room + _MIN_PROMPT_TOKENS} or lower "
+            "--window")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.shutdown_timeout < 0:
+        raise SpecEMError(f"--shutdown-timeout must be >= 0 seconds (got {args.shutdown_timeout})")
+    if args.max_batch < 1:
+        raise SpecEMError(f"--max-batch must be >= 1 (got {args.max_batch})")
+    if not math.isfinite(args.max_body_mb) or args.max_body_mb * 2**20 < 1024:
+        raise SpecEMError(f"--max-body-mb must be a number of MiB, at least 0.001 (1 KiB; got {args.max_body_mb})")
+    if args.api_key is not None and not args.api_key.strip():
+        raise SpecEMError("--api-key is empty; give a key or leave the option out")
+
+
+def _server(uvicorn, app, args: argparse.Namespace, backstop: float):
+    """A uvicorn server that starts the app's graceful shutdown on the first SIGTERM/SIGINT."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.begin_shutdown(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn cancels what is left only well after the app has answered it
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="on",
+                            timeout_graceful_shutdown=args.shutdown_timeout + backstop)
+    return Server(config)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
         from ..server import create_app
+        from ..server.background import SHUTDOWN_BACKSTOP
     except ImportError as exc:
         raise SpecEMError(f"serving needs the serve extra ({exc.name} is not installed): "
                           "pip install 'specem-fast[serve]'") from None
     from ..config import GenerationSettings
 
-    if args.shutdown_timeout < 0:
-        raise SpecEMError(f"--shutdown-timeout must be >= 0 seconds (got {args.shutdown_timeout})")
-    if args.max_batch < 1:
-        raise SpecEMError(f"--max-batch must be >= 1 (got {args.max_batch})")
-    if args.api_key is not None and not args.api_key.strip():
-        raise SpecEMError("--api-key is empty; give a key or leave the option out")
+    _check_args(args)
     defaults = GenerationSettings().with_overrides(**settings_from_args(args))  # before any model loads
+    _check_budget(args, defaults)
     sock = _listen(args.host, args.port)
     try:
         ens = load_ensemble(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
@@ -81,16 +126,15 @@ def run(args: argparse.Namespace) -> int:
         raise
     try:
         app = create_app(ens, model_name=args.served_model_name, api_key=args.api_key, defaults=defaults,
-                         shutdown_grace=args.shutdown_timeout)
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout + 2,
-                                lifespan="on")
-        server = uvicorn.Server(config)
+                         shutdown_grace=args.shutdown_timeout, max_body_bytes=int(args.max_body_mb * 2**20))
+        server = _server(uvicorn, app, args, SHUTDOWN_BACKSTOP)
         host, port = sock.getsockname()[:2]
         print(f"specem-fast: serving {args.served_model_name!r} ({', '.join(ens.model_names)}) on "
               f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
-        # uvicorn re-raises the signal it stopped on once it has shut down; with this
-        # handler in place SIGTERM ends in a clean exit 0 instead of a kill
+        # uvicorn re-raises the signal it stopped on once it has shut down; with these
+        # handlers in place SIGTERM and Ctrl-C end in a clean exit 0 instead of a kill
         signal.signal(signal.SIGTERM, lambda *_: None)
+        signal.signal(signal.SIGINT, lambda *_: None)
         server.run(sockets=[sock])
     finally:
         ens.close()

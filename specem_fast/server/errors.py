@@ -83,7 +83,7 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
     param = _param_of(first)
     if first.get("type") == "missing" and param is None:
         return APIError(400, f"the request body is missing; {_SEND_JSON}", code="invalid_body")
-    if first.get("type") == "model_type" and param is None:
+    if first.get("type") in ("model_type", "model_attributes_type") and param is None:
         return _not_an_object(first.get("input"), content_type)
     msgs = []
     for err in errors:

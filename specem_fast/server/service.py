@@ -196,7 +196,12 @@ class Service:
     async def _race(self, live: _Live, aw, request: Request | None):
         """``await aw``, unless shutdown's deadline (raises its APIError) or, with a
         ``request``, the client leaving (raises _ClientGone) comes first; then ``aw``
-        is cancelled."""
+        is cancelled. What ``aw`` gave wins a tie, unless it failed after the deadline
+        cancelled the request (its events end without a result then)."""
+        if live.aborted.done():
+            if asyncio.iscoroutine(aw):
+                aw.close()
+            raise live.aborted.result()
         work = asyncio.ensure_future(aw)
         gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
         try:
@@ -206,10 +211,12 @@ class Service:
                 if t is not None and not t.done():
                     t.cancel()
                     await asyncio.wait({t})
-        if not work.cancelled():
+        if not work.cancelled() and work.exception() is None:
             return work.result()
         if live.aborted.done():
             raise live.aborted.result()
+        if not work.cancelled():
+            return work.result()  # raises its exception
         raise _ClientGone()
 
     # -- the two completion endpoints ----------------------------------------------
@@ -320,7 +327,7 @@ class Service:
                 try:
                     ev = await self._race(live, anext(events), None)
                 except StopAsyncIteration:  # pragma: no cover - the result always comes last
-                    break
+                    raise RuntimeError("the engine ended the request without a result") from None
                 if isinstance(ev, RoundRecord):
                     self._observe_round(ev, t0, last_round == 0)
                     last_round = ev.index
