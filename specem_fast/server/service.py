@@ -93,6 +93,31 @@ class _Release:
         return res.text[self.sent:]
 
 
+class _ChunkJSON:
+    """The JSON text of one stream's chunks: ``chunk(text)`` (the first chat chunk carries
+    the role), ``chunk("", finish)``, ``chunk(None)`` (no choice: the usage chunk)."""
+
+    def __init__(self, rid: str, model: str, chat: bool, include_usage: bool):
+        self.head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": model}
+        self.chat, self.include_usage, self.sent_role = chat, include_usage, False
+        self.usage: dict[str, Any] | None = None
+
+    def __call__(self, text: str | None, finish: str | None = None, choice: dict | None = None, **extra) -> str:
+        choices: list[dict[str, Any]] = []
+        if text is not None:
+            c: dict[str, Any] = {"index": 0}
+            if self.chat:
+                c["delta"] = {"content": text} if self.sent_role else {"role": "assistant", "content": text}
+                self.sent_role = True
+            else:
+                c["text"] = text
+            c.update(logprobs=None, finish_reason=finish, **(choice or {}))
+            choices.append(c)
+        usage = {"usage": self.usage} if self.include_usage else {}
+        return json.dumps({**self.head, "choices": choices, **usage, **extra}, ensure_ascii=False)
+
+
 class Service:
     def __init__(self, ensemble, model_name: str, defaults: GenerationSettings, shutdown_grace: float):
         self.ensemble = ensemble
@@ -301,25 +326,7 @@ class Service:
         reason, the usage chunk when asked for, then ``[DONE]``; an error (the engine's,
         or shutdown's deadline) is an error event before ``[DONE]``."""
         chat = isinstance(body, ChatCompletionRequest)
-        created, usage_field = int(time.time()), {"usage": None} if body.include_usage else {}
-        sent_role = False
-
-        def chunk(text: str | None, finish: str | None = None, **extra) -> str:
-            nonlocal sent_role
-            choices: list[dict[str, Any]] = []
-            if text is not None:
-                c: dict[str, Any] = {"index": 0}
-                if chat:
-                    c["delta"] = {"content": text} if sent_role else {"role": "assistant", "content": text}
-                    sent_role = True
-                else:
-                    c["text"] = text
-                c.update(logprobs=None, finish_reason=finish, **extra.pop("choice", {}))
-                choices.append(c)
-            obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                   "model": self.model_name, "choices": choices, **usage_field, **extra}
-            return json.dumps(obj, ensure_ascii=False)
-
+        chunk = _ChunkJSON(rid, self.model_name, chat, body.include_usage)
         events = live.areq.events()
         release, last_round = _Release(settings.stop), 0
         try:
@@ -337,12 +344,12 @@ class Service:
                     continue
                 self._observe_end(ev, t0)
                 rest = release.end(ev)
-                if rest or (chat and not sent_role):
+                if rest or (chat and not chunk.sent_role):
                     yield chunk(rest)
                 yield chunk("", FINISH_REASON[ev.stop_reason], choice={"engine_stop_reason": ev.stop_reason},
                             specem=self._extra(ev, False))
                 if body.include_usage:
-                    usage_field["usage"] = self.usage(ev)
+                    chunk.usage = self.usage(ev)
                     yield chunk(None)
                 break
         except (asyncio.CancelledError, GeneratorExit):
