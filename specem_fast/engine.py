@@ -145,6 +145,38 @@ class EngineCore:
             self._mu.notify_all()
         return out
 
+    def run(self, jobs: list[Job]) -> Iterator[tuple[int, RoundRecord | GenerationResult | object]]:
+        """Submit ``jobs`` (as many at once as the waiting queue takes, the rest as the
+        first finish) and yield ``(job index, event)``; the last event of a job is its
+        result. Stopping early or an error cancels the unfinished ones, and returns only
+        when their slots are back."""
+        events: queue.Queue = queue.Queue()
+        pending = deque(enumerate(jobs))
+        live: dict[int, Handle] = {}
+        try:
+            while pending or live:
+                if pending:
+                    try:  # one call's prompts go in together, so free slots take them into one prefill
+                        handles = self.submit_many(
+                            [(job, (lambda i: lambda ev: events.put((i, ev)))(i)) for i, job in pending])
+                    except QueueFullError:
+                        if not live:
+                            raise
+                        handles = []  # a long list: the rest goes in as its first requests finish
+                    for h in handles:
+                        live[pending.popleft()[0]] = h
+                i, ev = events.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                if not isinstance(ev, RoundRecord):  # the request's last event
+                    del live[i]
+                yield i, ev
+        finally:
+            for h in live.values():
+                self.cancel(h.id)
+            for h in live.values():
+                self.wait(h)
+
     def cancel(self, request_id: int, wait: bool = False) -> None:
         """Stop a request: a waiting one leaves the queue, a running one gives its slot
         back before the next round. ``wait``: block until that is done."""

@@ -8,16 +8,14 @@ their events.
 
 from __future__ import annotations
 
-import queue
 import time
-from collections import deque
 from typing import Iterator, Sequence
 
 from .backends import check_engine
 from .baseline import Baseline
 from .config import PRESET_CHOICES, EngineConfig, GenerationSettings
 from .engine import EngineCore, Job
-from .errors import CacheFullError, QueueFullError, SpecEMError
+from .errors import CacheFullError, SpecEMError
 from .inputs import Chat, parse_inputs, prompt_list
 from .kv_cache import KVCacheManager
 from .loading import load_members
@@ -199,7 +197,7 @@ class Ensemble:
         """
         items, single = parse_inputs(prompts, messages)
         results = [None] * len(items)
-        for i, res in self._drive(self._jobs(items, _settings_for(len(items), settings, overrides, self.defaults))):
+        for i, res in self.engine.run(self._jobs(items, _settings_for(len(items), settings, overrides, self.defaults))):
             if isinstance(res, GenerationResult):
                 results[i] = res
         return results[0] if single else results
@@ -220,7 +218,7 @@ class Ensemble:
         if settings.get("messages") is None and isinstance(prompt, (list, tuple)):
             raise SpecEMError("stream() takes one prompt string; use generate() for a list")
         item, st = self._one(prompt, settings.pop("messages", None), settings.pop("settings", None), settings, "stream")
-        return release_segments(self._drive(self._jobs([item], [st])), st.stop)
+        return release_segments(self.engine.run(self._jobs([item], [st])), st.stop)
 
     def events(self, prompts: str | Sequence[str], settings: Sequence[GenerationSettings]
                ) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
@@ -234,7 +232,7 @@ class Ensemble:
         """
         items = prompts if isinstance(prompts, list) and prompts and all(isinstance(p, Chat) for p in prompts) \
             else prompt_list(prompts)
-        return self._drive(self._jobs(items, list(settings)))
+        return self.engine.run(self._jobs(items, list(settings)))
 
     def submit(self, prompt: str | None = None, *, messages=None, settings: GenerationSettings | None = None,
                sink=None, **overrides):
@@ -301,7 +299,7 @@ class Ensemble:
         jobs = [Job(p, self._prompt_ids(p, st, [model]), st, single=model, ignore_eos=ignore_eos, t0=t0)
                 for p, st in zip(plist, sts)]  # refused before queueing
         out: list = [None] * len(plist)
-        for i, res in self._drive(jobs):
+        for i, res in self.engine.run(jobs):
             out[i] = res
         return out[0] if isinstance(prompts, str) else out
 
@@ -334,36 +332,6 @@ class Ensemble:
                     "shorten the prompt or raise cache_tokens (--cache-tokens)"
                 )
         return ids
-
-    def _drive(self, jobs: list[Job]) -> Iterator[tuple[int, RoundRecord | GenerationResult | SingleResult]]:
-        # The engine owns the slots; this call owns its requests and cancels the
-        # unfinished ones on any exit (an error, or the consumer stopping).
-        events: queue.Queue = queue.Queue()
-        pending = deque(enumerate(jobs))
-        live = {}
-        try:
-            while pending or live:
-                if pending:
-                    try:  # one call's prompts go in together, so free slots take them into one prefill
-                        handles = self.engine.submit_many(
-                            [(job, (lambda i: lambda ev: events.put((i, ev)))(i)) for i, job in pending])
-                    except QueueFullError:
-                        if not live:
-                            raise
-                        handles = []  # a long list: the rest goes in as its first requests finish
-                    for h in handles:
-                        live[pending.popleft()[0]] = h
-                i, ev = events.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                if not isinstance(ev, RoundRecord):  # the request's last event
-                    del live[i]
-                yield i, ev
-        finally:
-            for h in live.values():
-                self.engine.cancel(h.id)
-            for h in live.values():
-                self.engine.wait(h)
 
 
 def _settings_for(n: int, settings, overrides: dict, default: GenerationSettings) -> list[GenerationSettings]:
