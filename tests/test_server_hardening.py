@@ -337,6 +337,7 @@ def test_a_stop_string_longer_than_a_segment_does_not_hold_back_the_stream(ens, 
 @pytest.mark.parametrize("path, raw, param, words", [
     ("/v1/completions", '{"prompt": "bad \\ud800 surrogate"}', "prompt", "lone surrogate"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages", "lone surrogate"),
+    ("/v1/completions", '{"prompt": "' + "long " * 2000 + '\\ud800"}', "prompt", "lone surrogate"),  # counted
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e3}', "max_tokens",
      "valid integer"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "seed": 1099511627776}', "seed",

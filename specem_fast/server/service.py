@@ -28,7 +28,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..aio import AsyncEnsemble, AsyncRequest
-from ..config import GenerationSettings
+from ..config import GenerationSettings, check_text
 from ..errors import QueueFullError, RequestCancelled, SpecEMError
 from ..results import GenerationResult, RoundRecord
 from ..text import StopPrefixes
@@ -202,6 +202,8 @@ class Service:
         codecs = [r.codec for r in self.ensemble.runners.values()]
 
         def check() -> None:
+            for text in texts:  # what the engine checks first; tokenizers cannot take a lone surrogate
+                check_text(text, what)
             for codec in sorted(codecs, key=lambda c: c.max_chars_per_token or 1 << 30):  # quickest refusal first
                 codec.refuse_too_long(texts, limit, what)
 
