@@ -321,11 +321,13 @@ class Ensemble:
 
     def _prompt_ids(self, prompt: str | Chat, st: GenerationSettings, names: Sequence[str] | None = None
                     ) -> dict[str, list[int]]:
-        ids = {n: self.members[n].prompt_ids(prompt) for n in (names or self.members)}
-        # Room for the prompt plus one round's packed candidates must exist up front.
+        """Each member's prompt ids; room for the prompt plus one round's packed candidates
+        must exist up front, and a prompt over it is refused before it is fully encoded."""
         need_scratch = len(self.drafters) * (st.window + 4)
-        for n, p in ids.items():
-            if len(p) + need_scratch > self.config.cache_tokens:
+        limit = self.config.cache_tokens - need_scratch
+        ids = {n: self.members[n].prompt_ids(prompt, limit) for n in (names or self.members)}
+        for n, p in ids.items():  # a member that does not check its limit itself
+            if len(p) > limit:
                 raise CacheFullError(
                     f"the prompt is {len(p)} tokens for {n}, too long for the KV-cache budget of "
                     f"{self.config.cache_tokens} tokens per request (a round needs {need_scratch} more); "

@@ -75,9 +75,11 @@ class LocalMember:
         """Nothing to release: the runner's buffers go with the ensemble."""
 
     # -- text -----------------------------------------------------------------
-    def prompt_ids(self, prompt) -> list[int]:
+    def prompt_ids(self, prompt, limit: int | None = None) -> list[int]:
+        """A prompt string or a chat (``(role, content)`` pairs); over ``limit`` tokens is a
+        CacheFullError, found before the whole prompt is encoded."""
         codec = self.runner.codec
-        return codec.prompt_ids(prompt) if isinstance(prompt, str) else codec.chat_ids(prompt)
+        return codec.prompt_ids(prompt, limit) if isinstance(prompt, str) else codec.chat_ids(prompt, limit)
 
     def encode(self, text: str) -> list[int]:
         return self.runner.codec.encode_segment(text)
