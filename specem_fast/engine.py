@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .baseline import Baseline, SingleRequest
 from .config import GenerationSettings
 from .errors import QueueFullError, RequestCancelled, SpecEMError
+from .profile import Profile
 from .results import GenerationResult, RoundRecord
 from .scheduler import Request, Scheduler
 from .weights import WeightBook
@@ -50,6 +51,7 @@ class Job:
     single: str | None = None
     ignore_eos: bool = False
     t0: float = 0.0  # a single-model call's start (its timings count from there)
+    profile: Profile | None = None  # whose weights an ensemble request starts from and feeds
 
 
 @dataclass(eq=False)
@@ -307,7 +309,7 @@ class EngineCore:
                     req = SingleRequest(h.id, job.single, job.prompt, st, job.ignore_eos, job.t0)
                     self.baseline.open(req, job.ids[job.single], h.slot)
                 else:
-                    req = self.scheduler.open(h.id, job.prompt, st, job.ids, self.weights.initial(st.init_weights),
+                    req = self.scheduler.open(h.id, job.prompt, st, job.ids, self._book(h).initial(st.init_weights),
                                               h.slot)
                 h.req = req
             except Exception as exc:  # noqa: BLE001 - this request ends, the others run
@@ -342,12 +344,17 @@ class EngineCore:
         try:
             res = self.scheduler.close(h.req)
             res.metadata = self.metadata()
+            if h.job.profile is not None:
+                res.metadata.update(h.job.profile.describe())
             st = h.settings
             if st.init_weights == "learned" and st.hedge_lr is not None and any(rd.verified for rd in h.req.rounds):
-                self.weights.observe(h.req.weights)
+                self._book(h).observe(h.req.weights)
             return res
         except Exception as exc:  # noqa: BLE001
             return exc
+
+    def _book(self, h: Handle) -> WeightBook:
+        return h.job.profile.book if h.job.profile is not None else self.weights
 
     def _decode(self, singles: list[Handle]) -> None:
         """One token for every running single-model request: one step per member, so a

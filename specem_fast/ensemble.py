@@ -26,6 +26,7 @@ from .release import Segment, only_segments, release_segments
 from .results import GenerationResult, RoundRecord, SingleResult
 from .runtime import ModelRunner
 from .scheduler import Scheduler
+from .profile import Profile, Profiles
 from .weights import WeightBook, shipped_weights
 
 __all__ = ["Ensemble", "Segment"]
@@ -61,9 +62,9 @@ class Ensemble:
         self.crew = MemberCrew(self.members, config.parallel)
         self.scheduler = Scheduler(self.crew, drafters, verifiers)
         self.weights = WeightBook(verifiers)
-        self.weights_source: str | None = None  # where the prior came from (metadata)
-        # what a request runs with when it gives no settings: see use_preset
-        self.preset, self.defaults = "reference", GenerationSettings()
+        # the default profile (weights, preset) and any named others sharing these members
+        self.profile = Profile("default", self.weights)
+        self.profiles = Profiles(self.profile)
         # the request lifecycle: waiting queue, admission, slots, rounds over every caller's requests
         self.engine = EngineCore(self.scheduler, Baseline(self.crew), self.cache, self.weights,
                                  max_waiting=max_waiting, metadata=self._describe)
@@ -108,8 +109,7 @@ class Ensemble:
         if weights is not None:
             ens.load_weights(weights)
         elif preset != "reference" and (shipped := shipped_weights(ens.verifiers)) is not None:
-            ens.load_weights(shipped)
-            ens.weights_source = f"shipped: {shipped.name} (calibrated on GSM8K items 300-399)"
+            ens.profile.load(shipped, f"shipped: {shipped.name} (calibrated on GSM8K items 300-399)")
         ens.use_preset(preset)
         if warmup:
             ens.warmup()
@@ -145,27 +145,30 @@ class Ensemble:
             "kernels": {n: r.kernel_path for n, r in self.runners.items()},
             "devices": {n: str(r.device) for n, r in self.runners.items()},
             "dtypes": {n: str(r.dtype).replace("torch.", "") for n, r in self.runners.items()},
-            "preset": self.preset,
-            "weights": self.weights_source,
             "remote": {n: m.describe() for n, m in self.members.items() if n not in self.runners},
             "cache_tokens": self.config.cache_tokens,
             "compile": self.config.compile,
             "parallel": [list(g) for g in pool.groups] if pool.concurrent else None,
         }
 
+    @property
+    def preset(self) -> str:  # the default profile's
+        return self.profile.preset
+
+    @property
+    def defaults(self) -> GenerationSettings:
+        """What a request of the default profile runs with when it gives no settings."""
+        return self.profile.defaults
+
     def use_preset(self, preset: str) -> None:
-        """Make ``preset`` the default settings of requests that give none (overrides apply
-        on top): "reference", "recommended" (needs prior weights), or "auto" (recommended
-        with prior weights, reference without)."""
-        if preset not in PRESET_CHOICES:
-            raise SpecEMError(f"preset must be one of {', '.join(PRESET_CHOICES)} (got {preset!r})")
-        has_prior = self.weights.prior is not None
-        if preset == "auto":
-            preset = "recommended" if has_prior else "reference"
-        if preset == "recommended" and not has_prior:
-            raise SpecEMError("preset 'recommended' starts from prior weights, and these members have none: give "
-                              "weights=FILE (--weights) from `specem-fast calibrate`, or use preset 'reference'")
-        self.preset, self.defaults = preset, GenerationSettings.preset(preset)
+        """Make ``preset`` the default profile's settings (see :meth:`Profile.use_preset`)."""
+        self.profile.use_preset(preset)
+
+    def add_profile(self, name: str, weights: str | None = None, preset: str = "auto") -> Profile:
+        """Another way to run these members, chosen per request (``profile=name``): its own
+        prior and learned weights (``weights``: a file from ``calibrate``, e.g. one per task)
+        and its own default settings. No model is loaded again."""
+        return self.profiles.add(name, WeightBook(self.verifiers), weights, preset)
 
     # -- weights across requests ---------------------------------------------------
     def set_prior_weights(self, weights: dict[str, float] | None) -> None:
@@ -175,8 +178,7 @@ class Ensemble:
 
     def load_weights(self, path: str) -> None:
         """Load prior and learned weights from a JSON file (``save_weights``, ``calibrate``)."""
-        self.weights.load(path)
-        self.weights_source = str(path)
+        self.profile.load(path)
 
     def save_weights(self, path: str) -> None:
         """Write the prior and the weights learned so far, so a deployment warms up once."""
@@ -185,19 +187,22 @@ class Ensemble:
     # -- ensemble generation -------------------------------------------------------
     def generate(self, prompts: str | Sequence[str] | None = None,
                  settings: GenerationSettings | Sequence[GenerationSettings] | None = None, *,
-                 messages: Sequence[dict] | Sequence[Sequence[dict]] | None = None,
+                 messages: Sequence[dict] | Sequence[Sequence[dict]] | None = None, profile: str | None = None,
                  **overrides) -> GenerationResult | list[GenerationResult]:
         """Generate an answer for one prompt (returns one result) or a list.
 
         ``messages``: a chat (``[{"role": "system"|"user"|"assistant", "content": ...}]``)
         instead of a prompt, or a list of chats. ``settings``: one
         :class:`GenerationSettings` for all prompts or one per prompt; keyword
-        overrides apply on top. The requests join the engine's running batch
-        (with every other caller's) and leave it when they finish.
+        overrides apply on top of the profile's defaults (``profile``: a name given to
+        :meth:`add_profile`; default: the ensemble's own). The requests join the
+        engine's running batch (with every other caller's) and leave it when they finish.
         """
         items, single = parse_inputs(prompts, messages)
+        prof = self.profiles.get(profile)
         results = [None] * len(items)
-        for i, res in self.engine.run(self._jobs(items, _settings_for(len(items), settings, overrides, self.defaults))):
+        sts = _settings_for(len(items), settings, overrides, prof.defaults)
+        for i, res in self.engine.run(self._jobs(items, sts, prof)):
             if isinstance(res, GenerationResult):
                 results[i] = res
         return results[0] if single else results
@@ -205,11 +210,10 @@ class Ensemble:
     def stream(self, prompt: str | None = None, **settings) -> Iterator[Segment]:
         """Yield the answer's text round by round; the texts join to the final answer.
 
-        One segment per round (its text may be empty while a possible stop
-        string is held back), plus a last one for held-back text. The prompt
-        (or ``messages=``) and the settings are checked when this is called;
-        the request is submitted when the first segment is asked for, and a
-        consumer that stops reading (close, garbage collection) cancels it.
+        One segment per round (empty while a possible stop string is held back),
+        plus a last one for held-back text. Input and settings are checked now; the
+        request is submitted at the first segment asked for, and a consumer that
+        stops reading (close, garbage collection) cancels it.
         """
         return only_segments(self.stream_with_result(prompt, **settings))
 
@@ -217,10 +221,11 @@ class Ensemble:
         """:meth:`stream`, then the GenerationResult as the last item."""
         if settings.get("messages") is None and isinstance(prompt, (list, tuple)):
             raise SpecEMError("stream() takes one prompt string; use generate() for a list")
-        item, st = self._one(prompt, settings.pop("messages", None), settings.pop("settings", None), settings, "stream")
-        return release_segments(self.engine.run(self._jobs([item], [st])), st.stop)
+        job = self.prepare(prompt, messages=settings.pop("messages", None), settings=settings.pop("settings", None),
+                           profile=settings.pop("profile", None), what="stream", **settings)
+        return release_segments(self.engine.run([job]), job.settings.stop)
 
-    def events(self, prompts: str | Sequence[str], settings: Sequence[GenerationSettings]
+    def events(self, prompts: str | Sequence[str], settings: Sequence[GenerationSettings], profile: str | None = None
                ) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
         """Run the prompts through the engine; yields (prompt index, RoundRecord) per
         accepted segment and (prompt index, GenerationResult) when a request finishes.
@@ -232,10 +237,10 @@ class Ensemble:
         """
         items = prompts if isinstance(prompts, list) and prompts and all(isinstance(p, Chat) for p in prompts) \
             else prompt_list(prompts)
-        return self.engine.run(self._jobs(items, list(settings)))
+        return self.engine.run(self._jobs(items, list(settings), self.profiles.get(profile)))
 
     def submit(self, prompt: str | None = None, *, messages=None, settings: GenerationSettings | None = None,
-               sink=None, **overrides):
+               sink=None, profile: str | None = None, **overrides):
         """Queue one request without waiting (the building block of the fronts).
 
         Returns ``(handle, events)``: ``handle.id`` for :meth:`cancel`, and, when
@@ -243,14 +248,18 @@ class Ensemble:
         RoundRecord per round, then the GenerationResult or an exception.
         Raises :class:`QueueFullError` when ``max_waiting`` requests wait.
         """
-        return self.engine.submit(self.prepare(prompt, messages=messages, settings=settings, **overrides), sink)
+        return self.engine.submit(self.prepare(prompt, messages=messages, settings=settings, profile=profile,
+                                               **overrides), sink)
 
     def prepare(self, prompt: str | None = None, *, messages=None, settings: GenerationSettings | None = None,
-                **overrides) -> Job:
+                profile: str | None = None, what: str = "submit", **overrides) -> Job:
         """One request checked and tokenized for every member, ready for ``engine.submit``
         (so the work of preparing can happen off the thread that submits)."""
-        item, st = self._one(prompt, messages, settings, overrides, "submit")
-        return self._jobs([item], [st])[0]
+        items, single = parse_inputs(prompt, messages)
+        if not single:
+            raise SpecEMError(f"{what}() takes one prompt or one conversation; use generate() for a list")
+        prof = self.profiles.get(profile)
+        return self._jobs(items, _settings_for(1, settings, overrides, prof.defaults), prof)[0]
 
     def cancel(self, request_id: int) -> None:
         """Cancel an engine request by id (see :meth:`submit`); its slot is free within one round."""
@@ -304,20 +313,15 @@ class Ensemble:
         return out[0] if isinstance(prompts, str) else out
 
     # -- preparing and collecting ----------------------------------------------------
-    def _one(self, prompt, messages, settings, overrides: dict, what: str) -> tuple:
-        items, single = parse_inputs(prompt, messages)
-        if not single:
-            raise SpecEMError(f"{what}() takes one prompt or one conversation; use generate() for a list")
-        return items[0], _settings_for(1, settings, overrides, self.defaults)[0]
-
-    def _jobs(self, items: list, settings: list[GenerationSettings]) -> list[Job]:
+    def _jobs(self, items: list, settings: list[GenerationSettings], prof: Profile) -> list[Job]:
         """The prompts tokenized for every member and checked against the cache budget."""
         if len(settings) != len(items):
             raise SpecEMError(f"{len(settings)} settings for {len(items)} prompts; give one per prompt")
-        jobs = [Job(p.text if isinstance(p, Chat) else p, self._prompt_ids(p, st), st) for p, st in zip(items, settings)]
         for st in settings:
-            self.weights.initial(st.init_weights)  # a missing prior is an error before anything is queued
-        return jobs
+            prof.book.initial(st.init_weights)  # a missing prior is an error before anything is tokenized
+            _check_score(self.members, self.verifiers, st.score)
+        return [Job(p.text if isinstance(p, Chat) else p, self._prompt_ids(p, st), st, profile=prof)
+                for p, st in zip(items, settings)]
 
     def _prompt_ids(self, prompt: str | Chat, st: GenerationSettings, names: Sequence[str] | None = None
                     ) -> dict[str, list[int]]:
@@ -334,6 +338,19 @@ class Ensemble:
                     "shorten the prompt or raise cache_tokens (--cache-tokens)"
                 )
         return ids
+
+
+def _check_score(members: dict[str, Member], verifiers: list[str], score: str) -> None:
+    """Every verifier must give the scores a request asks for (a vLLM member gives
+    log-probs only): refused before anything is tokenized or queued."""
+    for v in verifiers:
+        modes = getattr(members[v], "score_modes", None)
+        if modes is not None and score not in modes:
+            raise SpecEMError(
+                f"score={score!r} needs every verifier's {score}s, but verifier {v} "
+                f"({members[v].describe().get('kind')}) gives only {', '.join(modes)}; use "
+                f"score='logprob', or list {v} among the models but not the verifiers (a drafter only)"
+            )
 
 
 def _settings_for(n: int, settings, overrides: dict, default: GenerationSettings) -> list[GenerationSettings]:

@@ -88,3 +88,32 @@ def test_cli_preset_checks(names, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert json.loads(out)["metadata"]["preset"] == "reference"
+
+
+def test_profiles_share_the_members_with_their_own_weights_and_defaults(names, tmp_path):
+    book = {"format": "specem-fast-weights/1", "verifiers": names, "prior": {names[0]: 0.9, names[1]: 0.1},
+            "learned": None, "requests": 0}
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps(book))
+    ens = Ensemble.from_pretrained(names, cache_tokens=512, max_batch=2)
+    try:
+        prof = ens.add_profile("task", weights=str(path))
+        assert prof.preset == "recommended" and ens.preset == "reference"
+        res = ens.generate(PROMPT, max_new_tokens=10, window=4, profile="task")
+        assert res.metadata["profile"] == "task" and res.metadata["weights"] == str(path)
+        assert res.settings["init_weights"] == "prior"
+        assert res.rounds[0].weights[names[0]] > 0.8
+        plain = ens.generate(PROMPT, max_new_tokens=10, window=4)
+        assert plain.metadata["profile"] == "default" and plain.settings["init_weights"] == "uniform"
+        with pytest.raises(SpecEMError, match="no profile 'nope' in this ensemble"):
+            ens.generate(PROMPT, profile="nope")
+        with pytest.raises(SpecEMError, match="empty or taken"):
+            ens.add_profile("task")
+        # learned weights feed the profile's own book, not the default one
+        ens.generate(PROMPT, max_new_tokens=10, window=4, profile="task", init_weights="learned", skip_agreed=False,
+                     exit_threshold=None)
+        assert ens.weights.requests == 0
+        seg = list(ens.stream(PROMPT, max_new_tokens=6, window=3, profile="task"))
+        assert "".join(s.text for s in seg)
+    finally:
+        ens.close()
