@@ -285,7 +285,8 @@ def test_a_window_larger_than_the_budget_says_so(ens, server):
     assert "shorten the prompt" not in err["message"]
     r = post(server.url, "/v1/chat/completions", {"messages": M, "window": 337})  # 1 token left: now the prompt
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
-    assert "--cache-tokens" in r.json()["error"]["message"]
+    assert "the conversation is" in r.json()["error"]["message"] and "over the 1 tokens" in r.json()["error"]["message"]
+    assert "--cache-tokens 1024, of which one round at window 337 takes 1023" in r.json()["error"]["message"]
     assert post(server.url, "/v1/chat/completions", {"messages": M, "window": 300, "max_tokens": 2}).status_code == 200
 
 

@@ -217,8 +217,8 @@ class Service:
             return await self.aens.submit(settings=settings, **inputs)
         except QueueFullError as exc:
             raise APIError(429, f"{exc}", "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        except SpecEMError as exc:
-            raise engine_error(exc, field) from None
+        except SpecEMError as exc:  # the engine's exact count: the prompt's template tokens tipped it over
+            raise engine_error(exc, field, self._prompt_budget(settings)[1]) from None
 
     async def _race(self, live: _Live, aw, request: Request | None):
         """``await aw``, unless shutdown's deadline (raises its APIError) or, with a
