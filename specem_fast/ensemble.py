@@ -156,8 +156,7 @@ class Ensemble:
         return self.profile.preset
 
     @property
-    def defaults(self) -> GenerationSettings:
-        """What a request of the default profile runs with when it gives no settings."""
+    def defaults(self) -> GenerationSettings:  # what a request gives none runs with (default profile)
         return self.profile.defaults
 
     def use_preset(self, preset: str) -> None:
@@ -165,9 +164,8 @@ class Ensemble:
         self.profile.use_preset(preset)
 
     def add_profile(self, name: str, weights: str | None = None, preset: str = "auto") -> Profile:
-        """Another way to run these members, chosen per request (``profile=name``): its own
-        prior and learned weights (``weights``: a file from ``calibrate``, e.g. one per task)
-        and its own default settings. No model is loaded again."""
+        """Another way to run these members, chosen per request (``profile=name``), with its
+        own weights (a ``calibrate`` file, e.g. one per task) and default settings."""
         return self.profiles.add(name, WeightBook(self.verifiers), weights, preset)
 
     # -- weights across requests ---------------------------------------------------
