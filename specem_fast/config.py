@@ -9,7 +9,9 @@ from typing import Any
 
 from .errors import SpecEMError
 
-SCORE_MODES = ("logprob", "logit")
+# logprob: mean log-prob of a candidate's tokens (default); logit: mean raw logit (the reference
+# code); logprob_sum: summed log-prob (the candidate's probability: favours shorter candidates)
+SCORE_MODES = ("logprob", "logit", "logprob_sum")
 RUN_MODES = ("cached", "recompute")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 HEDGE_SCHEDULES = ("reference", "constant", "sqrt")

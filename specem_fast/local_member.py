@@ -189,8 +189,8 @@ class LocalMember:
 
     def lay_out(self, calls: Sequence[VerifyCall]) -> tuple[list, tuple | None]:
         """The verify forward over every request's packed candidates, laid out in
-        scratch space above the prefix. Returns the plan (per call: the number of
-        candidates, or None without room) and the scoring problem (None if no call fits).
+        scratch space above the prefix. Returns the plan (per call: its candidates'
+        lengths in this member's tokens, or None without room) and the scoring problem (None if no call fits).
 
         Split from scoring so a crew scores several members on one device in one launch.
         """
@@ -213,7 +213,7 @@ class LocalMember:
                 layout.append((s, ids, reuse, run, mine))
                 if run.tokens:
                     extra.append(run)
-        plan = [len(c.candidates) if ok else None for c, ok in zip(calls, fits)]
+        plan = [tuple(len(ids) for ids, _ in enc) if ok else None for enc, ok in zip(encoded, fits)]
         if not todo:
             return plan, None
         h = self._catch_up([s for _, s, _ in todo], extra)
@@ -244,15 +244,16 @@ class LocalMember:
 
     @staticmethod
     def scores_out(plan: list, scores) -> list[VerifyOut]:
-        """The plan's calls with their candidates' mean log-probs and logits."""
+        """The plan's calls with their candidates' mean log-probs, mean logits and lengths."""
         out, c = [], 0
         lp = scores.mean_logprob.tolist() if scores is not None else []
         lg = scores.mean_logit.tolist() if scores is not None else []
-        for k in plan:
-            if k is None:
+        for lengths in plan:
+            if lengths is None:
                 out.append(VerifyOut(room=False))
                 continue
-            out.append(VerifyOut(tuple(lp[c : c + k]), tuple(lg[c : c + k])))
+            k = len(lengths)
+            out.append(VerifyOut(tuple(lp[c : c + k]), tuple(lg[c : c + k]), lengths=lengths))
             c += k
         return out
 

@@ -87,7 +87,8 @@ class VerifyCall:
 
 @dataclass(frozen=True)
 class VerifyOut:
-    """Per candidate, the mean log-prob and the mean raw logit of its tokens.
+    """Per candidate, the mean log-prob and the mean raw logit of its tokens, and how
+    many tokens it is in the member's tokenizer (``lengths``: for summed log-probs).
 
     ``room=False``: the packed candidates do not fit in the member's cache
     budget; nothing was scored (the request ends with ``cache_full``).
@@ -96,6 +97,7 @@ class VerifyOut:
     mean_logprob: tuple[float, ...] = ()
     mean_logit: tuple[float, ...] = ()
     room: bool = True
+    lengths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

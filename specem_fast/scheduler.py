@@ -62,6 +62,16 @@ class _Turn:
         return [(m, d) for m, d in self.drafts if d.text]
 
 
+def _raw_scores(out, score: str) -> list[float]:
+    if score == "logprob":
+        return list(out.mean_logprob)
+    if score == "logit":
+        return list(out.mean_logit)
+    if len(out.lengths) != len(out.mean_logprob):
+        raise ValueError("score='logprob_sum' needs the candidates' lengths, which this verifier did not give")
+    return [m * n for m, n in zip(out.mean_logprob, out.lengths)]
+
+
 class Scheduler:
     def __init__(self, crew: Crew, drafters: list[str], verifiers: list[str]):
         self.crew = crew
@@ -177,7 +187,7 @@ class Scheduler:
             for t, out in zip(turns, outs[v]):
                 if not out.room:
                     t.req.stop_reason = "cache_full"
-                t.raw[v] = list(out.mean_logprob if t.req.settings.score == "logprob" else out.mean_logit)
+                t.raw[v] = _raw_scores(out, t.req.settings.score)
 
     def _record(self, t: _Turn) -> RoundRecord:
         """Pick the winner (weights updated first, as the reference does) and record the round."""

@@ -13,9 +13,10 @@ def normalise(raw: list[float], mode: str) -> list[float]:
     """Make one verifier's candidate scores comparable across verifiers.
 
     ``logprob``: softmax of the mean log-probs (normalised geometric-mean
-    probability). ``logit``: divide by the sum, as the reference code does.
+    probability); ``logprob_sum``: softmax of the summed log-probs (normalised
+    probability of each candidate). ``logit``: divide by the sum, as the reference code does.
     """
-    if mode == "logprob":
+    if mode in ("logprob", "logprob_sum"):
         m = max(raw)
         e = [math.exp(x - m) for x in raw]
         s = sum(e)

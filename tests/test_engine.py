@@ -65,6 +65,24 @@ def test_round_scores_equal_an_independent_transformers_computation(tiny):
         answer_so_far += rd.accepted
 
 
+def test_summed_logprob_scores_are_each_candidates_log_probability(tiny):
+    from transformers import AutoModelForCausalLM
+
+    rd = tiny.generate(PROMPTS[1], max_new_tokens=8, window=4, score="logprob_sum").rounds[0]
+    assert rd.verified and rd.raw_scores
+    for v, runner in tiny.runners.items():
+        hf = AutoModelForCausalLM.from_pretrained(str(runner.folder), dtype=torch.float64).eval()
+        prefix = runner.codec.prompt_ids(PROMPTS[1])
+        expect = []
+        for c in rd.candidates:
+            ids = runner.codec.encode_segment(c.text)
+            with torch.no_grad():
+                lp = torch.log_softmax(hf(torch.tensor([prefix + ids])).logits[0], -1)
+            expect.append(float(sum(lp[len(prefix) - 1 + j, t] for j, t in enumerate(ids))))
+        assert rd.raw_scores[v] == pytest.approx(expect, abs=1e-2)
+        assert rd.scores[v] == pytest.approx(scoring.normalise(expect, "logprob_sum"), abs=1e-3)
+
+
 def test_hedge_weights_follow_the_recorded_scores(tiny):
     res = tiny.generate(PROMPTS[0], max_new_tokens=40, window=4, hedge_lr=5.0)
     names = tiny.model_names
