@@ -28,6 +28,7 @@ class MemberSpec:
     kind: str  # local | ray | vllm
     model: str  # registry name or folder: the weights (local, ray) or the tokenizer (vllm)
     url: str | None = None  # vllm: the server's base URL
+    options: tuple[tuple[str, str], ...] = ()  # vllm: ;name=value options after MODEL (vllm_member.OPTIONS)
 
 
 def parse_spec(spec: str, placement: str = "local") -> MemberSpec:
@@ -37,11 +38,15 @@ def parse_spec(spec: str, placement: str = "local") -> MemberSpec:
             raise SpecEMError(f"member {spec!r} names no model; write ray:NAME with a registry name or folder")
         return MemberSpec(spec, "ray", model)
     if spec.startswith("vllm:"):
+        from .vllm_member import split_options
+
         url, sep, model = spec[5:].partition("#")
-        if not sep or not model.strip() or not url.startswith(("http://", "https://")):
-            raise SpecEMError(f"member {spec!r} is not vllm:URL#MODEL (e.g. vllm:http://127.0.0.1:8001#"
-                              "qwen2.5-coder-0.5b-instruct, MODEL naming the served model and its tokenizer)")
-        return MemberSpec(spec, "vllm", model.strip(), url.rstrip("/"))
+        model, options = split_options(model)
+        if not sep or not model or not url.startswith(("http://", "https://")):
+            raise SpecEMError(f"member {spec!r} is not vllm:URL#MODEL[;name=value...] (e.g. vllm:http://127.0.0.1:8001#"
+                              "qwen2.5-coder-0.5b-instruct, MODEL naming the served model and its tokenizer; "
+                              "options: served=NAME, key_env=VAR, timeout=S, retries=N)")
+        return MemberSpec(spec, "vllm", model, url.rstrip("/"), tuple(options.items()))
     return MemberSpec(spec, "ray" if placement == "ray" else "local", spec)
 
 
@@ -61,7 +66,7 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
     specs = {n: parse_spec(n, placement) for n in dict.fromkeys(drafters + verifiers_)}
     # one model under two spellings (a registry name and its folder, ./x and x/) is one model
     folders = {n: resolve_model(sp.model) for n, sp in specs.items()}
-    keys = {n: (sp.kind, sp.url, folders[n].resolve()) for n, sp in specs.items()}
+    keys = {n: (sp.kind, sp.url, folders[n].resolve(), dict(sp.options).get("served")) for n, sp in specs.items()}
     drafters = _distinct(drafters, keys, "models")
     verifiers_ = _distinct(verifiers_, keys, "verifiers")
     same = {keys[d]: d for d in drafters}
@@ -84,7 +89,7 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
         else:
             from .vllm_member import VLLMMember
 
-            remote[n] = VLLMMember(n, sp.url, sp.model, folders[n], config)
+            remote[n] = VLLMMember(n, sp.url, sp.model, folders[n], config, **dict(sp.options))
     return runners, remote, drafters, verifiers_
 
 
