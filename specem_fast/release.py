@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from .results import GenerationResult, RoundRecord
+from .text import StopPrefixes
 
 
 @dataclass
@@ -20,21 +21,22 @@ class Segment:
 class Releaser:
     """Turn one request's events into streamable text that is never taken back.
 
-    With stop strings, the last ``len(longest stop) - 1`` characters are held
-    until the next round or the end: a stop string that straddles two segments
-    cuts text the previous round had accepted. The segments' texts join to the
-    final answer exactly; the GenerationResult comes last.
+    With stop strings, the end of the answer that may be the start of a stop string
+    is held until the next round or the end (a stop string that straddles two
+    segments cuts text the previous round had accepted); the rest is released, so a
+    stop string longer than a segment never holds back the whole stream. The
+    segments' texts join to the final answer exactly; the GenerationResult comes last.
     """
 
     def __init__(self, stop: Sequence[str]):
-        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.prefixes = StopPrefixes(stop)
         self.answer, self.sent, self.last = "", 0, None
 
     def feed(self, ev: RoundRecord | GenerationResult) -> list[Segment | GenerationResult]:
         if isinstance(ev, RoundRecord):
             self.answer = self.answer[: ev.answer_chars - len(ev.accepted)] + ev.accepted
             self.last = ev
-            end = max(self.sent, len(self.answer) - self.hold)
+            end = max(self.sent, len(self.answer) - self.prefixes.hold(self.answer))
             seg = Segment(self.answer[self.sent:end], ev.winner_model, ev)
             self.sent = end
             return [seg]

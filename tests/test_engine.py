@@ -216,6 +216,16 @@ def test_stream_yields_the_accepted_segments(tiny):
     assert [s.model for s in segs] == [rd.winner_model for rd in res.rounds]
 
 
+def test_a_long_stop_string_holds_back_only_what_may_start_it(tiny):
+    """A stop string longer than a segment that never matches releases every round's text
+    at once; held is only an end of the answer that could begin the stop string."""
+    long_stop = "\u2603" * 40  # never written by these models
+    segs = list(tiny.stream(PROMPTS[1], max_new_tokens=20, window=5, stop=[long_stop]))
+    res = tiny.generate(PROMPTS[1], max_new_tokens=20, window=5)
+    assert [s.text for s in segs[: len(res.rounds)]] == [rd.accepted for rd in res.rounds]
+    assert "".join(s.text for s in segs) == res.text
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
