@@ -99,10 +99,25 @@ def test_prompt_file_or_stdin_that_is_not_utf8_exits_2(capsys, tmp_path, monkeyp
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi \xff"), encoding="utf-8"))
     code, out, err = run_cli(capsys, "generate")
     assert code == 2 and "the prompt on stdin is not valid UTF-8 text (byte 0xff)" in err
+    # stdin is read as bytes, so a surrogateescape text layer does not hide the bad byte
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi \xff"), encoding="utf-8",
                                                        errors="surrogateescape"))
     code, out, err = run_cli(capsys, "generate")
+    assert code == 2 and "the prompt on stdin is not valid UTF-8 text (byte 0xff)" in err
+    # a text stream without a byte buffer is checked as text
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi \udcff"))
+    code, out, err = run_cli(capsys, "generate")
     assert code == 2 and "the prompt on stdin is not valid Unicode text: it has a lone surrogate U+DCFF" in err
+
+
+def test_a_huge_prompt_file_is_refused_without_reading_it_all(capsys, tmp_path):
+    from specem_fast.cli.generate import MAX_PROMPT_BYTES
+
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as fh:
+        fh.truncate(MAX_PROMPT_BYTES * 50)  # a sparse 200 MiB file of zero bytes
+    code, out, err = run_cli(capsys, "generate", "--prompt-file", str(big))
+    assert code == 2 and f"--prompt-file {big} is over 4 MiB" in err and out == ""
 
 
 @pytest.mark.parametrize(

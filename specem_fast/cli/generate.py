@@ -33,6 +33,26 @@ def _not_utf8(exc: UnicodeDecodeError, what: str) -> SpecEMError:
     )
 
 
+# The most prompt bytes read from a file or stdin: the server's default body limit
+# (serve --max-body-mb); a longer prompt could not fit any sane KV-cache budget anyway.
+MAX_PROMPT_BYTES = 4 * 2**20
+
+
+def _read_capped(fh, what: str) -> str:
+    """Read at most MAX_PROMPT_BYTES (as bytes, so a huge input costs no more than that)."""
+    data = fh.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise SpecEMError(f"{what} is over {MAX_PROMPT_BYTES // 2**20} MiB, far more than a prompt the KV-cache "
+                          "budget can hold; shorten it (or raise --cache-tokens and split the input)")
+    if isinstance(data, str):  # a text stream without a byte buffer (an embedding caller's stdin)
+        check_text(data, what)
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(exc, what) from None
+
+
 def read_prompt(args) -> str:
     if args.prompt is not None:
         text = args.prompt
@@ -40,18 +60,15 @@ def read_prompt(args) -> str:
         check_text(text, "--prompt")
     elif args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as fh:
-                text = fh.read()
+            with open(args.prompt_file, "rb") as fh:
+                text = _read_capped(fh, f"--prompt-file {args.prompt_file}")
         except OSError as exc:
             raise SpecEMError(f"cannot read --prompt-file {args.prompt_file}: {exc.strerror}") from None
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(exc, f"--prompt-file {args.prompt_file}") from None
     elif not sys.stdin.isatty():
         try:
-            text = sys.stdin.read()
+            text = _read_capped(getattr(sys.stdin, "buffer", sys.stdin), "the prompt on stdin")
         except UnicodeDecodeError as exc:
             raise _not_utf8(exc, "the prompt on stdin") from None
-        check_text(text, "the prompt on stdin")  # a surrogateescape stdin passes bad bytes on as surrogates
     else:
         raise SpecEMError("no prompt given; use --prompt TEXT, --prompt-file FILE or pipe text on stdin")
     if not text.strip():
