@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="fetch,plot,serve"
-if [[ "${1:-}" == "--dev" ]]; then extras="dev,eval,fetch,plot,serve"; fi
+if [[ "${1:-}" == "--dev" ]]; then extras="dev,eval,fetch,plot,ray,serve"; fi
 if [[ ! -x .venv/bin/python ]]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
 # pyproject.toml has ranges; constraints.txt pins the exact versions CI tests with

@@ -85,7 +85,8 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
         elif sp.kind == "ray":
             from .ray_member import RayMember
 
-            remote[n] = RayMember.start(n, folders[n], *where[n], config, ray_address=ray_address)
+            remote[n] = RayMember.start(n, folders[n], *where[n], config, ray_address=ray_address,
+                                        members=sum(specs[m].kind == "ray" for m in all_names))
         else:
             from .vllm_member import VLLMMember
 

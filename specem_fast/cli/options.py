@@ -50,6 +50,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="draft and verify members concurrently (default auto: one host thread per device, and "
                         "one per model on a CPU with >= 2 threads, splitting its cores); on: one thread per "
                         "model always; off: one model at a time")
+    p.add_argument("--placement", choices=["local", "ray"], default="local",
+                   help="where the members run: local (this process, default) or ray (each model in a Ray actor "
+                        "of its own; needs `pip install 'specem-fast[ray]'`); a member written ray:NAME in "
+                        "--models runs in Ray either way")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="the Ray cluster to place members on (default: $RAY_ADDRESS, else a cluster started on this "
+                        "machine by `ray start`, else a new local one)")
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="load prior and learned model weights from this JSON file (written by `calibrate` "
                         "or --save-weights); the default members come with a calibration")
@@ -170,5 +177,7 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int
         compile=getattr(args, "compile", False),
         devices=getattr(args, "devices", None) or (),
         parallel=getattr(args, "parallel", "auto"),
+        placement=getattr(args, "placement", "local"),
+        ray_address=getattr(args, "ray_address", None),
         preset=getattr(args, "preset", "auto"),
     )
