@@ -180,7 +180,7 @@ M = [{"role": "user", "content": "hi"}]
     ("/v1/chat/completions", {"messages": M, "seed": -1}, "seed", "greater than or equal to 0"),
     ("/v1/chat/completions", {"messages": M, "stop": [""]}, "stop", "non-empty"),
     ("/v1/chat/completions", {"messages": M, "window": 0}, "window", "greater than or equal to 1"),
-    ("/v1/chat/completions", {"messages": M, "score": "vibes"}, "score", "'logprob' or 'logit'"),
+    ("/v1/chat/completions", {"messages": M, "score": "vibes"}, "score", "'logprob', 'logit' or 'logprob_sum'"),
     ("/v1/chat/completions", {"messages": M, "logprobs": True}, "logprobs", "not supported"),
     ("/v1/chat/completions", {"messages": M, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
     ("/v1/chat/completions", {"messages": M, "tools": []}, "tools", "unknown field"),

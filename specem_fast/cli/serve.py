@@ -25,6 +25,9 @@ def register(sub) -> None:
                     "below are the defaults of every request; a request's own fields override them.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    p.add_argument("--profile", action="append", default=None, metavar="NAME=WEIGHTS",
+                   help="also serve the members as model NAME, starting from the weights in WEIGHTS (a file from "
+                        "`calibrate`, e.g. one per task) with its own preset; repeatable, listed by /v1/models")
     p.add_argument("--served-model-name", default="specem-fast", metavar="NAME",
                    help="the model id clients pass as `model` (default specem-fast)")
     p.add_argument("--api-key", default=os.environ.get("SPECEM_API_KEY"), metavar="KEY",
@@ -104,6 +107,23 @@ def _server(uvicorn, app, args: argparse.Namespace, backstop: float):
     return Server(config)
 
 
+def _profile_args(args: argparse.Namespace) -> dict[str, str]:
+    """--profile NAME=WEIGHTS, checked before any model loads."""
+    from ..weights import read_weights_file
+
+    out: dict[str, str] = {}
+    for spec in args.profile or []:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise SpecEMError(f"--profile {spec!r} is not NAME=WEIGHTS (e.g. --profile ifbench=ifbench.json)")
+        if name in out or name == args.served_model_name:
+            raise SpecEMError(f"--profile {name!r} names a served model twice; give each its own name")
+        read_weights_file(path)  # a bad file is an error before any model loads
+        out[name] = path
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -116,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
     from ..config import GenerationSettings
 
     _check_args(args)
-    defaults = GenerationSettings().with_overrides(**settings_from_args(args))  # before any model loads
+    overrides = settings_from_args(args)
+    defaults = GenerationSettings().with_overrides(**overrides)  # checked before any model loads
     _check_budget(args, defaults)
+    profiles = _profile_args(args)
     sock = _listen(args.host, args.port)
     try:
         ens = load_ensemble(args, max_batch=args.max_batch, max_waiting=args.max_waiting)
@@ -125,8 +147,12 @@ def run(args: argparse.Namespace) -> int:
         sock.close()
         raise
     try:
-        app = create_app(ens, model_name=args.served_model_name, api_key=args.api_key, defaults=defaults,
-                         shutdown_grace=args.shutdown_timeout, max_body_bytes=int(args.max_body_mb * 2**20))
+        served = {}
+        for name, path in profiles.items():
+            served[name] = ens.add_profile(name, weights=path, preset=args.preset).defaults.with_overrides(**overrides)
+        app = create_app(ens, model_name=args.served_model_name, api_key=args.api_key,
+                         defaults=ens.defaults.with_overrides(**overrides), shutdown_grace=args.shutdown_timeout,
+                         max_body_bytes=int(args.max_body_mb * 2**20), profiles=served)
         server = _server(uvicorn, app, args, SHUTDOWN_BACKSTOP)
         host, port = sock.getsockname()[:2]
         print(f"specem-fast: serving {args.served_model_name!r} ({', '.join(ens.model_names)}) on "

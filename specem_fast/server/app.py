@@ -69,7 +69,7 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
         svc.check_model(model_id)
-        return svc.models()["data"][0]
+        return next(m for m in svc.models()["data"] if m["id"] == model_id)
 
     @app.get("/health")
     async def health():
@@ -85,7 +85,8 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
 
 def create_app(ensemble, *, model_name: str = "specem-fast", api_key: str | None = None,
                defaults: GenerationSettings | None = None, shutdown_grace: float = 30.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               profiles: dict[str, GenerationSettings] | None = None) -> FastAPI:
     """An OpenAI-compatible app over ``ensemble`` (an :class:`~specem_fast.Ensemble`).
 
     ``model_name``: the id clients pass as ``model``; ``defaults``: the settings a
@@ -93,12 +94,15 @@ def create_app(ensemble, *, model_name: str = "specem-fast", api_key: str | None
     greedy); ``api_key``: require ``Authorization: Bearer <key>`` on /v1/*;
     ``shutdown_grace``: seconds running requests may finish after
     ``app.state.begin_shutdown()`` before they are answered with a shutdown error;
-    ``max_body_bytes``: larger request bodies get 413 unread. The app does not
-    close the ensemble.
+    ``max_body_bytes``: larger request bodies get 413 unread; ``profiles``: more
+    model ids, each one of the ensemble's profiles (``Ensemble.add_profile``) with the
+    settings its requests start from. The app does not close the ensemble.
     """
     if not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be a whole number of bytes >= 1 (got {max_body_bytes!r})")
-    svc = Service(ensemble, model_name, defaults or GenerationSettings(), shutdown_grace)
+    if defaults is None:  # the ensemble's preset, when it has one
+        defaults = getattr(ensemble, "defaults", None) or GenerationSettings()
+    svc = Service(ensemble, model_name, defaults, shutdown_grace, profiles)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

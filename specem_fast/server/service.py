@@ -119,11 +119,18 @@ class _ChunkJSON:
 
 
 class Service:
-    def __init__(self, ensemble, model_name: str, defaults: GenerationSettings, shutdown_grace: float):
+    def __init__(self, ensemble, model_name: str, defaults: GenerationSettings, shutdown_grace: float,
+                 profiles: dict[str, GenerationSettings] | None = None):
         self.ensemble = ensemble
         self.aens = AsyncEnsemble(ensemble)
         self.model_name = model_name
         self.defaults = defaults
+        # model id -> (the ensemble's profile, the settings its requests start from)
+        self.served: dict[str, tuple[str | None, GenerationSettings]] = {model_name: (None, defaults)}
+        for name, st in (profiles or {}).items():
+            if name in self.served:
+                raise ValueError(f"profile {name!r} has the name of another served model; name it differently")
+            self.served[name] = (name, st)
         self.shutdown_grace = shutdown_grace
         self.metrics = ServerMetrics(ensemble)
         self.created = int(time.time())
@@ -168,10 +175,14 @@ class Service:
             live.abort(err)
 
     # -- checks before the engine ------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(404, f"model {model!r} is not served here; this server serves {self.model_name!r} "
+    def check_model(self, model: str | None) -> tuple[str, str | None, GenerationSettings]:
+        """(model id, ensemble profile, its default settings) of a request's ``model``."""
+        model = self.model_name if model is None else model
+        if model not in self.served:
+            names = ", ".join(repr(n) for n in self.served)
+            raise APIError(404, f"model {model!r} is not served here; this server serves {names} "
                                 "(see GET /v1/models)", param="model", code="model_not_found")
+        return (model, *self.served[model])
 
     def _check_open(self) -> None:
         if self.draining or self.ensemble.engine.closed:
@@ -251,13 +262,15 @@ class Service:
         t0 = time.perf_counter()
         chat = isinstance(body, ChatCompletionRequest)
         field = "messages" if chat else "prompt"
-        self.check_model(body.model)
+        model, profile, base = self.check_model(body.model)
         self._check_open()
         try:
-            settings = self.defaults.with_overrides(**body.overrides())
+            settings = base.with_overrides(**body.overrides())
         except SpecEMError as exc:
             raise engine_error(exc, field) from None
         inputs = {"messages": [m.as_dict() for m in body.messages]} if chat else {"prompt": body.text}
+        if profile is not None:
+            inputs["profile"] = profile
         live = _Live()
         self.live.add(live)
         try:
@@ -272,19 +285,19 @@ class Service:
             raise
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
-            return EventStream(self._chunks(live, body, settings, rid, t0), lambda: self._finished(live))
+            return EventStream(self._chunks(live, body, settings, rid, t0, model), lambda: self._finished(live))
         try:
             res = await self._wait(request, live, t0)
         finally:
             self._finished(live)
-        return JSONResponse(self._answer(res, body, rid))
+        return JSONResponse(self._answer(res, body, rid, model))
 
     def _finished(self, live: _Live) -> None:
         self.live.discard(live)
         if live.areq is not None:
             live.areq.cancel()  # nothing if it finished
 
-    def _answer(self, res: GenerationResult, body, rid: str) -> dict[str, Any]:
+    def _answer(self, res: GenerationResult, body, rid: str, model: str) -> dict[str, Any]:
         chat = isinstance(body, ChatCompletionRequest)
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": FINISH_REASON[res.stop_reason],
                                   "engine_stop_reason": res.stop_reason}
@@ -293,7 +306,7 @@ class Service:
         else:
             choice["text"] = res.text
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [choice], "usage": self.usage(res),
+                "model": model, "choices": [choice], "usage": self.usage(res),
                 "specem": self._extra(res, body.trace)}
 
     async def _wait(self, request: Request, live: _Live, t0: float) -> GenerationResult:
@@ -322,13 +335,13 @@ class Service:
         self._observe_end(res, t0)
         return res
 
-    async def _chunks(self, live: _Live, body, settings: GenerationSettings, rid: str, t0: float
+    async def _chunks(self, live: _Live, body, settings: GenerationSettings, rid: str, t0: float, model: str
                       ) -> AsyncIterator[str]:
         """SSE data: one chunk per released segment, a closing chunk with the finish
         reason, the usage chunk when asked for, then ``[DONE]``; an error (the engine's,
         or shutdown's deadline) is an error event before ``[DONE]``."""
         chat = isinstance(body, ChatCompletionRequest)
-        chunk = _ChunkJSON(rid, self.model_name, chat, body.include_usage)
+        chunk = _ChunkJSON(rid, model, chat, body.include_usage)
         events = live.areq.events()
         release, last_round = _Release(settings.stop), 0
         try:
@@ -394,15 +407,24 @@ class Service:
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     def _extra(self, res: GenerationResult, trace: bool) -> dict[str, Any]:
+        meta = res.metadata or {}
         out = {"stop_reason": res.stop_reason, "rounds": len(res.rounds), "wins": res.wins,
-               "timings": res.timings, "settings": res.settings}
+               "timings": res.timings, "settings": res.settings,
+               "preset": meta.get("preset"), "weights": meta.get("weights"), "profile": meta.get("profile")}
         if trace:
             out["trace"] = [_round_dict(r) for r in res.rounds]
         return out
 
     def models(self) -> dict[str, Any]:
-        ens = self.ensemble
-        return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "specem-fast",
+        return {"object": "list", "data": [_model_card(self.ensemble, name, profile, self.created)
+                                           for name, (profile, _) in self.served.items()]}
+
+
+def _model_card(ens, name: str, profile: str | None, created: int) -> dict[str, Any]:
+    """One served model id: the ensemble's members and budget, and the profile it runs."""
+    prof = ens.profiles.get(profile) if hasattr(ens, "profiles") else None
+    return {"id": name, "object": "model", "created": created, "owned_by": "specem-fast",
             "drafters": ens.drafters, "verifiers": ens.verifiers, "max_model_len": ens.config.cache_tokens,
-            "max_batch": ens.config.max_batch}]}
+            "max_batch": ens.config.max_batch, "profile": profile or "default",
+            "preset": prof.preset if prof is not None else None,
+            "weights": prof.weights_source if prof is not None else None}
