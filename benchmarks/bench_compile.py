@@ -47,7 +47,7 @@ def _fill(runner, batch: int, prefix: int, gen: torch.Generator) -> None:
         runner.cache.append(s, prefix)
 
 
-@torch.inference_mode()  # as the scheduler drafts: the compiled step sees one kind of tensor
+@torch.inference_mode()  # as a member drafts: the compiled step sees one kind of tensor
 def _round(runner, batch: int, prefix: int, window: int, start_tokens: torch.Tensor) -> tuple[float, list]:
     """One draft round of window - 1 fed steps (greedy): seconds, hidden states."""
     steps = runner.plan_draft(list(range(batch)), [prefix] * batch, [window - 1] * batch)

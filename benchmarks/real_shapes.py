@@ -430,7 +430,7 @@ class Bench:
                         _ratio(r["draft_ms_step"].get(m), self.alone.get(m, {}).get("draft_step_ms"))]
                        for m in self.names]))
         else:
-            say("(per-member draft times unavailable: the scheduler has no _draft to time)")
+            say("(per-member draft times unavailable: the ensemble has no members to time)")
 
     # 2. ensemble
     @section("ensemble")
