@@ -225,8 +225,7 @@ class MemberActor:
         self.name, self.max_batch = name, config.max_batch
         self.info = {"kind": "ray", "node": node, "pid": os.getpid(), "actor": ctx.get_actor_id(),
                      "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
-                     "kernels": runner.kernel_path, "threads": threads, "capacity": self.member.capacity,
-                     "restarted": bool(ctx.was_current_actor_reconstructed)}
+                     "kernels": runner.kernel_path, "threads": threads, "capacity": self.member.capacity}
 
     def ready(self) -> dict:
         if self.error is not None:
@@ -235,24 +234,25 @@ class MemberActor:
 
     ping = ready
 
-    def call(self, method: str, calls: list) -> tuple[str, object]:
-        """("ok", answer), or ("missing", request ids) when a call names requests this
-        actor does not hold (it was restarted since they were opened): nothing is done then."""
+    def call(self, method: str, calls: list) -> tuple[str, object, str]:
+        """("ok", answer, incarnation), or ("missing", request ids, incarnation) when a call
+        names requests this actor does not hold (it was restarted since they were opened):
+        nothing is done then."""
         if self.error is not None:
             raise self.error
         if method == "open":
             self._open(calls)
-            return "ok", None
+            return "ok", None, self.token
         if method == "close":
             self._close(calls)
-            return "ok", None
+            return "ok", None, self.token
         if method not in ("draft", "verify", "commit"):
             raise RayMemberError(f"member {self.name}: no call {method!r}")
         held = set(self.member.requests)
         missing = sorted({c.request for c in calls} - held)
         if missing:
-            return "missing", missing
-        return "ok", getattr(self.member, method)(calls)
+            return "missing", missing, self.token
+        return "ok", getattr(self.member, method)(calls), self.token
 
     def _reset(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
@@ -311,7 +311,9 @@ class RayMember:
         self.capacity = int(info["capacity"])
         self.timeout, self.start_timeout, self.max_restarts = timeout, start_timeout, max_restarts
         self._actor = actor
+        self._token = info["token"]  # the actor's incarnation: another one after each restart
         self._info = {k: v for k, v in info.items() if k not in ("capacity", "token")}
+        self.restarts = 0  # restarts seen
         self._codec = TextCodec(folder)  # the actor's tokenizer files, read here too
         self._held: dict[int, _Held] = {}
         self._down = False  # the actor went down during a call: wait for its restart before the next
@@ -359,7 +361,7 @@ class RayMember:
 
     # -- what the engine reads -------------------------------------------------------
     def describe(self) -> dict:
-        return dict(self._info, reopened=self.reopened)
+        return dict(self._info, restarts=self.restarts, reopened=self.reopened)
 
     @property
     def requests(self) -> list[int]:
@@ -413,7 +415,7 @@ class RayMember:
             return  # a dead or restarting actor holds nothing of them
         ray = _ray()
         try:
-            status, _ = ray.get(self._actor.call.remote("close", requests), timeout=CLOSE_TIMEOUT_S)
+            ray.get(self._actor.call.remote("close", requests), timeout=CLOSE_TIMEOUT_S)
         except ray.exceptions.RayActorError:
             self._down = True
         except Exception as exc:  # noqa: BLE001 - a slow actor drops them when their slots are taken again
@@ -429,10 +431,12 @@ class RayMember:
     def _call(self, method: str, calls: list):
         ray = _ray()
         self._await_restart(ray)
-        status, out = self._get(ray, self._actor.call.remote(method, calls), method)
+        status, out, token = self._get(ray, self._actor.call.remote(method, calls), method)
+        if token != self._token:  # restarted between two calls, without a call of ours seeing it
+            self._restarted(ray)
         if status == "missing":  # the actor restarted since these requests were opened
             self._reopen(ray, out, calls)
-            status, out = self._get(ray, self._actor.call.remote(method, calls), method)
+            status, out, _ = self._get(ray, self._actor.call.remote(method, calls), method)
             if status == "missing":
                 raise RayMemberLost(f"member {self.name}'s Ray actor lost requests {out} again while they were "
                                     "re-opened (it restarted twice in one call)")
@@ -483,7 +487,16 @@ class RayMember:
                 raise cause if isinstance(cause, SpecEMError) else RayMemberError(
                     f"member {self.name} failed to load after a restart: {cause}") from None
         self._down = False
+        if info["token"] != self._token:
+            self._new_incarnation(info)
+
+    def _restarted(self, ray) -> None:
+        self._new_incarnation(self._get(ray, self._actor.ping.remote(), "ping"))
+
+    def _new_incarnation(self, info: dict) -> None:
+        self._token = info["token"]
         self._info = {k: v for k, v in info.items() if k not in ("capacity", "token")}
+        self.restarts += 1
 
     def _get(self, ray, ref, what: str):
         try:
