@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import specem_fast.loading as loading_mod
-import specem_fast.local_member as local_mod
+import specem_fast.crew as crew_mod
+import specem_fast.draft_loop as draft_mod
 import specem_fast.runtime as runtime_mod
 from specem_fast import Ensemble, kernels
 from specem_fast.config import GenerationSettings
@@ -100,7 +101,7 @@ STEPS = [
 @pytest.mark.parametrize("where, attr, nth", STEPS, ids=[f"{w}.{a}#{n}" for w, a, n in STEPS])
 def test_a_failure_at_any_step_keeps_no_slot(ens, baseline, monkeypatch, where, attr, nth):
     runner = ens.runners[ens.model_names[1]]
-    target = {"codec": runner.codec, "scheduler": ens.scheduler, "module": local_mod, "runner": runner,
+    target = {"codec": runner.codec, "scheduler": ens.scheduler, "module": crew_mod, "runner": runner,
               "member": ens.members[ens.model_names[1]], "cache": ens.cache[ens.model_names[0]]}[where]
     calls = fail_on_call(monkeypatch, target, attr, nth)
     with pytest.raises(Boom):
@@ -131,7 +132,7 @@ def test_a_failure_while_streaming_or_learning_keeps_no_slot(ens, baseline, monk
                                               ("member", "commit", 2)])
 def test_a_failure_in_the_single_model_loop_keeps_no_slot(ens, baseline, monkeypatch, where, attr, nth):
     runner = ens.runners[ens.model_names[1]]
-    target = {"runner": runner, "module": local_mod, "member": ens.members[ens.model_names[1]]}[where]
+    target = {"runner": runner, "module": draft_mod, "member": ens.members[ens.model_names[1]]}[where]
     fail_on_call(monkeypatch, target, attr, nth)
     with pytest.raises(Boom):
         ens.generate_single(ens.model_names[1], PROMPTS, max_new_tokens=10)
