@@ -32,8 +32,9 @@ def test_dependencies_are_ranges_and_pins_live_in_constraints():
         if line.strip() and not line.startswith("#")
     )
     assert pins["torch"] == "2.13.0" and pins["transformers"].startswith("5.")
-    assert {"fastapi", "uvicorn", "sse-starlette", "prometheus-client"} <= {
+    assert {"fastapi", "uvicorn", "prometheus-client"} <= {
         re.split(r"[<>=]", d)[0] for d in extras["serve"]}
+    assert "sse-starlette" not in (ROOT / "pyproject.toml").read_text()  # the server's own SSE response
     for extra in ("fetch", "eval", "dev", "serve"):
         for d in extras[extra]:
             assert re.split(r"[<>=;]", d)[0].strip() in pins, d
