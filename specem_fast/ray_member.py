@@ -192,6 +192,7 @@ class MemberActor:
         self.error: BaseException | None = None
         self.slots: dict[int, int] = {}  # request -> slot, as opened
         self.info: dict = {}
+        self.busy: dict[str, list] = {}  # per call kind: [calls, seconds computing] (what the boundary adds is the rest)
         try:
             torch.set_num_threads(threads)
             self._load(name, Path(folder), device, dtype, config, threads)
@@ -234,7 +235,20 @@ class MemberActor:
 
     ping = ready
 
+    def stats(self) -> dict[str, list]:
+        """Per call kind: [calls, seconds spent computing them in this actor]."""
+        return {k: list(v) for k, v in self.busy.items()}
+
     def call(self, method: str, calls: list) -> tuple[str, object, str]:
+        t0 = time.perf_counter()
+        try:
+            return self._call(method, calls)
+        finally:
+            b = self.busy.setdefault(method, [0, 0.0])
+            b[0] += 1
+            b[1] += time.perf_counter() - t0
+
+    def _call(self, method: str, calls: list) -> tuple[str, object, str]:
         """("ok", answer, incarnation), or ("missing", request ids, incarnation) when a call
         names requests this actor does not hold (it was restarted since they were opened):
         nothing is done then."""
@@ -319,6 +333,7 @@ class RayMember:
         self._down = False  # the actor went down during a call: wait for its restart before the next
         self._dead: str | None = None  # why the actor will not come back
         self.reopened = 0  # requests re-opened on a restarted actor
+        self.waited: dict[str, list] = {}  # per call kind: [calls, seconds in ray.get] (see boundary())
 
     @classmethod
     def start(cls, name: str, folder: Path, device: str, dtype: str | None, config: EngineConfig, *,
@@ -367,6 +382,15 @@ class RayMember:
     def requests(self) -> list[int]:
         """The requests this member holds for the engine (as the proxy knows them)."""
         return list(self._held)
+
+    def boundary(self) -> dict[str, dict]:
+        """Per call kind since start: calls, seconds waited here, seconds the actor computed;
+        the difference is what crossing the boundary costs (serialisation, RPC, scheduling).
+        The actor's side is read with one more call."""
+        ray = _ray()
+        busy = self._get(ray, self._actor.stats.remote(), "stats")
+        return {k: {"calls": n, "wait_s": w, "compute_s": busy.get(k, [0, 0.0])[1]}
+                for k, (n, w) in self.waited.items() if k != "stats"}
 
     @property
     def actor(self):
@@ -499,8 +523,13 @@ class RayMember:
         self.restarts += 1
 
     def _get(self, ray, ref, what: str):
+        t0 = time.perf_counter()
         try:
-            return ray.get(ref, timeout=self.timeout)
+            out = ray.get(ref, timeout=self.timeout)
+            w = self.waited.setdefault(what, [0, 0.0])
+            w[0] += 1
+            w[1] += time.perf_counter() - t0
+            return out
         except ray.exceptions.GetTimeoutError:
             self._down = True
             _kill(ray, self._actor, restart=True)  # later calls must not queue behind a call that hangs
