@@ -45,7 +45,7 @@ def parse_spec(spec: str, placement: str = "local") -> MemberSpec:
         if not sep or not model or not url.startswith(("http://", "https://")):
             raise SpecEMError(f"member {spec!r} is not vllm:URL#MODEL[;name=value...] (e.g. vllm:http://127.0.0.1:8001#"
                               "qwen2.5-coder-0.5b-instruct, MODEL naming the served model and its tokenizer; "
-                              "options: served=NAME, key_env=VAR, timeout=S, retries=N)")
+                              "options: served=NAME, key_env=VAR, timeout=S, retries=N, verify=prompt_logprobs|cached)")
         return MemberSpec(spec, "vllm", model, url.rstrip("/"), tuple(options.items()))
     return MemberSpec(spec, "ray" if placement == "ray" else "local", spec)
 

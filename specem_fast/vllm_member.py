@@ -54,7 +54,20 @@ OPTIONS = {
     "key_env": "the environment variable holding this endpoint's bearer key (default: SPECEM_VLLM_API_KEY, if set)",
     "timeout": f"seconds one HTTP call may take (default {60:g})",
     "retries": "how many times a call that could not reach the server (or got a 5xx/429) is retried (default 2)",
+    "verify": "prompt_logprobs (default: one prompt per candidate, the sequence re-prefilled each time) or cached "
+              "(one prompt per candidate token, reading vLLM's prefix cache; see VERIFY_MODES)",
 }
+# How a vLLM member scores candidates. ``prompt_logprobs``: one prompt per candidate
+# (sequence + candidate) with prompt_logprobs; vLLM does not read its prefix cache for it,
+# so each candidate costs a prefill of the whole sequence. ``cached``: one prompt per
+# candidate token (sequence + the candidate's earlier tokens), max_tokens=1 and
+# logprob_token_ids asking for that token's log-prob; such prompts read the prefix cache
+# (whole blocks: 128 tokens on vLLM's CPU backend, 16 by default on GPUs), so each
+# candidate token costs the sequence's tokens past its last full block plus the
+# candidate's earlier tokens, whatever the sequence's length (benchmarks/RESULTS.md,
+# "Scale out", measures both).
+VERIFY_MODES = ("prompt_logprobs", "cached")
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's cap on logprob_token_ids per request
 DEFAULT_KEY_ENV = "SPECEM_VLLM_API_KEY"
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 2
@@ -113,7 +126,7 @@ class VLLMMember:
 
     def __init__(self, name: str, url: str, model: str, folder: Path, config: Any = None, *,
                  served: str | None = None, key_env: str | None = None, timeout: float | str | None = None,
-                 retries: int | str | None = None, client: Any = None):
+                 retries: int | str | None = None, verify: str | None = None, client: Any = None):
         import httpx  # the `remote` extra
 
         self.name = name
@@ -126,6 +139,10 @@ class VLLMMember:
                                "timeout", float, name)
         self.retries = _number(retries if retries is not None else options.get("retries", DEFAULT_RETRIES),
                                "retries", int, name)
+        self.verify_mode = verify or options.get("verify", VERIFY_MODES[0])
+        if self.verify_mode not in VERIFY_MODES:
+            raise SpecEMError(f"vLLM member {name}: verify must be one of {', '.join(VERIFY_MODES)} "
+                              f"(got {self.verify_mode!r})")
         self.key_env = key_env or options.get("key_env")
         key = None
         if self.key_env:
@@ -226,6 +243,7 @@ class VLLMMember:
     def describe(self) -> dict:
         return {"kind": "vllm", "url": self.url, "served_model": self.served, "tokenizer": str(self.folder),
                 "max_model_len": self.max_model_len, "tokenizer_checked": self.tokenizer_checked,
+                "verify": self.verify_mode,
                 "scores": list(self.score_modes)}
 
     def shutdown(self) -> None:
@@ -388,7 +406,8 @@ class VLLMMember:
                 prompts.append(s.ids + ids)
         means: list[float] = []
         if prompts:
-            means = self._score(prompts, where)
+            means = self._score(prompts, where) if self.verify_mode == "prompt_logprobs" else \
+                self._score_cached([s_ids[:start] for s_ids, (start, _) in zip(prompts, where)], where)
         out, k = [], 0
         for cands in plan:
             if cands is None:
@@ -427,6 +446,51 @@ class VLLMMember:
                 total += float(lp)
             means.append(total / len(ids) if ids else float("-inf"))
         return means
+
+    def _score_cached(self, seqs: list[list[int]], where: list[tuple[int, list[int]]]) -> list[float]:
+        """verify='cached': each candidate token's log-prob from a one-token completion of the
+        sequence plus the candidate's earlier tokens (reads the prefix cache)."""
+        rows = [(i, seq + ids[:j], tid) for i, (seq, (_, ids)) in enumerate(zip(seqs, where))
+                for j, tid in enumerate(ids)]
+        chunks, wanted = [[]], set()  # each call asks for at most MAX_LOGPROB_TOKEN_IDS distinct tokens
+        for row in rows:
+            if row[2] not in wanted and len(wanted) == MAX_LOGPROB_TOKEN_IDS:
+                chunks.append([])
+                wanted = set()
+            chunks[-1].append(row)
+            wanted.add(row[2])
+        t0 = time.perf_counter()
+        got = self._map(self._forced_call, [c for c in chunks if c])
+        self.stats.calls["verify"] += 1
+        self.stats.seconds["verify"] += time.perf_counter() - t0
+        self.stats.prompt_tokens["verify"] += sum(len(p) for _, p, _ in rows)
+        totals = [0.0] * len(seqs)
+        for chunk, lps in zip(chunks, got):
+            for (i, _, _), lp in zip(chunk, lps):
+                totals[i] += lp
+        return [t / len(ids) if ids else float("-inf") for t, (_, ids) in zip(totals, where)]
+
+    def _forced_call(self, chunk: list[tuple[int, list[int], int]]) -> list[float]:
+        prompts = [p for _, p, _ in chunk]
+        body = {"model": self.served, "prompt": prompts if len(prompts) > 1 else prompts[0], "max_tokens": 1,
+                "temperature": 0.0, "logprobs": 0, "logprob_token_ids": sorted({t for _, _, t in chunk}),
+                "return_tokens_as_token_ids": True, "return_token_ids": True}
+        got = self._request("POST", "/v1/completions", "verifying", body)
+        out = []
+        for ch, (_, sent, tid) in zip(self._choices(got, len(prompts), "verifying"), chunk):
+            self._echo(ch, sent, "verifying")
+            lp = ch.get("logprobs")
+            top = lp.get("top_logprobs") if isinstance(lp, dict) else None
+            if not isinstance(top, list) or not top or not isinstance(top[0], dict):
+                raise self._error("verifying: the answer has no logprobs (the server ignored logprobs or "
+                                  "logprob_token_ids: verify=cached needs a vLLM that takes logprob_token_ids, "
+                                  "0.32 does; or use verify=prompt_logprobs)")
+            value = top[0].get(f"token_id:{tid}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 1e-3:
+                raise self._error(f"verifying: no finite log-prob <= 0 for token {tid} after {len(sent)} tokens "
+                                  f"(got {str(top[0])[:120]}); the answer does not match the prompt sent")
+            out.append(float(value))
+        return out
 
     # -- answers ------------------------------------------------------------------------
     def _choices(self, got: Any, n: int, what: str) -> list[dict]:

@@ -76,6 +76,13 @@ def remote(vllm_server, smol_dir):
 
 
 @pytest.fixture(scope="session")
+def remote_cached(vllm_server, smol_dir):
+    m = _member(vllm_server.url, smol_dir, verify="cached")
+    yield m
+    m.shutdown()
+
+
+@pytest.fixture(scope="session")
 def local(smol_dir):
     from specem_fast.kv_cache import KVCacheManager
     from specem_fast.local_member import LocalMember
@@ -97,6 +104,8 @@ def _open(members, prompt: str, **sampling) -> tuple[int, int]:
     ids = members[0].prompt_ids(prompt)
     for m in members:
         assert m.prompt_ids(prompt) == ids
+        if hasattr(m, "runner"):  # a local member: its slot's cache is the test's to give back
+            m.runner.cache.crop(rid % 4, 0)
         m.open([OpenCall(rid, rid % 4, tuple(ids), **sampling)])
     return rid, len(ids)
 
@@ -108,10 +117,14 @@ def test_the_server_is_checked_at_start(remote, smol_dir):
     assert remote.capacity == 2048
 
 
-def test_verify_scores_and_greedy_drafts_equal_our_runner(remote, local):
+@pytest.mark.parametrize("verify", ["prompt_logprobs", "cached"])
+def test_verify_scores_and_greedy_drafts_equal_our_runner(request, verify, local):
     """Same model, same float32: greedy drafts give the same tokens and texts, and every
-    candidate's mean log-prob agrees within SCORE_TOL, over several rounds."""
+    candidate's mean log-prob agrees within SCORE_TOL, over several rounds (both verify modes)."""
     from specem_fast.member import CommitCall, DraftCall, VerifyCall
+
+    remote = request.getfixturevalue("remote" if verify == "prompt_logprobs" else "remote_cached")
+    assert remote.describe()["verify"] == verify
 
     worst, rounds = 0.0, 0
     for prompt in PROMPTS:
@@ -227,6 +240,10 @@ GARBAGE = [
     ("verify", _choice(lambda ch, body: ch["prompt_logprobs"].__setitem__(-1, {"5": {"logprob": -1.0}})),
      "no finite log-prob"),
     ("verify", lambda a, b: dict(a, choices=a["choices"][:1]), "1 choices came back for 2 prompts"),
+    ("verify-cached", _choice(lambda ch, body: ch.pop("logprobs")), "the answer has no logprobs"),
+    ("verify-cached", _choice(lambda ch, body: ch["logprobs"]["top_logprobs"].__setitem__(0, {"token_id:5": -1.0})),
+     "no finite log-prob"),
+    ("verify-cached", _set("prompt_token_ids", [1]), "other prompt ids"),
 ]
 
 
@@ -237,7 +254,8 @@ def test_an_answer_that_does_not_check_out_is_a_clear_error_and_changes_nothing(
     from specem_fast.vllm_member import RemoteMemberError
 
     tamper = _Tamper()
-    m = _member(vllm_server.url, smol_dir, client=httpx.Client(base_url=vllm_server.url, transport=tamper))
+    m = _member(vllm_server.url, smol_dir, client=httpx.Client(base_url=vllm_server.url, transport=tamper),
+                verify="cached" if call == "verify-cached" else None)
     try:
         rid, n = _open([m], PROMPTS[2])
         good, = m.draft([DraftCall(rid, n, 10)])
@@ -409,6 +427,15 @@ def test_spec_options_are_checked():
         parse_spec("vllm:http://h:1#m;tmeout=5")
     with pytest.raises(SpecEMError, match="not name=value"):
         parse_spec("vllm:http://h:1#m;served")
+    from specem_fast.config import EngineConfig
+    from specem_fast.vllm_member import VLLMMember
+
+    with pytest.raises(SpecEMError, match="verify must be one of prompt_logprobs, cached"):
+        VLLMMember("v", "http://127.0.0.1:1", "m;verify=fast", Path("."), EngineConfig())
+    with pytest.raises(SpecEMError, match="timeout must be a number of seconds > 0"):
+        VLLMMember("v", "http://127.0.0.1:1", "m;timeout=-1", Path("."), EngineConfig())
+    with pytest.raises(SpecEMError, match="SPECEM_TEST_UNSET_KEY.*not set"):
+        VLLMMember("v", "http://127.0.0.1:1", "m;key_env=SPECEM_TEST_UNSET_KEY", Path("."), EngineConfig())
 
 
 def _serve_cli(models: str, port: int) -> subprocess.Popen:
