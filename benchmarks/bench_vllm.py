@@ -3,17 +3,18 @@
 Part 1, per call (one request, SmolLM2-135M-Instruct in float32 on both sides), at several
 sequence lengths P: the draft call (window W, greedy; the server's prefix cache holds the
 sequence from the previous round), the verify call (K candidates of about W tokens as K
-prompts with prompt_logprobs: vLLM re-prefills the whole sequence once per candidate) and
+prompts with prompt_logprobs: vLLM re-prefills the whole sequence once per candidate; with
+verify=cached one prompt per candidate token, which reads the prefix cache) and
 the same two calls on our in-process runner (its KV cache holds the sequence), plus the
 HTTP floor (a one-token prompt, one token out).
 
 Part 2, end to end: the same greedy generations with gemma3-270m in process and SmolLM2
 either in process or on vLLM, each as drafter and verifier or as a drafter only
-(verifiers = gemma3-270m), paired per repetition: tokens/s, round time, draft/verify time
+(verifiers = gemma3-270m), one ensemble after another on the same prompts: tokens/s, round time, draft/verify time
 per round, and whether the texts equal the in-process ensemble's.
 
     .venv/bin/python benchmarks/bench_vllm.py [--url http://127.0.0.1:PORT] [--compiled]
-        [--prefixes 64,256,1024] [--window 10] [--candidates 3] [--reps 5]
+        [--prefixes 64,300,1000,2000] [--window 10] [--candidates 3] [--reps 5]
         [--max-new-tokens 48] [--e2e-reps 2] [--out FILE.json]
 
 Without --url it starts a vLLM server (tests/vllm_server.py: .venv-vllm from
@@ -59,19 +60,21 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def per_call(remote: VLLMMember, local: LocalMember, prefixes: list[int], window: int, k: int, reps: int) -> list:
+def per_call(remote: VLLMMember, cached: VLLMMember, local: LocalMember, prefixes: list[int], window: int, k: int,
+             reps: int) -> list:
     codec = remote.codec
     long_ids = codec.encode_segment(TEXT * 200)
     rows = []
+    members = (("vllm", remote), ("vllm_cached", cached), ("local", local))
     for rid, P in enumerate(prefixes, start=1):
-        ids = tuple(long_ids[:P])
-        for m in (remote, local):
+        ids = tuple(long_ids[rid:rid + P])  # another start each time: nothing cached from the last one
+        for _, m in members:
             m.open([OpenCall(rid, 0, ids)])
-        t = {"vllm_draft": [], "vllm_verify": [], "local_draft": [], "local_verify": []}
+        t = {f"{name}_{call}": [] for name, _ in members for call in ("draft", "verify")}
         n = P
         try:
             for rep in range(reps + 1):  # the first round fills both caches: not timed
-                for name, m in (("vllm", remote), ("local", local)):
+                for name, m in members:
                     t0 = time.perf_counter()
                     d, = m.draft([DraftCall(rid, n, window, ignore_stop=True)])
                     t1 = time.perf_counter()
@@ -85,13 +88,14 @@ def per_call(remote: VLLMMember, local: LocalMember, prefixes: list[int], window
                     n_next = n + len(got)
                 n = n_next
         finally:
-            for m in (remote, local):
+            for _, m in members:
                 m.close([rid])
         local.runner.cache.crop(0, 0)
         row = {"prefix": P, "window": window, "candidates": k, **{key: _median(v) for key, v in t.items()},
                "verify_tokens_prefilled": k * (P + window)}
         rows.append(row)
-        print(f"P={P:>5}: vLLM draft {row['vllm_draft'] * 1e3:7.1f} ms, verify {row['vllm_verify'] * 1e3:7.1f} ms | "
+        print(f"P={P:>5}: vLLM draft {row['vllm_draft'] * 1e3:7.1f} ms, verify {row['vllm_verify'] * 1e3:7.1f} ms, "
+              f"verify=cached {row['vllm_cached_verify'] * 1e3:7.1f} ms | "
               f"local draft {row['local_draft'] * 1e3:7.1f} ms, verify {row['local_verify'] * 1e3:7.1f} ms",
               flush=True)
     return rows
@@ -114,21 +118,25 @@ def end_to_end(url: str, max_new: int, reps: int) -> list:
     kinds = {
         "in process": ([OTHER, SMOL], None),
         "SmolLM2 on vLLM": ([OTHER, spec], None),
+        "SmolLM2 on vLLM, verify=cached": ([OTHER, spec + ";verify=cached"], None),
         "in process, SmolLM2 drafts only": ([OTHER, SMOL], [OTHER]),
         "SmolLM2 on vLLM, drafts only": ([OTHER, spec], [OTHER]),
     }
-    ens = {k: Ensemble.from_pretrained(models, verifiers=ver, **build) for k, (models, ver) in kinds.items()}
-    for e in ens.values():  # first-call costs out of the way
-        e.generate(PROMPTS[0], max_new_tokens=8, temperature=0.0)
-    runs: dict[str, list] = {k: [] for k in kinds}
+    runs: dict[str, list] = {}
     texts: dict[str, list] = {}
-    for _ in range(reps):
-        for k, e in ens.items():
-            t0 = time.perf_counter()
-            out = [e.generate(p, max_new_tokens=max_new, temperature=0.0) for p in PROMPTS]  # one at a time
-            wall = time.perf_counter() - t0
-            runs[k].append((wall, out))
-            texts[k] = [r.text for r in out]
+    for k, (models, ver) in kinds.items():  # one ensemble at a time (memory), the same prompts for each
+        e = Ensemble.from_pretrained(models, verifiers=ver, **build)
+        try:
+            e.generate(PROMPTS[0], max_new_tokens=8, temperature=0.0)  # first-call costs out of the way
+            runs[k] = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                out = [e.generate(p, max_new_tokens=max_new, temperature=0.0) for p in PROMPTS]  # one at a time
+                runs[k].append((time.perf_counter() - t0, out))
+                texts[k] = [r.text for r in out]
+        finally:
+            e.close()
+        print(f"{k}: {[round(w, 1) for w, _ in runs[k]]} s", flush=True)
     rows = []
     base_text = {False: texts["in process"], True: texts["in process, SmolLM2 drafts only"]}
     for k, got in runs.items():
@@ -143,8 +151,6 @@ def end_to_end(url: str, max_new: int, reps: int) -> list:
                "round_ms": 1e3 * wall / rounds, "draft_ms": 1e3 * draft / rounds, "verify_ms": 1e3 * verify / rounds,
                "same_text": texts[k] == base_text["drafts only" in k]}
         rows.append(row)
-    for e in ens.values():
-        e.close()
     return rows
 
 
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default=None, help="a running vLLM server serving SmolLM2 as smollm2-135m-instruct")
     ap.add_argument("--compiled", action="store_true", help="start the server with its torch.compile warm-up")
-    ap.add_argument("--prefixes", default="64,256,1024")
+    ap.add_argument("--prefixes", default="64,300,1000,2000")
     ap.add_argument("--window", type=int, default=10)
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
@@ -172,15 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = model_dir(SMOL)
         remote = VLLMMember(f"vllm:{url}#{SMOL}", url, SMOL, folder, EngineConfig(cache_tokens=4096))
+        cached = VLLMMember(f"vllm:{url}#{SMOL};verify=cached", url, SMOL, folder, EngineConfig(cache_tokens=4096),
+                            verify="cached")
         runner = ModelRunner(SMOL, folder, "cpu", "float32", "torch")
         runner.cache = KVCacheManager([runner.cache_shape], 1, 4096)[SMOL]
         local = LocalMember(runner)
         print(f"torch threads here {torch.get_num_threads()}; server {url} ({remote.describe()})", flush=True)
         floor = http_floor(url, SMOL, args.reps)
         print(f"HTTP floor (1-token prompt, 1 token out): {floor * 1e3:.1f} ms", flush=True)
-        calls = per_call(remote, local, [int(p) for p in args.prefixes.split(",")], args.window, args.candidates,
-                         args.reps)
+        calls = per_call(remote, cached, local, [int(p) for p in args.prefixes.split(",")], args.window,
+                         args.candidates, args.reps)
         remote.shutdown()
+        cached.shutdown()
         del local, runner
         e2e = [] if args.skip_e2e else end_to_end(url, args.max_new_tokens, args.e2e_reps)
         if e2e:
