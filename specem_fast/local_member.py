@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .member import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut
+from .member import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
 from .draft_loop import Draft as _Draft
 from .draft_loop import Drafter
 from .runtime import ModelRunner, Run, score_all
@@ -105,11 +105,7 @@ class LocalMember:
 
     def _seq(self, request: int, prefix: int) -> _Seq:
         s = self._seqs.get(request)
-        if s is None:
-            raise MemberStateError(f"{self.name} holds no request {request}; open it first")
-        if len(s.ids) != prefix:
-            raise MemberStateError(f"{self.name} holds {len(s.ids)} tokens of request {request}, the call expects "
-                                   f"{prefix}: member and scheduler are out of step")
+        check_held(self.name, request, s.ids if s is not None else None, prefix)
         return s
 
     # -- draft ----------------------------------------------------------------

@@ -28,6 +28,16 @@ class MemberStateError(SpecEMError):
     """A call named a request or a sequence length the member does not hold."""
 
 
+def check_held(member: str, request: int, held: list[int] | None, prefix: int) -> None:
+    """Refuse a call for a request ``member`` does not hold (``held`` None), or whose
+    expected sequence length ``prefix`` is not the ``held`` ids' length."""
+    if held is None:
+        raise MemberStateError(f"{member} holds no request {request}; open it first")
+    if len(held) != prefix:
+        raise MemberStateError(f"{member} holds {len(held)} tokens of request {request}, the call expects "
+                               f"{prefix}: member and scheduler are out of step")
+
+
 @dataclass(frozen=True)
 class OpenCall:
     """Start a request: its prompt in the member's tokens, in cache ``slot``.

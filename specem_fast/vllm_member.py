@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import SpecEMError
-from .member import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut
+from .member import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
 from .text import TextCodec, trim_to_word_boundary
 
 # The spec's options (``;name=value`` after MODEL) and what they mean.
@@ -119,62 +119,39 @@ class CallStats:
     retries: int = 0
 
 
-class VLLMMember:
-    """One model served by vLLM (see the module docstring for the calls)."""
+class VLLMEndpoint:
+    """One vLLM server's OpenAI-compatible API as a member uses it: a bearer key,
+    timeouts, bounded retries, and errors that name the member and the endpoint."""
 
-    score_modes = ("logprob", "logprob_sum")  # vLLM's API gives log-probs, not raw logits
-
-    def __init__(self, name: str, url: str, model: str, folder: Path, config: Any = None, *,
-                 served: str | None = None, key_env: str | None = None, timeout: float | str | None = None,
-                 retries: int | str | None = None, verify: str | None = None, client: Any = None):
+    def __init__(self, name: str, url: str, served: str, timeout: float, retries: int, key_env: str | None,
+                 client: Any = None):
         import httpx  # the `remote` extra
 
-        self.name = name
-        self.url = url.rstrip("/")
-        self.model, options = split_options(model)
-        served = served or options.get("served") or self.model
-        self.served = served
-        self.folder = Path(folder)
-        self.timeout = _number(timeout if timeout is not None else options.get("timeout", DEFAULT_TIMEOUT_S),
-                               "timeout", float, name)
-        self.retries = _number(retries if retries is not None else options.get("retries", DEFAULT_RETRIES),
-                               "retries", int, name)
-        self.verify_mode = verify or options.get("verify", VERIFY_MODES[0])
-        if self.verify_mode not in VERIFY_MODES:
-            raise SpecEMError(f"vLLM member {name}: verify must be one of {', '.join(VERIFY_MODES)} "
-                              f"(got {self.verify_mode!r})")
-        self.key_env = key_env or options.get("key_env")
+        self.name, self.url, self.served, self.timeout, self.retries = name, url, served, timeout, retries
+        self.key_env = key_env
         key = None
-        if self.key_env:
-            key = os.environ.get(self.key_env)
+        if key_env:
+            key = os.environ.get(key_env)
             if not key:
-                raise SpecEMError(f"vLLM member {name}: the environment variable {self.key_env} (key_env) is not set "
+                raise SpecEMError(f"vLLM member {name}: the environment variable {key_env} (key_env) is not set "
                                   "or empty; export this endpoint's bearer key in it")
         else:
             key = os.environ.get(DEFAULT_KEY_ENV) or None
-        self.codec = TextCodec(self.folder, _generation_eos(self.folder))
-        self.vocab_size = len(self.codec.tok)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._pool: ThreadPoolExecutor | None = None  # concurrent calls of one member (map)
         self._client = client or httpx.Client(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0)),
+            base_url=url, headers=headers, timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(max_connections=MAX_CONCURRENT, max_keepalive_connections=MAX_CONCURRENT))
         self._httpx = httpx
-        self._seqs: dict[int, _Seq] = {}
-        self._lock = threading.Lock()  # _seqs: calls come from the crew's thread, close() from the engine's
-        self._pool: ThreadPoolExecutor | None = None
         self.stats = CallStats()
-        self.max_model_len, self.tokenizer_checked = self._probe()
-        cache_tokens = getattr(config, "cache_tokens", None)
-        self.capacity = min(cache_tokens, self.max_model_len) if cache_tokens else self.max_model_len
 
-    # -- the endpoint -----------------------------------------------------------------
-    def _where(self) -> str:
+    def where(self) -> str:
         return f"vLLM member {self.name} (model {self.served!r} at {self.url})"
 
-    def _error(self, what: str) -> RemoteMemberError:
-        return RemoteMemberError(f"{self._where()}: {what}")
+    def error(self, what: str) -> RemoteMemberError:
+        return RemoteMemberError(f"{self.where()}: {what}")
 
-    def _request(self, method: str, path: str, what: str, body: dict | None = None,
+    def request(self, method: str, path: str, what: str, body: dict | None = None,
                  missing_ok: bool = False) -> Any:
         """One call with bounded retries: connection failures, 5xx, 408 and 429 are retried with
         a growing pause; a timeout is not (the server is busy; a retry would add to it)."""
@@ -190,7 +167,7 @@ class VLLMMember:
                 if isinstance(exc, httpx.ConnectTimeout):
                     last = f"connecting timed out ({exc})"
                     continue
-                raise self._error(f"{what}: no answer within {self.timeout:g} s ({type(exc).__name__}); "
+                raise self.error(f"{what}: no answer within {self.timeout:g} s ({type(exc).__name__}); "
                                   "raise the member's timeout (;timeout=S) or check the server's load") from None
             except httpx.TransportError as exc:
                 last = f"cannot reach the server ({type(exc).__name__}: {exc})"
@@ -201,58 +178,65 @@ class VLLMMember:
                 try:
                     return r.json()
                 except ValueError:
-                    raise self._error(f"{what}: the answer is not JSON ({r.text[:200]!r})") from None
+                    raise self.error(f"{what}: the answer is not JSON ({r.text[:200]!r})") from None
             message = _server_message(r)
             if r.status_code in (401, 403):
-                raise self._error(f"{what}: the server refused the bearer key (HTTP {r.status_code}: {message}); "
+                raise self.error(f"{what}: the server refused the bearer key (HTTP {r.status_code}: {message}); "
                                   f"set it in {self.key_env or DEFAULT_KEY_ENV}")
             if r.status_code in (408, 429) or r.status_code >= 500:
                 last = f"HTTP {r.status_code}: {message}"
                 continue
-            raise self._error(f"{what}: HTTP {r.status_code}: {message}")
+            raise self.error(f"{what}: HTTP {r.status_code}: {message}")
         tries = f"{self.retries + 1} attempt{'s' if self.retries else ''}"
-        raise self._error(f"{what} failed after {tries}: {last}")
+        raise self.error(f"{what} failed after {tries}: {last}")
 
-    def _probe(self) -> tuple[int, bool]:
+    def post(self, kind: str, what: str, body: dict, prompt_tokens: int) -> Any:
+        """POST /v1/completions, counted in ``stats`` as a ``kind`` ("draft"/"verify") call."""
+        t0 = time.perf_counter()
+        got = self.request("POST", "/v1/completions", what, body)
+        self.stats.calls[kind] += 1
+        self.stats.seconds[kind] += time.perf_counter() - t0
+        self.stats.prompt_tokens[kind] += prompt_tokens
+        return got
+
+    def probe(self, codec: TextCodec, folder: Path) -> tuple[int, bool]:
         """The served model's length limit (GET /v1/models) and, where the server can say
         (POST /tokenize), that its tokenizer is the local one."""
-        got = self._request("GET", "/v1/models", "listing the served models")
+        got = self.request("GET", "/v1/models", "listing the served models")
         data = got.get("data") if isinstance(got, dict) else None
         if not isinstance(data, list):
-            raise self._error(f"GET /v1/models gave no model list ({str(got)[:200]}); is this an OpenAI-compatible "
+            raise self.error(f"GET /v1/models gave no model list ({str(got)[:200]}); is this an OpenAI-compatible "
                               "server?")
         ids = [m.get("id") for m in data if isinstance(m, dict)]
         card = next((m for m in data if isinstance(m, dict) and m.get("id") == self.served), None)
         if card is None:
-            raise self._error(f"the server serves {', '.join(map(str, ids)) or 'no model'}, not {self.served!r}; "
+            raise self.error(f"the server serves {', '.join(map(str, ids)) or 'no model'}, not {self.served!r}; "
                               f"name the served model with ;served=NAME or start vLLM with "
                               f"--served-model-name {self.served}")
         limit = card.get("max_model_len")
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
             limit = 2**31  # not vLLM's card: the server's limit is unknown, it refuses what is too long
-        got = self._request("POST", "/tokenize", "checking the tokenizer", missing_ok=True,
+        got = self.request("POST", "/tokenize", "checking the tokenizer", missing_ok=True,
                             body={"model": self.served, "prompt": TOKENIZER_PROBE, "add_special_tokens": False})
         if got is None:
             return limit, False
-        mine = self.codec.encode_segment(TOKENIZER_PROBE)
+        mine = codec.encode_segment(TOKENIZER_PROBE)
         if not isinstance(got, dict) or got.get("tokens") != mine:
-            raise self._error(f"the server's tokenizer encodes {TOKENIZER_PROBE!r} as {got.get('tokens') if isinstance(got, dict) else got}, "
-                              f"the local one in {self.folder} as {mine}; point MODEL at the served model's tokenizer")
+            raise self.error(f"the server's tokenizer encodes {TOKENIZER_PROBE!r} as {got.get('tokens') if isinstance(got, dict) else got}, "
+                              f"the local one in {folder} as {mine}; point MODEL at the served model's tokenizer")
         return limit, True
 
-    def describe(self) -> dict:
-        return {"kind": "vllm", "url": self.url, "served_model": self.served, "tokenizer": str(self.folder),
-                "max_model_len": self.max_model_len, "tokenizer_checked": self.tokenizer_checked,
-                "verify": self.verify_mode,
-                "scores": list(self.score_modes)}
+    def choices(self, got: Any, n: int, what: str) -> list[dict]:
+        choices = got.get("choices") if isinstance(got, dict) else None
+        if not isinstance(choices, list) or len(choices) != n or not all(isinstance(c, dict) for c in choices):
+            count = len(choices) if isinstance(choices, list) else "no"
+            raise self.error(f"{what}: {count} choices came back for {n} prompt{'s' if n > 1 else ''}")
+        index = [c.get("index") for c in choices]
+        if sorted(i for i in index if isinstance(i, int)) != list(range(n)):
+            raise self.error(f"{what}: the choices' indexes are {index}, not 0..{n - 1}")
+        return sorted(choices, key=lambda c: c["index"])
 
-    def shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._client.close()
-
-    def _map(self, fn, items: list) -> list:
+    def map(self, fn, items: list) -> list:
         """``fn`` over the items, concurrently (one HTTP call each); the first error raised after all ended."""
         if len(items) <= 1:
             return [fn(x) for x in items]
@@ -264,6 +248,55 @@ class VLLMMember:
             if e is not None:
                 raise e
         return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._client.close()
+
+
+class VLLMMember:
+    """One model served by vLLM (see the module docstring for the calls)."""
+
+    score_modes = ("logprob", "logprob_sum")  # vLLM's API gives log-probs, not raw logits
+
+    def __init__(self, name: str, url: str, model: str, folder: Path, config: Any = None, *,
+                 served: str | None = None, key_env: str | None = None, timeout: float | str | None = None,
+                 retries: int | str | None = None, verify: str | None = None, client: Any = None):
+        self.name = name
+        self.url = url.rstrip("/")
+        self.model, options = split_options(model)
+        served = served or options.get("served") or self.model
+        self.served = served
+        self.folder = Path(folder)
+        self.verify_mode = verify or options.get("verify", VERIFY_MODES[0])
+        if self.verify_mode not in VERIFY_MODES:
+            raise SpecEMError(f"vLLM member {name}: verify must be one of {', '.join(VERIFY_MODES)} "
+                              f"(got {self.verify_mode!r})")
+        self.endpoint = VLLMEndpoint(
+            name, self.url, served,
+            _number(timeout if timeout is not None else options.get("timeout", DEFAULT_TIMEOUT_S), "timeout", float, name),
+            _number(retries if retries is not None else options.get("retries", DEFAULT_RETRIES), "retries", int, name),
+            key_env or options.get("key_env"), client)
+        self.codec = TextCodec(self.folder, _generation_eos(self.folder))
+        self.vocab_size = len(self.codec.tok)
+        self._seqs: dict[int, _Seq] = {}
+        self._lock = threading.Lock()  # _seqs: calls come from the crew's thread, close() from the engine's
+        self.stats = self.endpoint.stats
+        self.max_model_len, self.tokenizer_checked = self.endpoint.probe(self.codec, self.folder)
+        cache_tokens = getattr(config, "cache_tokens", None)
+        self.capacity = min(cache_tokens, self.max_model_len) if cache_tokens else self.max_model_len
+
+    # -- the endpoint -----------------------------------------------------------------
+    def describe(self) -> dict:
+        return {"kind": "vllm", "url": self.url, "served_model": self.served, "tokenizer": str(self.folder),
+                "max_model_len": self.max_model_len, "tokenizer_checked": self.tokenizer_checked,
+                "verify": self.verify_mode,
+                "scores": list(self.score_modes)}
+
+    def shutdown(self) -> None:
+        self.endpoint.close()
 
     # -- text -------------------------------------------------------------------------
     def prompt_ids(self, prompt, limit: int | None = None) -> list[int]:
@@ -298,11 +331,7 @@ class VLLMMember:
     def _seq(self, request: int, prefix: int) -> _Seq:
         with self._lock:
             s = self._seqs.get(request)
-        if s is None:
-            raise MemberStateError(f"{self.name} holds no request {request}; open it first")
-        if len(s.ids) != prefix:
-            raise MemberStateError(f"{self.name} holds {len(s.ids)} tokens of request {request}, the call expects "
-                                   f"{prefix}: member and scheduler are out of step")
+        check_held(self.name, request, s.ids if s is not None else None, prefix)
         return s
 
     # -- draft ------------------------------------------------------------------------
@@ -315,7 +344,7 @@ class VLLMMember:
         groups: dict[tuple, list[int]] = {}
         for i, (c, s) in enumerate(zip(calls, seqs)):
             groups.setdefault(self._draft_params(c, s), []).append(i)
-        answers = self._map(lambda item: self._draft_call(item[0], [seqs[i] for i in item[1]]),
+        answers = self.endpoint.map(lambda item: self._draft_call(item[0], [seqs[i] for i in item[1]]),
                             list(groups.items()))
         tokens: list = [None] * len(calls)
         for (_, idx), got in zip(groups.items(), answers):
@@ -347,22 +376,18 @@ class VLLMMember:
         prompts = [list(s.ids) for s in seqs]
         body.update(model=self.served, prompt=prompts if len(prompts) > 1 else prompts[0],
                     return_token_ids=True)
-        t0 = time.perf_counter()
-        got = self._request("POST", "/v1/completions", "drafting", body)
-        self.stats.calls["draft"] += 1
-        self.stats.seconds["draft"] += time.perf_counter() - t0
-        self.stats.prompt_tokens["draft"] += sum(map(len, prompts))
-        choices = self._choices(got, len(prompts), "drafting")
+        got = self.endpoint.post("draft", "drafting", body, sum(map(len, prompts)))
+        choices = self.endpoint.choices(got, len(prompts), "drafting")
         out = []
         for ch, sent in zip(choices, prompts):
             ids = self._ids(ch.get("token_ids"), "token_ids", "drafting (the server ignored return_token_ids: "
                             "is it vLLM 0.10.2 or newer?)")
             self._echo(ch, sent, "drafting")
             if len(ids) > window:
-                raise self._error(f"drafting: {len(ids)} tokens came back for max_tokens={window}")
+                raise self.endpoint.error(f"drafting: {len(ids)} tokens came back for max_tokens={window}")
             finish = ch.get("finish_reason")
             if finish not in ("stop", "length"):
-                raise self._error(f"drafting: finish_reason {finish!r} (expected 'stop' or 'length')")
+                raise self.endpoint.error(f"drafting: finish_reason {finish!r} (expected 'stop' or 'length')")
             stopped = False
             if not body.get("ignore_eos"):
                 if ids and ids[-1] in self.codec.stop_ids:
@@ -420,28 +445,24 @@ class VLLMMember:
     def _score(self, prompts: list[list[int]], where: list[tuple[int, list[int]]]) -> list[float]:
         body = {"model": self.served, "prompt": prompts if len(prompts) > 1 else prompts[0], "max_tokens": 1,
                 "temperature": 0.0, "prompt_logprobs": 0, "return_token_ids": True}
-        t0 = time.perf_counter()
-        got = self._request("POST", "/v1/completions", "verifying", body)
-        self.stats.calls["verify"] += 1
-        self.stats.seconds["verify"] += time.perf_counter() - t0
-        self.stats.prompt_tokens["verify"] += sum(map(len, prompts))
-        choices = self._choices(got, len(prompts), "verifying")
+        got = self.endpoint.post("verify", "verifying", body, sum(map(len, prompts)))
+        choices = self.endpoint.choices(got, len(prompts), "verifying")
         means = []
         for ch, sent, (start, ids) in zip(choices, prompts, where):
             self._echo(ch, sent, "verifying")
             lps = ch.get("prompt_logprobs")
             if not isinstance(lps, list):
-                raise self._error("verifying: the answer has no prompt_logprobs (the server ignored the field: "
+                raise self.endpoint.error("verifying: the answer has no prompt_logprobs (the server ignored the field: "
                                   "is it vLLM?)")
             if len(lps) != len(sent):
-                raise self._error(f"verifying: {len(lps)} prompt log-probs for a prompt of {len(sent)} tokens")
+                raise self.endpoint.error(f"verifying: {len(lps)} prompt log-probs for a prompt of {len(sent)} tokens")
             total = 0.0
             for pos, tid in enumerate(ids, start):
                 entry = lps[pos]
                 value = entry.get(str(tid)) if isinstance(entry, dict) else None
                 lp = value.get("logprob") if isinstance(value, dict) else value
                 if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp) or lp > 1e-3:
-                    raise self._error(f"verifying: no finite log-prob <= 0 for token {tid} at position {pos} "
+                    raise self.endpoint.error(f"verifying: no finite log-prob <= 0 for token {tid} at position {pos} "
                                       f"(got {str(entry)[:120]}); the answer does not match the prompt sent")
                 total += float(lp)
             means.append(total / len(ids) if ids else float("-inf"))
@@ -460,7 +481,7 @@ class VLLMMember:
             chunks[-1].append(row)
             wanted.add(row[2])
         t0 = time.perf_counter()
-        got = self._map(self._forced_call, [c for c in chunks if c])
+        got = self.endpoint.map(self._forced_call, [c for c in chunks if c])
         self.stats.calls["verify"] += 1
         self.stats.seconds["verify"] += time.perf_counter() - t0
         self.stats.prompt_tokens["verify"] += sum(len(p) for _, p, _ in rows)
@@ -475,39 +496,29 @@ class VLLMMember:
         body = {"model": self.served, "prompt": prompts if len(prompts) > 1 else prompts[0], "max_tokens": 1,
                 "temperature": 0.0, "logprobs": 0, "logprob_token_ids": sorted({t for _, _, t in chunk}),
                 "return_tokens_as_token_ids": True, "return_token_ids": True}
-        got = self._request("POST", "/v1/completions", "verifying", body)
+        got = self.endpoint.request("POST", "/v1/completions", "verifying", body)
         out = []
-        for ch, (_, sent, tid) in zip(self._choices(got, len(prompts), "verifying"), chunk):
+        for ch, (_, sent, tid) in zip(self.endpoint.choices(got, len(prompts), "verifying"), chunk):
             self._echo(ch, sent, "verifying")
             lp = ch.get("logprobs")
             top = lp.get("top_logprobs") if isinstance(lp, dict) else None
             if not isinstance(top, list) or not top or not isinstance(top[0], dict):
-                raise self._error("verifying: the answer has no logprobs (the server ignored logprobs or "
+                raise self.endpoint.error("verifying: the answer has no logprobs (the server ignored logprobs or "
                                   "logprob_token_ids: verify=cached needs a vLLM that takes logprob_token_ids, "
                                   "0.32 does; or use verify=prompt_logprobs)")
             value = top[0].get(f"token_id:{tid}")
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value > 1e-3:
-                raise self._error(f"verifying: no finite log-prob <= 0 for token {tid} after {len(sent)} tokens "
+                raise self.endpoint.error(f"verifying: no finite log-prob <= 0 for token {tid} after {len(sent)} tokens "
                                   f"(got {str(top[0])[:120]}); the answer does not match the prompt sent")
             out.append(float(value))
         return out
 
     # -- answers ------------------------------------------------------------------------
-    def _choices(self, got: Any, n: int, what: str) -> list[dict]:
-        choices = got.get("choices") if isinstance(got, dict) else None
-        if not isinstance(choices, list) or len(choices) != n or not all(isinstance(c, dict) for c in choices):
-            count = len(choices) if isinstance(choices, list) else "no"
-            raise self._error(f"{what}: {count} choices came back for {n} prompt{'s' if n > 1 else ''}")
-        index = [c.get("index") for c in choices]
-        if sorted(i for i in index if isinstance(i, int)) != list(range(n)):
-            raise self._error(f"{what}: the choices' indexes are {index}, not 0..{n - 1}")
-        return sorted(choices, key=lambda c: c["index"])
-
     def _ids(self, value: Any, field_name: str, what: str) -> list[int]:
         if not isinstance(value, list):
-            raise self._error(f"{what}: the answer has no {field_name}")
+            raise self.endpoint.error(f"{what}: the answer has no {field_name}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in value):
-            raise self._error(f"{what.split(' (')[0]}: {field_name} holds values that are not token ids of "
+            raise self.endpoint.error(f"{what.split(' (')[0]}: {field_name} holds values that are not token ids of "
                               f"{self.folder} (vocabulary of {self.vocab_size}): {value[:20]}")
         return value
 
@@ -517,7 +528,7 @@ class VLLMMember:
                            f"{what} (the server ignored return_token_ids: is it vLLM 0.10.2 or newer?)")
         if echoed != sent:
             at = next((i for i, (a, b) in enumerate(zip(echoed, sent)) if a != b), min(len(echoed), len(sent)))
-            raise self._error(f"{what}: the server read other prompt ids than were sent ({len(echoed)} vs "
+            raise self.endpoint.error(f"{what}: the server read other prompt ids than were sent ({len(echoed)} vs "
                               f"{len(sent)} tokens, first difference at {at})")
 
     # -- commit -----------------------------------------------------------------------
