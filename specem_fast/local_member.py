@@ -129,7 +129,7 @@ class LocalMember:
     def _finish_draft(self, c: DraftCall, s: _Seq, d: _Draft) -> DraftOut:
         codec = self.runner.codec
         text = codec.decode(d.tokens)
-        if c.raw or (c.alone and d.tokens and self._decodes_on(s.ids, d.tokens, text)):
+        if c.raw or (c.alone and d.tokens and self.runner.codec.decodes_on(s.ids, d.tokens, text)):
             # Drafting alone, no other tokenizer has to start on this boundary:
             # keep the exact ids sampled, as if the model decoded alone.
             d.text, d.ids = text, list(d.tokens)
@@ -163,19 +163,6 @@ class LocalMember:
             cache.append(s.slot, len(run.tokens))
             s.last_hidden = h[pos - 1]
         return h[pos:]
-
-    def _decodes_on(self, ids: list[int], new: list[int], text: str) -> bool:
-        """Whether ``new`` decodes to ``text`` after the sequence's last tokens too, so
-        the answer text stays the decode of the drafter's ids (a character split
-        across the boundary, or a decoder that drops a leading space, would not)."""
-        tok = self.runner.codec.tok
-
-        def raw(x: list[int]) -> str:
-            return tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-        tail = ids[-8:]
-        joined = raw(tail + new)
-        return bool(text) and not joined.endswith("\ufffd") and joined == raw(tail) + text
 
     # -- verify ---------------------------------------------------------------
     def verify(self, calls: Sequence[VerifyCall]) -> list[VerifyOut]:

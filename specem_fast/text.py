@@ -396,6 +396,18 @@ class TextCodec:
         """A segment's ids, as text: no special tokens added or recognised, no SentencePiece dummy prefix."""
         return self._encode(text, special=False, as_text=True)
 
+    def decodes_on(self, ids: list[int], new: list[int], text: str) -> bool:
+        """Whether ``new`` decodes to ``text`` after the sequence ``ids`` too, so an answer
+        kept as a member's exact ids stays the decode of those ids (a character split
+        across the boundary, or a decoder that drops a leading space, would not)."""
+
+        def raw(x: list[int]) -> str:
+            return self.tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+        tail = ids[-8:]
+        joined = raw(tail + new)
+        return bool(text) and not joined.endswith("\ufffd") and joined == raw(tail) + text
+
     def decode(self, ids: list[int]) -> str:
         text = self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         # A draft may stop inside a multi-byte character; drop the dangling bytes.

@@ -399,21 +399,11 @@ class VLLMMember:
 
     def _finish_draft(self, c: DraftCall, s: _Seq, tokens: list[int], stopped: bool) -> DraftOut:
         text = self.codec.decode(tokens)
-        if c.raw or (c.alone and tokens and self._decodes_on(s.ids, tokens, text)):
+        if c.raw or (c.alone and tokens and self.codec.decodes_on(s.ids, tokens, text)):
             return DraftOut(tuple(tokens), text, tuple(tokens), stopped)  # as the local member: exact ids kept
         text = text if stopped else trim_to_word_boundary(text)
         ids = self.codec.encode_segment(text) if text else []
         return DraftOut(tuple(tokens), text, tuple(ids), stopped)
-
-    def _decodes_on(self, ids: list[int], new: list[int], text: str) -> bool:
-        tok = self.codec.tok
-
-        def raw(x: list[int]) -> str:
-            return tok.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-        tail = ids[-8:]
-        joined = raw(tail + new)
-        return bool(text) and not joined.endswith("\ufffd") and joined == raw(tail) + text
 
     # -- verify -----------------------------------------------------------------------
     def verify(self, calls: Sequence[VerifyCall]) -> list[VerifyOut]:
