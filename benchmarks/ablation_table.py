@@ -44,11 +44,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rows", nargs="+", help="LABEL=RESULTS[:SYSTEM]; the first row is the baseline")
     ap.add_argument("--limit", type=int, default=60, help="N items of the data set (default 60)")
+    ap.add_argument("--against", default=None, metavar="LABEL,...",
+                    help="paired +/- columns against these rows (default: the first row)")
     ap.add_argument("--skip", type=int, default=0,
                     help="leave out the first items (e.g. to compare speed only on items every run shared a machine for)")
     args = ap.parse_args()
 
-    table, base = [], None
+    table, rights = [], {}
     for spec in args.rows:
         label, path, system = _rows(spec)
         header, recs = _records(path)
@@ -58,30 +60,46 @@ def main() -> None:
         ids = {it.id for it in items}
         right = {r["item_id"]: bool(r.get("correct")) for r in recs
                  if r.get("system") == system and r["item_id"] in ids and "error" not in r}
-        if base is None:
-            base = right
-        both = right.keys() & base.keys()
-        gained = sum(right[i] and not base[i] for i in both)
-        lost = sum(base[i] and not right[i] for i in both)
-        table.append((label, row, gained, lost))
+        rights[label] = right
+        table.append((label, row))
+    against = args.against.split(",") if args.against else [table[0][0]]
+    unknown = [a for a in against if a not in rights]
+    if unknown:
+        raise SystemExit(f"--against {', '.join(unknown)}: no such row (rows: {', '.join(rights)})")
 
-    head = (f"{'setting':<16} {'done':>6}  {'accuracy [95% CI]':<22} {'+/-':>6} {'tokens':>6} "
-            f"{'tok/s':>6} {'drafters':>8} {'no verify':>9}  winner share")
-    print(f"items {args.skip}-{args.skip + args.limit - 1}; +/- = right only here / right only in the first row")
+    def paired(right: dict, base: dict) -> str:
+        both = right.keys() & base.keys()
+        return f"+{sum(right[i] and not base[i] for i in both)}/-{sum(base[i] and not right[i] for i in both)}"
+
+    ifbench = any("instruction_accuracy" in r for _, r in table)
+    head = (f"{'setting':<16} {'done':>6}  {'accuracy [95% CI]':<22} "
+            + (f"{'instructions':>12} " if ifbench else "")
+            + " ".join(f"{'vs ' + a[:7]:>10}" for a in against)
+            + f" {'tokens':>6} {'tok/s':>6} {'drafters':>8} {'no verify':>9}  winner share")
+    print(f"items {args.skip}-{args.skip + args.limit - 1}; vs X: +right only here / -right only in row X")
     print(head)
     print("-" * len(head))
-    for label, r, gained, lost in table:
+    for label, r in table:
         acc = r["accuracy"]
-        pct = (f"{100 * acc['value']:5.1f}% [{100 * acc['ci_low']:4.1f}, {100 * acc['ci_high']:4.1f}]"
-               if acc.get("value") is not None else "n/a")
+        pct = _pct(acc)
+        inst = f"{_pct(r['instruction_accuracy'], ci=False):>12} " if ifbench else ""
+        pairs = " ".join(f"{paired(rights[label], rights[a]):>10}" for a in against)
         drafters = f"{r['mean_drafters']:.2f}" if "mean_drafters" in r else "-"
         skipped = f"{100 * r['skipped_verify_share']:.0f}%" if "skipped_verify_share" in r else "-"
         share = ", ".join(f"{m.split('-')[0]} {100 * v:.0f}%"
                           for m, v in sorted((r.get("win_share") or {}).items(), key=lambda kv: -kv[1]))
         tok = f"{r['mean_new_tokens']:.0f}" if r["mean_new_tokens"] is not None else "-"
         tps = f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] is not None else "-"
-        print(f"{label:<16} {r['n_done']:>3}/{r['n_items']:<2}  {pct:<22} {f'+{gained}/-{lost}':>6} {tok:>6} "
+        print(f"{label:<16} {r['n_done']:>3}/{r['n_items']:<2}  {pct:<22} {inst}{pairs} {tok:>6} "
               f"{tps:>6} {drafters:>8} {skipped:>9}  {share}")
+
+
+def _pct(acc: dict | None, ci: bool = True) -> str:
+    if not acc or acc.get("value") is None:
+        return "n/a"
+    if not ci:
+        return f"{100 * acc['value']:.1f}%"
+    return f"{100 * acc['value']:5.1f}% [{100 * acc['ci_low']:4.1f}, {100 * acc['ci_high']:4.1f}]"
 
 
 if __name__ == "__main__":

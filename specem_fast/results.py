@@ -33,6 +33,9 @@ class RoundRecord:
     answer_chars: int = 0
     drafters: list[str] = field(default_factory=list)  # models that drafted this round (model exit drops some)
     verified: bool = True  # False: accepted without a verify pass (one candidate, agreement, fast_eos)
+    # verifier -> each candidate's length in that verifier's tokens (what a summed score
+    # multiplies the mean by; kept so a trace can be rescored offline)
+    verify_tokens: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -53,6 +53,7 @@ class _Turn:
     drafts: list[tuple[str, DraftOut]]
     fast: int | None = None  # index into drafts of a winner accepted without verifying
     raw: dict[str, list[float]] = field(default_factory=dict)
+    lengths: dict[str, list[int]] = field(default_factory=dict)
     winner: tuple[str, DraftOut] | None = None
     winner_index: int | None = None  # among the candidates, when verified
     verified: bool = False
@@ -188,6 +189,7 @@ class Scheduler:
                 if not out.room:
                     t.req.stop_reason = "cache_full"
                 t.raw[v] = _raw_scores(out, t.req.settings.score)
+                t.lengths[v] = list(out.lengths)
 
     def _record(self, t: _Turn) -> RoundRecord:
         """Pick the winner (weights updated first, as the reference does) and record the round."""
@@ -198,7 +200,7 @@ class Scheduler:
             win = t.drafts[t.fast]
             shown = cands if win in cands else cands + [win]
             t.winner, t.verified = win, False
-            return self._make_record(r, shown, {}, {}, [], shown.index(win), drafted, False)
+            return self._make_record(r, shown, {}, {}, [], shown.index(win), drafted, False, {})
         norm = {v: scoring.normalise(t.raw[v], st.score) for v in self.verifiers}
         models = [m for m, _ in cands]
         weights = None
@@ -209,10 +211,11 @@ class Scheduler:
         combined = scoring.combine(norm, weights, None if st.self_votes else models)
         w = scoring.argmax_first(combined)
         t.winner, t.verified, t.winner_index = cands[w], True, w
-        return self._make_record(r, cands, t.raw, norm, combined, w, drafted, True)
+        return self._make_record(r, cands, t.raw, norm, combined, w, drafted, True, t.lengths)
 
     @staticmethod
-    def _make_record(r: Request, shown, raw, norm, combined, w: int, drafted: list[str], verified: bool) -> RoundRecord:
+    def _make_record(r: Request, shown, raw, norm, combined, w: int, drafted: list[str], verified: bool,
+                     lengths: dict[str, list[int]]) -> RoundRecord:
         return RoundRecord(
             index=len(r.rounds) + 1,
             candidates=[Candidate(m, d.text, d.stopped, len(d.tokens)) for m, d in shown],
@@ -225,6 +228,7 @@ class Scheduler:
             seconds={},
             drafters=drafted,
             verified=verified,
+            verify_tokens=lengths,
         )
 
     def _commit(self, turns: list[_Turn]) -> dict[int, dict[str, tuple[int, ...]]]:

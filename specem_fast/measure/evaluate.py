@@ -150,7 +150,7 @@ def _settings_dict(settings: GenerationSettings | dict | None, base: GenerationS
     return base.with_overrides(**settings).to_dict()
 
 
-def _score(item: EvalItem, text: str) -> dict[str, Any]:
+def score_output(item: EvalItem, text: str) -> dict[str, Any]:
     """Grading fields of one output."""
     if item.grader == "ifbench":
         res = check_instructions(text, item.meta.get("instruction_id_list", []), item.meta.get("kwargs"))
@@ -428,7 +428,7 @@ def _record(item: EvalItem, index: int, system: str, seed: int, res: Any, second
     else:
         rec.update(latency_s=_reported_seconds(res), first_token_s=res.first_token_s)
     rec["tokens_per_s"] = rec["new_tokens"] / seconds if seconds > 0 else None
-    rec.update(_score(item, rec["output"]))
+    rec.update(score_output(item, rec["output"]))
     return rec
 
 

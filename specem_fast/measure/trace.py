@@ -110,6 +110,7 @@ def trace_lines(results: Any, labels: Sequence[str] | None = None) -> list[dict[
                     "seconds": r["seconds"],
                     "drafters": r.get("drafters", [c["model"] for c in r["candidates"]]),
                     "verified": r.get("verified", True),
+                    "verify_tokens": r.get("verify_tokens", {}),
                 }
             )
     return out

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 20's IFBench measurement (parts 3-4). Every run is `specem-fast eval` into its
+# own results file under benchmarks/eval/, so each step resumes where a killed run
+# stopped (rerun the step; finished records are never redone). Greedy, 256 new
+# tokens, the default dtype. IFBench prompts from 200 on, and GSM8K items from 1000
+# on, are never read (eval refuses them).
+#
+#   bash benchmarks/ablation_ifbench.sh members     # each member alone on prompts 0-199
+#   bash benchmarks/ablation_ifbench.sh calibrate   # IFBench prior from the members' answers on 100-199
+#   bash benchmarks/ablation_ifbench.sh whole       # whole-response candidates (window = 256) on 0-99,
+#                                                   # all three members, traced: the scoring variants
+#                                                   # are rescored from this trace (rescore_trace.py)
+#   bash benchmarks/ablation_ifbench.sh default     # the default preset on prompts 0-199
+#   bash benchmarks/ablation_ifbench.sh best        # the best setting on prompts 0-199
+#
+# OMP_NUM_THREADS=1: on the 2-core development VMs one thread per process is
+# faster than two (benchmarks/RESULTS.md); run two steps side by side instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+E=benchmarks/eval
+MEMBERS=smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct,gemma3-270m
+run() { .venv/bin/specem-fast eval ifbench "$@" --max-new-tokens 256 --cache-tokens 1024; }
+
+case "${1:-}" in
+  members)
+    # prompts 0-59 were answered in an earlier session with the same settings
+    # (ifbench60-members.jsonl; greedy float32 answers do not depend on the batch)
+    [ -e "$E/ifbench200-members.jsonl" ] || cp "$E/ifbench60-members.jsonl" "$E/ifbench200-members.jsonl"
+    run --limit 200 --batch 20 --preset reference --systems "$MEMBERS" --out "$E/ifbench200-members.jsonl" ;;
+  calibrate)
+    # reads the members' answers on prompts 100-199 from the file above (same settings: nothing is rerun)
+    .venv/bin/specem-fast calibrate ifbench --preset reference --max-new-tokens 256 --cache-tokens 1024 \
+      --batch 20 --results "$E/ifbench200-members.jsonl" --out "$E/weights-ifbench-dev.json" ;;
+  whole)
+    run --limit 100 --batch 20 --preset reference --window 256 --no-singles \
+      --out "$E/ifbench100-whole.jsonl" --trace "$E/ifbench100-whole.trace.jsonl" ;;
+  default)
+    # the default preset with the default members: shipped prior + exit 0.2/2 + skip-agreed
+    run --limit 200 --batch 20 --no-singles --out "$E/ifbench200-default.jsonl" \
+      --trace "$E/ifbench200-default.trace.jsonl" ;;
+  *)
+    echo "usage: $0 members|calibrate|whole|default" >&2; exit 2 ;;
+esac
