@@ -10,8 +10,9 @@
 #   bash benchmarks/ablation_ifbench.sh whole       # whole-response candidates (window = 256) on 0-99,
 #                                                   # all three members, traced: the scoring variants
 #                                                   # are rescored from this trace (rescore_trace.py)
+#   bash benchmarks/ablation_ifbench.sh whole-pair  # SmolLM2 + Qwen2.5-Coder, whole responses, on 100-199
+#   bash benchmarks/ablation_ifbench.sh gsm8k-pair  # the same on the first 200 GSM8K items
 #   bash benchmarks/ablation_ifbench.sh default     # the default preset on prompts 0-199
-#   bash benchmarks/ablation_ifbench.sh best        # the best setting on prompts 0-199
 #
 # OMP_NUM_THREADS=1: on the 2-core development VMs one thread per process is
 # faster than two (benchmarks/RESULTS.md); run two steps side by side instead.
@@ -35,10 +36,21 @@ case "${1:-}" in
   whole)
     run --limit 100 --batch 20 --preset reference --window 256 --no-singles \
       --out "$E/ifbench100-whole.jsonl" --trace "$E/ifbench100-whole.trace.jsonl" ;;
+  whole-pair)
+    # SmolLM2 + Qwen2.5-Coder only, whole responses, on prompts 100-199 (0-99 are the
+    # three-member run's candidates rescored: a member's candidate does not depend on the others)
+    run --skip 100 --limit 100 --batch 20 --preset reference --window 256 --no-singles \
+      --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct \
+      --out "$E/ifbench100-199-whole-pair.jsonl" --trace "$E/ifbench100-199-whole-pair.trace.jsonl" ;;
+  gsm8k-pair)
+    # the same pair, whole responses, on the first 200 GSM8K items
+    .venv/bin/specem-fast eval gsm8k --limit 200 --batch 25 --preset reference --window 256 --no-singles \
+      --max-new-tokens 256 --cache-tokens 1024 --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct \
+      --out "$E/gsm8k200-whole-pair.jsonl" --trace "$E/gsm8k200-whole-pair.trace.jsonl" ;;
   default)
     # the default preset with the default members: shipped prior + exit 0.2/2 + skip-agreed
     run --limit 200 --batch 20 --no-singles --out "$E/ifbench200-default.jsonl" \
       --trace "$E/ifbench200-default.trace.jsonl" ;;
   *)
-    echo "usage: $0 members|calibrate|whole|default" >&2; exit 2 ;;
+    echo "usage: $0 members|calibrate|whole|whole-pair|gsm8k-pair|default" >&2; exit 2 ;;
 esac

@@ -22,7 +22,8 @@ and with real runs, paired item by item:
 
 A variant is LABEL=KEY=VALUE[;KEY=VALUE...] with keys ``drafters``, ``verifiers``
 (model names or unique prefixes joined by +), ``score`` (logprob | logprob_sum),
-``self_votes`` (1 | 0) and ``weights`` (a weights JSON whose prior starts every
+``self_votes`` (1 | 0), ``finished`` (1: only the candidates that ended
+with EOS or a stop string compete, when any did) and ``weights`` (a weights JSON whose prior starts every
 request; default uniform).
 """
 
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specem_fast import scoring
-from specem_fast.measure.datasets import load_items
+from specem_fast.measure.datasets import HELD_OUT, load_items
 from specem_fast.measure.evaluate import ENSEMBLE, FORMAT, score_output
 from specem_fast.weights import WeightBook, read_weights_file
 
@@ -49,6 +50,7 @@ class Rule:
     prior: dict[str, float] | None = None
     hedge_lr: float | None = 1.0
     schedule: str = "reference"
+    finished: bool = False  # keep only the candidates that ended (EOS/stop) when any did
 
     def start(self) -> dict[str, float]:
         book = WeightBook(self.verifiers)
@@ -60,6 +62,8 @@ class Rule:
     def pick(self, rnd: dict) -> int:
         """Index (into the round's candidates) this rule keeps, as the scheduler would pick it."""
         idx = [i for i, c in enumerate(rnd["candidates"]) if c["model"] in self.drafters and c["text"]]
+        if self.finished and any(rnd["candidates"][i]["ended_with_stop"] for i in idx):
+            idx = [i for i in idx if rnd["candidates"][i]["ended_with_stop"]]
         if len(idx) == 1:
             return idx[0]
         if not rnd["verified"]:
@@ -111,6 +115,8 @@ def _rule(spec: str, header: dict) -> tuple[str, Rule]:
             rule.score = val
         elif key == "self_votes" and val in ("0", "1"):
             rule.self_votes = val == "1"
+        elif key == "finished" and val in ("0", "1"):
+            rule.finished = val == "1"
         elif key == "weights":
             rule.prior = read_weights_file(val)["prior"]
         else:
@@ -142,8 +148,9 @@ def main() -> None:
     first = {}
     for r in _lines(args.trace):
         first.setdefault(r["request"], r if r["round"] == 1 else None)
-    n = 1 + max((r["index"] for r in done.values()), default=-1)
-    items = [it for it in load_items(header["dataset"], seed=header["seed"], limit=n)
+    # every item below the held-out ones: a results file names its items by id, not by position
+    upto = HELD_OUT.get(header["dataset"].lower())
+    items = [it for it in load_items(header["dataset"], seed=header["seed"], limit=upto)
              if it.id in done and first.get(it.id)]
     same = sum(_rule("run=", header)[1].pick(first[it.id]) == first[it.id]["winner"] for it in items)
     print(f"{len(items)} requests; the run's own rule picks the engine's winner in {same}; "

@@ -52,7 +52,11 @@ class GenerationSettings:
     the threshold at the start of ``exit_patience`` consecutive rounds (model
     exit; it keeps verifying); ``skip_agreed`` accepts identical candidates
     without a verify pass; ``self_votes=False`` leaves a candidate's own
-    drafter out of its combined score and out of the win-rate rewards.
+    drafter out of its combined score and out of the win-rate rewards;
+    ``prefer_finished`` lets only the candidates that ended the answer (EOS or a
+    stop string) compete when any did, which is meant for whole-response
+    candidates (``window`` = ``max_new_tokens``), where the others were cut by the
+    token budget.
     """
 
     window: int = 10
@@ -71,6 +75,7 @@ class GenerationSettings:
     exit_patience: int = 3
     skip_agreed: bool = False
     self_votes: bool = True
+    prefer_finished: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
@@ -115,7 +120,7 @@ class GenerationSettings:
             )
         if not isinstance(self.exit_patience, int) or isinstance(self.exit_patience, bool) or self.exit_patience < 1:
             raise SpecEMError(f"exit_patience must be an integer >= 1 (rounds; got {self.exit_patience!r})")
-        for name in ("fast_eos", "skip_agreed", "self_votes"):
+        for name in ("fast_eos", "skip_agreed", "self_votes", "prefer_finished"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecEMError(f"{name} must be True or False (got {getattr(self, name)!r})")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)

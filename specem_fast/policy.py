@@ -35,19 +35,32 @@ def window_for(window: int, max_new_tokens: int, lead_done: int) -> int:
     return max(1, min(window, max_new_tokens - lead_done))
 
 
-def fast_winner(texts: Sequence[str], stopped: Sequence[bool], fast_eos: bool, skip_agreed: bool) -> int | None:
+def competing(texts: Sequence[str], stopped: Sequence[bool], prefer_finished: bool) -> list[int]:
+    """The drafts that compete for the round: the non-empty ones; with
+    ``prefer_finished``, only those that ended the answer, when any did."""
+    cands = [i for i, t in enumerate(texts) if t]
+    if prefer_finished:
+        ended = [i for i in cands if stopped[i]]
+        if ended:
+            return ended
+    return cands
+
+
+def fast_winner(texts: Sequence[str], stopped: Sequence[bool], fast_eos: bool, skip_agreed: bool,
+                prefer_finished: bool = False) -> int | None:
     """The draft accepted without a verify pass, or None when the round verifies.
 
     ``texts``/``stopped``: every draft of the round (empty texts do not compete).
     ``fast_eos``: a draft that ended with a stop token wins at once. One
-    candidate: verifying cannot change the pick (and every reward would be 0).
-    ``skip_agreed``: identical candidates would be scored alike.
+    competing candidate (see :func:`competing`): verifying cannot change the pick
+    (and every reward would be 0). ``skip_agreed``: identical candidates would be
+    scored alike.
     """
     if fast_eos:
         ended = [i for i, s in enumerate(stopped) if s]
         if ended:
             return ended[0]
-    cands = [i for i, t in enumerate(texts) if t]
+    cands = competing(texts, stopped, prefer_finished)
     if len(cands) == 1 or (cands and skip_agreed and len({texts[i] for i in cands}) == 1):
         return cands[0]
     return None

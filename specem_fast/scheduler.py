@@ -60,7 +60,9 @@ class _Turn:
 
     @property
     def cands(self) -> list[tuple[str, DraftOut]]:
-        return [(m, d) for m, d in self.drafts if d.text]
+        keep = policy.competing([d.text for _, d in self.drafts], [d.stopped for _, d in self.drafts],
+                                self.req.settings.prefer_finished)
+        return [self.drafts[i] for i in keep]
 
 
 def _raw_scores(out, score: str) -> list[float]:
@@ -173,7 +175,7 @@ class Scheduler:
             t = _Turn(r, [(m, got[m][r.id]) for m in self.drafters if r.id in got[m]])
             st = r.settings
             t.fast = policy.fast_winner([d.text for _, d in t.drafts], [d.stopped for _, d in t.drafts],
-                                        st.fast_eos, st.skip_agreed)
+                                        st.fast_eos, st.skip_agreed, st.prefer_finished)
             turns.append(t)
         return turns
 

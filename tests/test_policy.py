@@ -40,6 +40,17 @@ def test_fast_winner_cases():
     assert policy.fast_winner(["a", "b"], [False, True], False, False) is None  # fast_eos off
 
 
+def test_prefer_finished_lets_only_ended_candidates_compete():
+    assert policy.competing(["a", "b", "c"], [False, True, True], False) == [0, 1, 2]
+    assert policy.competing(["a", "b", "c"], [False, True, True], True) == [1, 2]
+    assert policy.competing(["a", "", "c"], [False, True, False], True) == [0, 2]  # an empty draft never competes
+    assert policy.competing(["a", "b"], [False, False], True) == [0, 1]  # none ended: all compete
+    # one ended candidate: accepted without a verify pass; two: they are verified
+    assert policy.fast_winner(["a", "b", "c"], [False, True, False], False, False, True) == 1
+    assert policy.fast_winner(["a", "b", "c"], [True, True, False], False, False, True) is None
+    assert policy.fast_winner(["a", "b", "c"], [False, True, False], False, False, False) is None
+
+
 def test_stop_strings_cut_at_the_first_listed():
     assert policy.cut_at_stop_string("one\n\ntwo END", ["END", "\n\n"]) == "one\n\ntwo "
     assert policy.cut_at_stop_string("abc", ["x"]) is None

@@ -245,6 +245,7 @@ def test_bad_quality_settings_are_clear_errors():
         (dict(skip_agreed="yes"), "skip_agreed"),
         (dict(self_votes=0), "self_votes"),
         (dict(fast_eos="no"), "fast_eos"),
+        (dict(prefer_finished=1), "prefer_finished"),
         (dict(seed=10**14), "seed"),
     ]:
         with pytest.raises(SpecEMError, match=msg):
@@ -284,11 +285,13 @@ def test_calibrate_then_generate_and_eval_with_the_weights(tiny_dirs, capsys, tm
     code, out, err = _cli(capsys, "generate", "--prompt", "Say hi.", "--models", f"{a},{b}", "--weights", str(w),
                           "--init-weights", "prior", "--hedge-lr", "0", "--max-new-tokens", "6", "--window", "3",
                           "--exit-threshold", "0.01", "--skip-agreed", "--no-self-votes", "--hedge-schedule", "sqrt",
+                          "--prefer-finished",
                           "--json", "--save-weights", str(saved))
     assert code == 0, err
     res = json.loads(out)
     assert res["rounds"][0]["weights"] == pytest.approx(book["prior"])
     assert res["settings"]["skip_agreed"] is True and res["settings"]["self_votes"] is False
+    assert res["settings"]["prefer_finished"] is True
     assert res["settings"]["hedge_schedule"] == "sqrt" and res["settings"]["exit_threshold"] == 0.01
     assert json.loads(saved.read_text())["prior"] == pytest.approx(book["prior"])
     # eval with learned weights writes the learned book and reports drafting/verification

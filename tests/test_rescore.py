@@ -42,10 +42,14 @@ def _first_winners(trace) -> dict[str, str]:
     return {r["request"]: r["candidates"][r["winner"]]["text"] for r in read_trace(trace) if r["round"] == 1}
 
 
-def _rescored(path: Path) -> dict[str, str]:
+def _rescored_n(path: Path, n: int) -> dict[str, str]:
     recs = [json.loads(x) for x in path.read_text().splitlines()]
-    assert recs[0]["type"] == "header" and len(recs) == 1 + N
+    assert recs[0]["type"] == "header" and len(recs) == 1 + n
     return {r["item_id"]: r["output"] for r in recs[1:]}
+
+
+def _rescored(path: Path) -> dict[str, str]:
+    return _rescored_n(path, N)
 
 
 def test_rescored_variants_match_engine_runs(dirs, tmp_path, monkeypatch, capsys):
@@ -104,3 +108,30 @@ def test_rescore_refuses_a_windowed_run(dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["rescore_trace.py", str(out), str(trace), "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="whole-response"):
         _script().main()
+
+
+def test_prefer_finished_matches_the_rescored_trace(real_ensemble, tmp_path, monkeypatch, capsys):
+    """Real members on IFBench prompts whose short answers end within 16 tokens for some
+    members and not for others (Gemma-3 never ends them)."""
+    items = [it for i, it in enumerate(load_items("ifbench", limit=18)) if i in (1, 15, 17)]
+    st = {"max_new_tokens": 16, "window": 16, "temperature": 0.0}
+
+    def run(name, **over):
+        out, trace = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.trace.jsonl"
+        run_eval(real_ensemble, items, out_path=out, dataset="ifbench", settings={**st, **over},
+                 systems=["ensemble"], trace_path=trace, progress=False, batch=3)
+        return out, trace
+
+    res, trace = run("whole")
+    ended = [[c["ended_with_stop"] for c in r["candidates"]] for r in read_trace(trace) if r["round"] == 1]
+    assert any(any(e) and not all(e) for e in ended), ended  # the rule has something to choose
+    monkeypatch.setattr(sys, "argv", ["rescore_trace.py", str(res), str(trace), "--out-dir", str(tmp_path / "r"),
+                                      "fin=finished=1", "fin-sum=finished=1;score=logprob_sum"])
+    _script().main()
+    capsys.readouterr()
+    for label, over in (("fin", {}), ("fin-sum", {"score": "logprob_sum"})):
+        got = _rescored_n(tmp_path / "r" / f"whole-{label}.jsonl", len(items))
+        assert got == _first_winners(run(label, prefer_finished=True, **over)[1]), label
+    # an unfinished candidate never wins while a finished one competes
+    for r, e in zip((r for r in read_trace(run("check", prefer_finished=True)[1]) if r["round"] == 1), ended):
+        assert not any(e) or r["candidates"][r["winner"]]["ended_with_stop"]

@@ -100,6 +100,9 @@ def add_generation_args(p: argparse.ArgumentParser, *, window: bool = True, max_
                    help="accept identical candidates without a verify pass (on in recommended)")
     q.add_argument("--no-self-votes", dest="self_votes", action="store_false", default=None,
                    help="leave a candidate's own drafter out of its score and of the rewards")
+    q.add_argument("--prefer-finished", action="store_true", default=None,
+                   help="only candidates that ended the answer compete, when any did (for whole-response "
+                        "candidates: --window = --max-new-tokens)")
     if window:  # bench runs both modes itself
         g.add_argument("--mode", choices=RUN_MODES, default=None, help=f"engine mode (default {d.mode})")
 
@@ -108,7 +111,8 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]
     """The GenerationSettings overrides given on the command line (validated)."""
     over: dict[str, Any] = {}
     for name in ("window", "max_new_tokens", "temperature", "top_p", "seed", "score", "fast_eos", "mode",
-                 "hedge_schedule", "init_weights", "exit_threshold", "exit_patience", "skip_agreed", "self_votes"):
+                 "hedge_schedule", "init_weights", "exit_threshold", "exit_patience", "skip_agreed", "self_votes",
+                 "prefer_finished"):
         v = getattr(args, name, None)
         if v is not None:
             over[name] = v

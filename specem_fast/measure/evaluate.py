@@ -248,6 +248,10 @@ def _start_or_match_header(results: ResultsFile, header: dict | None, identity: 
             raise SpecEMError(f"cannot write {str(results.path)!r}: folder {str(results.path.parent)!r} does not exist")
         results.append({"type": "header", "format": FORMAT, **identity})
         return
+    header = dict(header)
+    if isinstance(header.get("settings"), dict):
+        # a setting added since the file was written was off (its default) in that run
+        header["settings"] = {**GenerationSettings().to_dict(), **header["settings"]}
     diffs = [k for k in _IDENTITY if json.dumps(header.get(k), sort_keys=True) != json.dumps(identity[k], sort_keys=True)]
     if diffs:
         detail = "; ".join(f"{k}: file has {header.get(k)!r}, this run {identity[k]!r}" for k in diffs)

@@ -19,7 +19,7 @@ _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN, I
 
 # request field -> GenerationSettings field, for the ensemble options passed through as they are
 ENSEMBLE_FIELDS = ("window", "hedge_lr", "score", "fast_eos", "hedge_schedule", "init_weights", "exit_threshold",
-                   "exit_patience", "skip_agreed", "self_votes", "mode")
+                   "exit_patience", "skip_agreed", "self_votes", "prefer_finished", "mode")
 
 
 class StreamOptions(BaseModel):
@@ -56,6 +56,7 @@ class _Common(BaseModel):
     exit_patience: int | None = Field(None, ge=1)
     skip_agreed: bool | None = None
     self_votes: bool | None = None
+    prefer_finished: bool | None = None
     mode: Literal[RUN_MODES] | None = None  # type: ignore[valid-type]
     trace: bool = False  # return every round's candidates and winner
 
