@@ -150,6 +150,22 @@ def test_limit_then_extend(tmp_path, items):
     assert s3["systems"][0]["accuracy"]["n"] == 3
 
 
+def test_a_file_from_before_a_setting_existed_resumes(tmp_path, items):
+    out = tmp_path / "res.jsonl"
+    run_eval(FakeEnsemble(right_for), items[:2], out_path=out, dataset="d", progress=False, batch=1)
+    lines = out.read_text().splitlines()
+    head = json.loads(lines[0])
+    del head["settings"]["prefer_finished"]  # as written before the option was added
+    out.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+    ens = FakeEnsemble(right_for)
+    run_eval(ens, items[:3], out_path=out, dataset="d", progress=False, batch=1)
+    assert len(ens.calls) == 4  # only the new item, for each of the 4 systems
+    # ... but the option on is a different run
+    with pytest.raises(SpecEMError, match="different run.*prefer_finished"):
+        run_eval(FakeEnsemble(right_for), items[:3], out_path=out, dataset="d", settings={"prefer_finished": True},
+                 progress=False, batch=1)
+
+
 def test_systems_subset_and_errors(tmp_path, items):
     out = tmp_path / "res.jsonl"
     s = run_eval(FakeEnsemble(right_for), items, out_path=out, dataset="d", systems=[ENSEMBLE], progress=False, batch=1)
