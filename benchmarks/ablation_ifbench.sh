@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/ablation_ifbench.sh members     # each member alone on prompts 0-199
 #   bash benchmarks/ablation_ifbench.sh calibrate   # IFBench prior from the members' answers on 100-199
+#   bash benchmarks/ablation_ifbench.sh calibrate-pair  # the same prior for SmolLM2 + Qwen2.5-Coder alone
+#   bash benchmarks/ablation_ifbench.sh window 20   # windowed rounds, the pair with its IFBench prior, 0-99
 #   bash benchmarks/ablation_ifbench.sh whole       # whole-response candidates (window = 256) on 0-99,
 #                                                   # all three members, traced: the scoring variants
 #                                                   # are rescored from this trace (rescore_trace.py)
@@ -33,6 +35,30 @@ case "${1:-}" in
     # reads the members' answers on prompts 100-199 from the file above (same settings: nothing is rerun)
     .venv/bin/specem-fast calibrate ifbench --preset reference --max-new-tokens 256 --cache-tokens 1024 \
       --batch 20 --results "$E/ifbench200-members.jsonl" --out "$E/weights-ifbench-dev.json" ;;
+  calibrate-pair)
+    # the same calibration for SmolLM2 + Qwen2.5-Coder alone: a member's answers do not depend
+    # on the other members, so the pair's prior comes from the calibration above's counts
+    .venv/bin/python - "$E/weights-ifbench-dev.json" "$E/weights-ifbench-dev-pair.json" <<'PY'
+import json, sys
+from specem_fast.weights import WeightBook, weights_from_accuracy
+src = json.load(open(sys.argv[1]))
+cal = dict(src["calibration"])
+pair = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]
+cal["accuracy"] = {m: cal["accuracy"][m] for m in pair}
+book = WeightBook(pair)
+book.set_prior(weights_from_accuracy({m: cal["accuracy"][m]["correct"] for m in pair},
+                                     {m: cal["accuracy"][m]["graded"] for m in pair},
+                                     power=cal["power"], floor=cal["floor"]), cal)
+book.save(sys.argv[2])
+print(book.prior)
+PY
+    ;;
+  window)
+    # windowed rounds with the pair and its IFBench prior, prompts 0-99: bash ... window 20
+    run --limit 100 --batch 20 --preset reference --window "$2" --no-singles \
+      --models smollm2-135m-instruct,qwen2.5-coder-0.5b-instruct \
+      --weights "$E/weights-ifbench-dev-pair.json" --init-weights prior \
+      --out "$E/ifbench100-pair-prior-w$2.jsonl" --trace "$E/ifbench100-pair-prior-w$2.trace.jsonl" ;;
   whole)
     run --limit 100 --batch 20 --preset reference --window 256 --no-singles \
       --out "$E/ifbench100-whole.jsonl" --trace "$E/ifbench100-whole.trace.jsonl" ;;
@@ -52,5 +78,5 @@ case "${1:-}" in
     run --limit 200 --batch 20 --no-singles --out "$E/ifbench200-default.jsonl" \
       --trace "$E/ifbench200-default.trace.jsonl" ;;
   *)
-    echo "usage: $0 members|calibrate|whole|whole-pair|gsm8k-pair|default" >&2; exit 2 ;;
+    echo "usage: $0 members|calibrate|calibrate-pair|window N|whole|whole-pair|gsm8k-pair|default" >&2; exit 2 ;;
 esac

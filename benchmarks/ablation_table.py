@@ -1,7 +1,8 @@
 """One table for issue 8's ablation: every run of `specem-fast eval` on the same items.
 
-Each argument is LABEL=RESULTS[:SYSTEM] (SYSTEM defaults to ``ensemble``; name a
-member to take its answers alone from a members file). Every row is summarised
+Each argument is LABEL=RESULTS[+RESULTS...][:SYSTEM] (SYSTEM defaults to
+``ensemble``; name a member to take its answers alone from a members file; files
+joined by + are one setting's runs over different items). Every row is summarised
 over the first --limit items of the data set with eval's own `summarize`, and the
 paired columns compare each row with the first one on the items both answered:
 ``+`` right here and wrong there, ``-`` the other way.
@@ -22,27 +23,36 @@ from specem_fast.measure.datasets import load_items
 from specem_fast.measure.evaluate import ENSEMBLE, summarize
 
 
-def _rows(spec: str) -> tuple[str, Path, str]:
+def _rows(spec: str) -> tuple[str, list[Path], str]:
     label, sep, rest = spec.partition("=")
     if not sep or not label or not rest:
-        raise SystemExit(f"bad row {spec!r}: expected LABEL=RESULTS[:SYSTEM]")
-    path, _, system = rest.partition(":")
-    if not Path(path).is_file():
-        raise SystemExit(f"{path}: no such results file")
-    return label, Path(path), system or ENSEMBLE
+        raise SystemExit(f"bad row {spec!r}: expected LABEL=RESULTS[+RESULTS...][:SYSTEM]")
+    paths, _, system = rest.partition(":")
+    files = [Path(p) for p in paths.split("+")]
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"{f}: no such results file")
+    return label, files, system or ENSEMBLE
 
 
-def _records(path: Path) -> tuple[dict, list[dict]]:
-    recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    header = next((r for r in recs if r.get("type") == "header"), None)
-    if header is None:
-        raise SystemExit(f"{path}: not a results file of `specem-fast eval` (no header)")
-    return header, [r for r in recs if r.get("type") == "item"]
+def _records(paths: list[Path]) -> tuple[dict, list[dict]]:
+    """The first file's header and every file's items (runs of one setting over different items)."""
+    headers, items = [], []
+    for path in paths:
+        recs = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        header = next((r for r in recs if r.get("type") == "header"), None)
+        if header is None:
+            raise SystemExit(f"{path}: not a results file of `specem-fast eval` (no header)")
+        headers.append(header)
+        items += [r for r in recs if r.get("type") == "item"]
+    if len({h["dataset"] for h in headers}) > 1:
+        raise SystemExit(f"{' + '.join(map(str, paths))}: results of different data sets")
+    return headers[0], items
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("rows", nargs="+", help="LABEL=RESULTS[:SYSTEM]; the first row is the baseline")
+    ap.add_argument("rows", nargs="+", help="LABEL=RESULTS[+RESULTS...][:SYSTEM]; the first row is the baseline")
     ap.add_argument("--limit", type=int, default=60, help="N items of the data set (default 60)")
     ap.add_argument("--against", default=None, metavar="LABEL,...",
                     help="paired +/- columns against these rows (default: the first row)")
@@ -52,8 +62,8 @@ def main() -> None:
 
     table, rights = [], {}
     for spec in args.rows:
-        label, path, system = _rows(spec)
-        header, recs = _records(path)
+        label, paths, system = _rows(spec)
+        header, recs = _records(paths)
         items = load_items(header["dataset"], seed=header.get("seed", 0), limit=args.limit, skip=args.skip)
         row = summarize(recs, items, [system], dataset=header["dataset"], seed=header.get("seed", 0),
                         settings=header["settings"])["systems"][0]

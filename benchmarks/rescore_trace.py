@@ -159,7 +159,7 @@ def main() -> None:
     for spec in args.variants:
         label, rule = _rule(spec, header)
         path = args.out_dir / f"{args.results.stem}-{label}.jsonl"
-        settings = dict(st, score=rule.score, self_votes=rule.self_votes,
+        settings = dict(st, score=rule.score, self_votes=rule.self_votes, prefer_finished=rule.finished,
                         init_weights="prior" if rule.prior else st["init_weights"])
         head = {"type": "header", "format": FORMAT, "dataset": header["dataset"], "seed": header["seed"],
                 "settings": settings, "models": rule.drafters, "verifiers": rule.verifiers,
@@ -169,9 +169,10 @@ def main() -> None:
             for it in items:
                 rnd, base = first[it.id], done[it.id]
                 cand = rnd["candidates"][rule.pick(rnd)]
-                rec = {k: base[k] for k in ("type", "system", "item_id", "index", "dataset", "prompt_sha", "seed",
-                                            "seconds", "latency_s")}
-                rec.update(output=cand["text"], new_tokens=cand["draft_tokens"], stop_reason=base["stop_reason"],
+                rec = {k: base[k] for k in ("type", "system", "item_id", "index", "dataset", "prompt_sha", "seed")}
+                # not timed: the run drafted for every member, whichever this rule keeps
+                rec.update(output=cand["text"], new_tokens=cand["draft_tokens"], stop_reason="stop" if cand["ended_with_stop"] else "length",
+                           seconds=0.0, latency_s=None, rescored=True,
                            rounds=1, wins={cand["model"]: 1}, mean_drafters=float(len(rule.drafters)),
                            skipped_verify=0, tokens_per_s=None, **score_output(it, cand["text"]))
                 f.write(json.dumps(rec) + "\n")
