@@ -92,7 +92,7 @@ def main() -> None:
     for label, r in table:
         acc = r["accuracy"]
         pct = _pct(acc)
-        inst = f"{_pct(r['instruction_accuracy'], ci=False):>12} " if ifbench else ""
+        inst = f"{_pct(r.get('instruction_accuracy'), ci=False):>12} " if ifbench else ""
         pairs = " ".join(f"{paired(rights[label], rights[a]):>10}" for a in against)
         drafters = f"{r['mean_drafters']:.2f}" if "mean_drafters" in r else "-"
         skipped = f"{100 * r['skipped_verify_share']:.0f}%" if "skipped_verify_share" in r else "-"

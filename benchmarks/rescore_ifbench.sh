@@ -5,14 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 E=benchmarks/eval; W=$E/weights-ifbench-dev.json; WP=$E/weights-ifbench-dev-pair.json; P="drafters=smollm2+qwen;verifiers=smollm2+qwen"
 rm -rf $E/rescored; mkdir -p $E/rescored
-.venv/bin/python benchmarks/rescore_trace.py $E/ifbench100-whole.jsonl $E/ifbench100-whole.trace.jsonl --out-dir $E/rescored \
+.venv/bin/python benchmarks/rescore_trace.py $E/ifbench100-whole.jsonl $E/ifbench100-whole.trace.jsonl.gz --out-dir $E/rescored \
  sum=score=logprob_sum nsv=self_votes=0 qjudge=verifiers=qwen prior=weights=$W fin=finished=1 "fin-sum=finished=1;score=logprob_sum" \
  "fin-nsv=finished=1;self_votes=0" "fin-q=finished=1;verifiers=qwen" "fin-prior=finished=1;weights=$W" \
  "pair=$P" "pair-sum=$P;score=logprob_sum" "pair-nsv=$P;self_votes=0" "pair-q=drafters=smollm2+qwen;verifiers=qwen" "pair-prior=$P;weights=$WP" \
  "pair-fin=$P;finished=1" "pair-fin-sum=$P;finished=1;score=logprob_sum" "pair-fin-nsv=$P;finished=1;self_votes=0" \
  "pair-fin-q=drafters=smollm2+qwen;verifiers=qwen;finished=1" "pair-fin-prior=$P;finished=1;weights=$WP" \
  "pair-fin-prior-sum=$P;finished=1;weights=$WP;score=logprob_sum" "pair-fin-q-sum=drafters=smollm2+qwen;verifiers=qwen;finished=1;score=logprob_sum"
-.venv/bin/python benchmarks/rescore_trace.py $E/ifbench100-199-whole-pair.jsonl $E/ifbench100-199-whole-pair.trace.jsonl --out-dir $E/rescored \
+.venv/bin/python benchmarks/rescore_trace.py $E/ifbench100-199-whole-pair.jsonl $E/ifbench100-199-whole-pair.trace.jsonl.gz --out-dir $E/rescored \
  "pair-fin-q=verifiers=qwen;finished=1" "pair-fin-sum=finished=1;score=logprob_sum" "pair-q=verifiers=qwen" "pair-fin=finished=1"
 
 # the tables in benchmarks/RESULTS.md

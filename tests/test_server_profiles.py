@@ -58,6 +58,11 @@ def test_models_lists_every_profile_and_requests_pick_theirs(served, weights):
     over = client.chat.completions.create(model="task", messages=CHAT, max_tokens=8,
                                           extra_body={"window": 4, "skip_agreed": False})
     assert over.model_extra["specem"]["settings"]["skip_agreed"] is False
+    whole = client.chat.completions.create(model="base", messages=CHAT, max_tokens=6,
+                                           extra_body={"window": 6, "prefer_finished": True})
+    assert whole.model_extra["specem"]["settings"]["prefer_finished"] is True
+    with pytest.raises(openai.BadRequestError, match="prefer_finished"):
+        client.chat.completions.create(model="base", messages=CHAT, max_tokens=4, extra_body={"prefer_finished": "yes"})
     assert ens.cache.free_slots == ens.config.max_batch
 
 
