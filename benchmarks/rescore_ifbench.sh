@@ -31,3 +31,19 @@ for lim in "--limit 200" "--skip 100 --limit 100"; do
     reference=$E/ifbench60-reference.jsonl pair=$R-pair.jsonl+$E/ifbench100-199-whole-pair.jsonl \
     $(for v in pair-q pair-fin pair-fin-sum pair-fin-q; do echo "$v=$R-$v.jsonl+$R2-$v.jsonl"; done)
 done
+
+# GSM8K, the first 200 items: the chosen IFBench setting, and each member's own candidate in
+# the same run (qwen-own, smollm2-own: the member's greedy answer decoded here; the stored
+# members file was decoded in an earlier session on another machine and differs in 2/3 of
+# the texts, so the paired comparison is against the same run's candidates)
+G8=$E/gsm8k200-whole-pair
+.venv/bin/python benchmarks/rescore_trace.py $G8.jsonl $G8.trace.jsonl.gz --out-dir $E/rescored \
+  "pair-fin-q=verifiers=qwen;finished=1" "pair-q=verifiers=qwen" "pair-fin=finished=1" \
+  "pair-fin-sum=finished=1;score=logprob_sum" qwen-own=drafters=qwen smollm2-own=drafters=smollm2
+R3=$E/rescored/gsm8k200-whole-pair
+M8=$E/gsm8k200-members.jsonl
+echo "== GSM8K, first 200 items"
+.venv/bin/python $T --limit 200 --against qwen-own,qwen qwen-own=$R3-qwen-own.jsonl smollm2-own=$R3-smollm2-own.jsonl \
+  qwen=$M8:qwen2.5-coder-0.5b-instruct smollm2=$M8:smollm2-135m-instruct default=$E/gsm8k200-prior-exit.jsonl \
+  reference=$E/gsm8k200-reference.jsonl pair=$G8.jsonl \
+  $(for v in pair-q pair-fin pair-fin-sum pair-fin-q; do echo "$v=$R3-$v.jsonl"; done)
