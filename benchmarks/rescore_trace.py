@@ -23,7 +23,7 @@ and with real runs, paired item by item:
 A variant is LABEL=KEY=VALUE[;KEY=VALUE...] with keys ``drafters``, ``verifiers``
 (model names or unique prefixes joined by +), ``score`` (logprob | logprob_sum),
 ``self_votes`` (1 | 0), ``finished`` (1: only the candidates that ended
-with EOS or a stop string compete, when any did) and ``weights`` (a weights JSON whose prior starts every
+with a stop token such as EOS compete, when any did) and ``weights`` (a weights JSON whose prior starts every
 request; default uniform).
 """
 
@@ -50,7 +50,7 @@ class Rule:
     prior: dict[str, float] | None = None
     hedge_lr: float | None = 1.0
     schedule: str = "reference"
-    finished: bool = False  # keep only the candidates that ended (EOS/stop) when any did
+    finished: bool = False  # keep only the candidates that ended (a stop token) when any did
 
     def start(self) -> dict[str, float]:
         book = WeightBook(self.verifiers)

@@ -53,8 +53,8 @@ class GenerationSettings:
     exit; it keeps verifying); ``skip_agreed`` accepts identical candidates
     without a verify pass; ``self_votes=False`` leaves a candidate's own
     drafter out of its combined score and out of the win-rate rewards;
-    ``prefer_finished`` lets only the candidates that ended the answer (EOS or a
-    stop string) compete when any did, which is meant for whole-response
+    ``prefer_finished`` lets only the candidates that ended the answer (sampled a
+    stop token such as EOS) compete when any did, which is meant for whole-response
     candidates (``window`` = ``max_new_tokens``), where the others were cut by the
     token budget.
     """
