@@ -21,7 +21,7 @@ Q=qwen=$M:qwen2.5-coder-0.5b-instruct; S=smollm2=$M:smollm2-135m-instruct; G=gem
 T=benchmarks/ablation_table.py
 echo "== ablation, prompts 0-99"
 .venv/bin/python $T --limit 100 --against qwen,smollm2 $Q $S $G default=$E/ifbench200-default.jsonl \
-  window10=$E/ifbench100-pair-prior-w10.jsonl window20=$E/ifbench100-pair-prior-w20.jsonl \
+  window5=$E/ifbench100-pair-prior-w5.jsonl window10=$E/ifbench100-pair-prior-w10.jsonl window20=$E/ifbench100-pair-prior-w20.jsonl \
   whole=$E/ifbench100-whole.jsonl $(for v in sum nsv qjudge prior fin fin-sum fin-nsv fin-q fin-prior pair pair-sum \
   pair-nsv pair-q pair-prior pair-fin pair-fin-sum pair-fin-nsv pair-fin-q pair-fin-prior pair-fin-prior-sum \
   pair-fin-q-sum; do echo "$v=$R-$v.jsonl"; done)
