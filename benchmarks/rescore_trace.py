@@ -76,15 +76,10 @@ class Rule:
             if self.score == "logprob_sum":
                 means = [m * rnd["verify_tokens"][v][i] for m, i in zip(means, idx)]
             raw[v] = means
-        norm = {v: scoring.normalise(raw[v], self.score) for v in self.verifiers}
-        weights = None
-        if self.hedge_lr is not None:
-            learners = [m for m in self.drafters if m in self.verifiers]
-            rewards = scoring.win_rate_rewards(norm, models, learners, self.self_votes)
-            eta = scoring.hedge_learning_rate(self.hedge_lr, len(learners), 1, self.schedule)
-            weights = scoring.hedge_update(self.start(), rewards, eta)
-        combined = scoring.combine(norm, weights, None if self.self_votes else models)
-        return idx[scoring.argmax_first(combined)]
+        learners = [m for m in self.drafters if m in self.verifiers]
+        *_, win = scoring.pick_winner(raw, self.score, models, learners, self.start(), self.hedge_lr, 1,
+                                      self.schedule, self.self_votes)
+        return idx[win]
 
 
 def _resolve(names: str, known: list[str]) -> list[str]:

@@ -203,15 +203,12 @@ class Scheduler:
             shown = cands if win in cands else cands + [win]
             t.winner, t.verified = win, False
             return self._make_record(r, shown, {}, {}, [], shown.index(win), drafted, False, {})
-        norm = {v: scoring.normalise(t.raw[v], st.score) for v in self.verifiers}
-        models = [m for m, _ in cands]
-        weights = None
-        if st.hedge_lr is not None:
-            rewards = scoring.win_rate_rewards(norm, models, self.learners, st.self_votes)
-            eta = scoring.hedge_learning_rate(st.hedge_lr, len(self.learners), len(r.rounds) + 1, st.hedge_schedule)
-            r.weights = weights = scoring.hedge_update(r.weights, rewards, eta)
-        combined = scoring.combine(norm, weights, None if st.self_votes else models)
-        w = scoring.argmax_first(combined)
+        raw = {v: t.raw[v] for v in self.verifiers}
+        norm, weights, combined, w = scoring.pick_winner(
+            raw, st.score, [m for m, _ in cands], self.learners, r.weights, st.hedge_lr, len(r.rounds) + 1,
+            st.hedge_schedule, st.self_votes)
+        if weights is not None:
+            r.weights = weights
         t.winner, t.verified, t.winner_index = cands[w], True, w
         return self._make_record(r, cands, t.raw, norm, combined, w, drafted, True, t.lengths)
 

@@ -128,6 +128,31 @@ def combine(
     return out
 
 
+def pick_winner(
+    raw: dict[str, list[float]],
+    score: str,
+    candidate_models: list[str],
+    learners: list[str],
+    weights: dict[str, float],
+    hedge_lr: float | None,
+    t: int,
+    schedule: str = "reference",
+    self_votes: bool = True,
+) -> tuple[dict[str, list[float]], dict[str, float] | None, list[float], int]:
+    """One verified round's decision, as the reference orders it: normalise each verifier's
+    raw scores, update the weights from this round's rewards (round ``t``; skipped with
+    ``hedge_lr=None``), combine, pick. Returns (normalised scores, updated weights or None,
+    combined scores, winner index)."""
+    norm = {v: normalise(r, score) for v, r in raw.items()}
+    new = None
+    if hedge_lr is not None:
+        rewards = win_rate_rewards(norm, candidate_models, learners, self_votes)
+        eta = hedge_learning_rate(hedge_lr, len(learners), t, schedule)
+        new = hedge_update(weights, rewards, eta)
+    combined = combine(norm, new, None if self_votes else candidate_models)
+    return norm, new, combined, argmax_first(combined)
+
+
 def argmax_first(values: list[float]) -> int:
     """Index of the largest value; ties go to the earliest (drafter order)."""
     best = 0
