@@ -40,7 +40,7 @@ case "${1:-}" in
     # on the other members, so the pair's prior comes from the calibration above's counts
     .venv/bin/python - "$E/weights-ifbench-dev.json" "$E/weights-ifbench-dev-pair.json" <<'PY'
 import json, sys
-from specem_fast.weights import WeightBook, weights_from_accuracy
+from specem_fast.rounds.weights import WeightBook, weights_from_accuracy
 src = json.load(open(sys.argv[1]))
 cal = dict(src["calibration"])
 pair = ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"]

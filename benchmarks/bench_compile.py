@@ -36,7 +36,7 @@ def _sync(device: torch.device) -> None:
 
 def _fill(runner, batch: int, prefix: int, gen: torch.Generator) -> None:
     """Put a prefix of random tokens in slots 0..batch-1 (one forward)."""
-    from specem_fast.runtime import Run
+    from specem_fast.model.runner import Run
 
     for s in range(batch):
         runner.cache.crop(s, 0)
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         models = [str(make_tiny_model_dir(Path(tmp.name), "llama", "smollm2-135m-instruct"))]
         batches, prefixes, args.rounds, args.window = [1, 2], [16], 2, 4
     else:
-        from specem_fast.registry import DEFAULT_MODELS
+        from specem_fast.hub.registry import DEFAULT_MODELS
 
         models = args.models.split(",") if args.models else [m.name for m in DEFAULT_MODELS]
     rows = []

@@ -32,7 +32,7 @@ import torch
 
 from specem_fast import Ensemble
 from specem_fast.measure.datasets import load_gsm8k
-from specem_fast.registry import DEFAULT_MODELS
+from specem_fast.hub.registry import DEFAULT_MODELS
 
 PHASES = ("draft", "verify", "commit")
 BUILD = dict(cache_tokens=1024)

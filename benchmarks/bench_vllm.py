@@ -41,12 +41,12 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from specem_fast import Ensemble  # noqa: E402
 from specem_fast.config import EngineConfig  # noqa: E402
-from specem_fast.fetch import model_dir  # noqa: E402
-from specem_fast.kv_cache import KVCacheManager  # noqa: E402
-from specem_fast.local_member import LocalMember  # noqa: E402
-from specem_fast.member import CommitCall, DraftCall, OpenCall, VerifyCall  # noqa: E402
-from specem_fast.runtime import ModelRunner  # noqa: E402
-from specem_fast.vllm_member import VLLMMember  # noqa: E402
+from specem_fast.hub.fetch import model_dir  # noqa: E402
+from specem_fast.model.kv_cache import KVCacheManager  # noqa: E402
+from specem_fast.members.local.member import LocalMember  # noqa: E402
+from specem_fast.members.interface import CommitCall, DraftCall, OpenCall, VerifyCall  # noqa: E402
+from specem_fast.model.runner import ModelRunner  # noqa: E402
+from specem_fast.members.vllm import VLLMMember  # noqa: E402
 
 SMOL, OTHER = "smollm2-135m-instruct", "gemma3-270m"
 TEXT = ("The history of the river begins in the mountains, where snow melts each spring and feeds a "

@@ -118,7 +118,7 @@ def _num(x) -> str:
 def build(out: Path) -> None:
     """config.json (real shapes, the tokenizer model's bos/eos) and tokenizer files; no weights."""
     sys.path.insert(0, str(ROOT))
-    from specem_fast.fetch import model_dir
+    from specem_fast.hub.fetch import model_dir
 
     for name, (tok_from, cfg) in REAL.items():
         src = model_dir(tok_from)
@@ -291,7 +291,7 @@ class Bench:
 
     def runners(self, compile: bool = False) -> dict:
         """One runner per member around its built model (each ensemble re-attaches their caches)."""
-        from specem_fast.runtime import ModelRunner
+        from specem_fast.model.runner import ModelRunner
 
         if compile not in self._runners:
             self._runners[compile] = {
@@ -307,9 +307,9 @@ class Bench:
     # 0. members
     def build(self) -> None:
         torch = self.torch
-        from specem_fast.modeling.args import ModelArgs
-        from specem_fast.modeling.loader import random_transformer, read_config
-        from specem_fast.text import TextCodec
+        from specem_fast.model.modeling.args import ModelArgs
+        from specem_fast.model.modeling.loader import random_transformer, read_config
+        from specem_fast.model.text import TextCodec
 
         rows = []
         for i, (name, folder) in enumerate(self.folders.items()):
@@ -495,7 +495,7 @@ class Bench:
     # 4. compile
     @section("compile")
     def compiled(self) -> None:
-        from specem_fast.decode_step import compile_problem
+        from specem_fast.model.decode_step import compile_problem
 
         say(f"\n## compile=True (torch.compile of the draft step{'' if self.smoke else ' + CUDA graphs'})")
         problem = compile_problem(self.torch.device(self.dev))
@@ -589,7 +589,7 @@ def run(folders: list[Path], a) -> int:
     import triton
 
     if a.cpu_smoke:
-        from specem_fast import decode_step
+        from specem_fast.model import decode_step
 
         torch.set_num_threads(1)
         # the compile section's logic (padded buckets, sink writes) without the C++ compile time

@@ -7,7 +7,7 @@ rule. The trace keeps every verifier's mean log-prob of every candidate and each
 candidate's length in that verifier's tokens, so a selection rule (a subset of
 drafters and verifiers, mean or summed log-probs, with or without self-votes,
 uniform or prior weights) can be applied to the recorded scores with the engine's
-own functions (`specem_fast.scoring`) instead of drafting everything again. The
+own functions (`specem_fast.rounds.scoring`) instead of drafting everything again. The
 rule the run itself used must reproduce the engine's winners; this is checked
 and printed.
 
@@ -35,10 +35,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from specem_fast import scoring
+from specem_fast.rounds import scoring
 from specem_fast.measure.datasets import HELD_OUT, load_items
 from specem_fast.measure.evaluate import ENSEMBLE, FORMAT, score_output
-from specem_fast.weights import WeightBook, read_weights_file
+from specem_fast.rounds.weights import WeightBook, read_weights_file
 
 
 @dataclass

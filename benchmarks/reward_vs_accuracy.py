@@ -20,7 +20,7 @@ import argparse
 import json
 from collections import defaultdict
 
-from specem_fast import scoring
+from specem_fast.rounds import scoring
 from specem_fast.measure.stats import accuracy, mean
 from specem_fast.measure.trace import read_trace
 

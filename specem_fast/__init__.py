@@ -2,16 +2,16 @@
 
 import importlib
 
-from .config import EngineConfig, GenerationSettings
-from .errors import QueueFullError, RequestCancelled, SpecEMError
-from .results import Candidate, GenerationResult, RoundRecord, SingleResult
+from specem_fast.config import EngineConfig, GenerationSettings
+from specem_fast.errors import QueueFullError, RequestCancelled, SpecEMError
+from specem_fast.results import Candidate, GenerationResult, RoundRecord, SingleResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 # Keep `import specem_fast` light (torch loads on first use) and keep the package root
 # out of the layering: the faces are imported by name on first access.
-_LAZY = {"Ensemble": ".ensemble", "Segment": ".release", "AsyncEnsemble": ".aio"}
+_LAZY = {"Ensemble": ".api.ensemble", "Segment": ".api.streaming", "AsyncEnsemble": ".api.aio"}
 
 
 def __getattr__(name):

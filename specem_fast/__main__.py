@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from specem_fast.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from .errors import SpecEMError
+from specem_fast.errors import SpecEMError
 
 # logprob: mean log-prob of a candidate's tokens (default); logit: mean raw logit (the reference
 # code); logprob_sum: summed log-prob (the candidate's probability: favours shorter candidates)
@@ -42,7 +42,7 @@ class GenerationSettings:
 
     ``hedge_lr=None`` switches the online weights off (candidates' scores are
     summed unweighted). ``hedge_schedule`` sets the Hedge learning rate of
-    round t (see :func:`specem_fast.scoring.hedge_learning_rate`); "reference"
+    round t (see :func:`specem_fast.rounds.scoring.hedge_learning_rate`); "reference"
     is ``hedge_lr / 10 * sqrt(1/K) / t`` as in the reference implementation.
 
     Quality options (all off by default, which is the reference method):

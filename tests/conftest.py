@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from specem_fast.fetch import is_ready, model_dir  # noqa: E402
-from specem_fast.registry import DEFAULT_MODELS  # noqa: E402
+from specem_fast.hub.fetch import is_ready, model_dir  # noqa: E402
+from specem_fast.hub.registry import DEFAULT_MODELS  # noqa: E402
 
 DEFAULT_NAMES = [m.name for m in DEFAULT_MODELS]
 
@@ -19,7 +19,7 @@ DEFAULT_NAMES = [m.name for m in DEFAULT_MODELS]
 def _float32_by_default():
     """The exactness tests compare float32 runs; a CPU with native bf16 would make
     bfloat16 the default dtype (tested on its own in test_hardening/test_engine)."""
-    from specem_fast import runtime
+    from specem_fast.model import runner as runtime
 
     real = runtime.cpu_has_native_bf16
     runtime.cpu_has_native_bf16 = lambda *a, **k: False

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from specem_fast.fetch import model_dir
+from specem_fast.hub.fetch import model_dir
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from ..errors import SpecEMError
+from specem_fast.errors import SpecEMError
 
 SUBCOMMANDS = ("generate", "serve", "models", "bench", "eval", "calibrate", "plot")
 

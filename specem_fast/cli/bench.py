@@ -6,8 +6,8 @@ import argparse
 import shlex
 import sys
 
-from ..errors import SpecEMError
-from .options import add_generation_args, add_model_args, load_ensemble, settings_from_args
+from specem_fast.errors import SpecEMError
+from specem_fast.cli.options import add_generation_args, add_model_args, load_ensemble, settings_from_args
 
 HELP = "measure speed: ensemble cached vs recompute vs each model alone"
 
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..measure.bench import BenchPlan, format_bench, parse_lengths, run_bench, write_report
+    from specem_fast.measure.bench import BenchPlan, format_bench, parse_lengths, run_bench, write_report
 
     settings = settings_from_args(args, seed=args.seed)
     plan = BenchPlan(

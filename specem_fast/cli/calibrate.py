@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import SpecEMError
-from .options import add_generation_args, add_model_args, check_writable, load_ensemble, settings_from_args
+from specem_fast.errors import SpecEMError
+from specem_fast.cli.options import add_generation_args, add_model_args, check_writable, load_ensemble, settings_from_args
 
 HELP = "measure each member alone on a development split and write prior weights from their accuracy"
 
@@ -47,11 +47,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..measure.datasets import load_items
-    from ..measure.evaluate import run_eval
-    from ..weights import weights_from_accuracy
+    from specem_fast.measure.datasets import load_items
+    from specem_fast.measure.evaluate import run_eval
+    from specem_fast.rounds.weights import weights_from_accuracy
 
-    from ..measure.datasets import DEV_SPLITS
+    from specem_fast.measure.datasets import DEV_SPLITS
 
     skip, limit = DEV_SPLITS.get(args.data.lower(), (0, 100))
     args.skip = skip if args.skip is None else args.skip

@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from ..errors import SpecEMError
-from .options import add_generation_args, add_model_args, check_writable, csv_list, load_ensemble, settings_from_args
+from specem_fast.errors import SpecEMError
+from specem_fast.cli.options import add_generation_args, add_model_args, check_writable, csv_list, load_ensemble, settings_from_args
 
 HELP = "evaluate the ensemble and each member alone on gsm8k, gpqa, ifbench or a JSONL file"
 
@@ -63,8 +63,8 @@ def default_out(data: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..measure.datasets import load_items
-    from ..measure.evaluate import ENSEMBLE, format_summary, run_eval
+    from specem_fast.measure.datasets import load_items
+    from specem_fast.measure.evaluate import ENSEMBLE, format_summary, run_eval
 
     if args.limit is not None and args.limit < 1:
         raise SpecEMError(f"--limit must be >= 1 (got {args.limit})")

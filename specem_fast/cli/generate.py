@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-from ..config import check_text
-from ..errors import SpecEMError
-from .options import add_generation_args, add_model_args, check_writable, load_ensemble, settings_from_args
+from specem_fast.config import check_text
+from specem_fast.errors import SpecEMError
+from specem_fast.cli.options import add_generation_args, add_model_args, check_writable, load_ensemble, settings_from_args
 
 
 def register(sub) -> None:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             out.write(f"\x1b[2m[{ev.model}]\x1b[0m{ev.text}" if out.isatty() else ev.text)
             out.flush()
     if args.trace:
-        from ..measure.trace import write_trace
+        from specem_fast.measure.trace import write_trace
 
         write_trace(args.trace, [result])
     if args.save_weights:

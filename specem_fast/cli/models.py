@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import SpecEMError
-from ..fetch import fetch_models, home_dir, is_ready, model_dir, repair_hint, verify_model
-from ..registry import DEFAULT_MODELS, model_names
+from specem_fast.errors import SpecEMError
+from specem_fast.hub.fetch import fetch_models, home_dir, is_ready, model_dir, repair_hint, verify_model
+from specem_fast.hub.registry import DEFAULT_MODELS, model_names
 
 
 def _list(args: argparse.Namespace) -> int:

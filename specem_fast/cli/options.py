@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import HEDGE_SCHEDULES, INIT_WEIGHTS, PRESET_CHOICES, RUN_MODES, SCORE_MODES, GenerationSettings
-from ..errors import SpecEMError
+from specem_fast.config import HEDGE_SCHEDULES, INIT_WEIGHTS, PRESET_CHOICES, RUN_MODES, SCORE_MODES, GenerationSettings
+from specem_fast.errors import SpecEMError
 
 
 def csv_list(text: str) -> list[str]:
@@ -137,7 +137,7 @@ def settings_from_args(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]
             raise SpecEMError("--preset recommended starts from prior weights: give --weights FILE "
                               "(see `specem-fast calibrate`), or use --preset reference")
     if getattr(args, "weights", None):
-        from ..weights import read_weights_file
+        from specem_fast.rounds.weights import read_weights_file
 
         read_weights_file(args.weights)  # a bad file is an error before any model loads
     return over
@@ -161,8 +161,8 @@ def check_writable(path: str | None, option: str) -> None:
 
 
 def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int = 256):
-    from .. import Ensemble
-    from ..registry import DEFAULT_MODELS
+    from specem_fast import Ensemble
+    from specem_fast.hub.registry import DEFAULT_MODELS
 
     models = args.models or [m.name for m in DEFAULT_MODELS]
     # one request at a time: per-item timings and seeds stay exact

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..measure.plot import plot_file
+    from specem_fast.measure.plot import plot_file
 
     for f in args.files:
         for path in plot_file(f, args.out_dir):

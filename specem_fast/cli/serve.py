@@ -9,8 +9,8 @@ import signal
 import socket
 import sys
 
-from ..errors import SpecEMError
-from .options import add_generation_args, add_model_args, load_ensemble, settings_from_args
+from specem_fast.errors import SpecEMError
+from specem_fast.cli.options import add_generation_args, add_model_args, load_ensemble, settings_from_args
 
 
 # the fewest tokens a prompt must be allowed (a chat template alone takes about this many)
@@ -70,7 +70,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def _check_budget(args: argparse.Namespace, defaults) -> None:
     """A --cache-tokens that leaves no room for a prompt at the default window is refused
     before any model loads (each round needs drafters x (window + 4) tokens of it)."""
-    from ..registry import DEFAULT_MODELS
+    from specem_fast.hub.registry import DEFAULT_MODELS
 
     k = len(args.models or DEFAULT_MODELS)
     room = k * (defaults.window + 4)
@@ -109,7 +109,7 @@ def _server(uvicorn, app, args: argparse.Namespace, backstop: float):
 
 def _profile_args(args: argparse.Namespace) -> dict[str, str]:
     """--profile NAME=WEIGHTS, checked before any model loads."""
-    from ..weights import read_weights_file
+    from specem_fast.rounds.weights import read_weights_file
 
     out: dict[str, str] = {}
     for spec in args.profile or []:
@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server import create_app
-        from ..server.background import SHUTDOWN_BACKSTOP
+        from specem_fast.server import create_app
+        from specem_fast.server.background import SHUTDOWN_BACKSTOP
     except ImportError as exc:
         raise SpecEMError(f"serving needs the serve extra ({exc.name} is not installed): "
                           "pip install 'specem-fast[serve]'") from None
-    from ..config import GenerationSettings
+    from specem_fast.config import GenerationSettings
 
     _check_args(args)
     overrides = settings_from_args(args)

@@ -7,6 +7,6 @@ Modules: ``datasets`` (offline data sets), ``answers`` (answer extraction),
 directly; this package imports nothing heavy.
 """
 
-from .trace import write_trace
+from specem_fast.measure.trace import write_trace
 
 __all__ = ["write_trace"]

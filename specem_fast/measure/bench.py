@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import GenerationSettings
-from ..errors import CacheFullError, SpecEMError
-from .stats import median
-from .trace import write_trace
+from specem_fast.config import GenerationSettings
+from specem_fast.errors import CacheFullError, SpecEMError
+from specem_fast.measure.stats import median
+from specem_fast.measure.trace import write_trace
 
 __all__ = ["BenchPlan", "run_bench", "build_prompt", "format_bench", "parse_lengths", "FORMAT"]
 
@@ -107,7 +107,7 @@ def parse_lengths(text: str) -> list[str | int]:
 def _problems() -> tuple[list[str], str]:
     """GSM8K questions in file order, or a synthetic fallback when not installed."""
     try:
-        from .datasets import load_gsm8k
+        from specem_fast.measure.datasets import load_gsm8k
 
         return [it.meta["question"].strip() for it in load_gsm8k()], "gsm8k"
     except SpecEMError:

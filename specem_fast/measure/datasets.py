@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpecEMError
-from .answers import answer_kind, gsm8k_reference
+from specem_fast.errors import SpecEMError
+from specem_fast.measure.answers import answer_kind, gsm8k_reference
 
 __all__ = [
     "EvalItem",

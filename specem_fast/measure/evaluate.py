@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import GenerationSettings
-from ..errors import SpecEMError
-from .answers import grade
-from .datasets import EvalItem
-from .ifbench import check_instructions
-from .stats import accuracy, mean
-from .trace import check_appendable, repair_jsonl_tail, write_trace
+from specem_fast.config import GenerationSettings
+from specem_fast.errors import SpecEMError
+from specem_fast.measure.answers import grade
+from specem_fast.measure.datasets import EvalItem
+from specem_fast.measure.ifbench import check_instructions
+from specem_fast.measure.stats import accuracy, mean
+from specem_fast.measure.trace import check_appendable, repair_jsonl_tail, write_trace
 
 __all__ = ["ENSEMBLE", "FORMAT", "ResultsFile", "run_eval", "summarize", "format_summary", "summary_path_for"]
 

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpecEMError
-from .trace import iter_requests, read_trace
+from specem_fast.errors import SpecEMError
+from specem_fast.measure.trace import iter_requests, read_trace
 
 __all__ = ["plot_trace", "plot_bench", "plot_file"]
 

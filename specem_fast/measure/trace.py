@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ..errors import SpecEMError
+from specem_fast.errors import SpecEMError
 
 __all__ = ["write_trace", "trace_lines", "read_trace", "iter_requests", "repair_jsonl_tail", "check_appendable"]
 

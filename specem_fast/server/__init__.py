@@ -5,9 +5,9 @@ fastapi, uvicorn, prometheus-client).
 with uvicorn.
 """
 
-from .app import create_app
-from .background import BackgroundServer
-from .errors import APIError
-from .middleware import DEFAULT_MAX_BODY_BYTES
+from specem_fast.server.app import create_app
+from specem_fast.server.background import BackgroundServer
+from specem_fast.server.errors import APIError
+from specem_fast.server.middleware import DEFAULT_MAX_BODY_BYTES
 
 __all__ = ["APIError", "BackgroundServer", "DEFAULT_MAX_BODY_BYTES", "create_app"]

@@ -22,12 +22,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import GenerationSettings
-from .errors import APIError, validation_error
-from .metrics import CONTENT_TYPE_LATEST
-from .middleware import DEFAULT_MAX_BODY_BYTES, ApiKey, BodyLimit
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .service import Service
+from specem_fast.config import GenerationSettings
+from specem_fast.server.errors import APIError, validation_error
+from specem_fast.server.metrics import CONTENT_TYPE_LATEST
+from specem_fast.server.middleware import DEFAULT_MAX_BODY_BYTES, ApiKey, BodyLimit
+from specem_fast.server.protocol import ChatCompletionRequest, CompletionRequest
+from specem_fast.server.service import Service
 
 
 def _add_error_handlers(app: FastAPI, svc: Service) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from ..errors import CacheFullError, SpecEMError
-from .protocol import ENSEMBLE_FIELDS
+from specem_fast.errors import CacheFullError, SpecEMError
+from specem_fast.server.protocol import ENSEMBLE_FIELDS
 
 # engine stop reasons -> OpenAI finish_reason (the engine's own goes in "engine_stop_reason")
 FINISH_REASON = {"stop": "stop", "stop_string": "stop", "fast_eos": "stop", "empty": "stop",

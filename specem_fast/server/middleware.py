@@ -6,7 +6,7 @@ import hmac
 import time
 from typing import Callable
 
-from .errors import APIError
+from specem_fast.server.errors import APIError
 
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 # A refused body is still read (and dropped) up to this much or this long, so a client that

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..config import HEDGE_SCHEDULES, INIT_WEIGHTS, MAX_SEED, RUN_MODES, SCORE_MODES
+from specem_fast.config import HEDGE_SCHEDULES, INIT_WEIGHTS, MAX_SEED, RUN_MODES, SCORE_MODES
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # NaN, Infinity: "finite number"
 

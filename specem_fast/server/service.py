@@ -27,15 +27,15 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..aio import AsyncEnsemble, AsyncRequest
-from ..config import GenerationSettings, check_text
-from ..errors import QueueFullError, RequestCancelled, SpecEMError
-from ..results import GenerationResult, RoundRecord
-from ..text import StopPrefixes
-from .errors import FINISH_REASON, APIError, engine_error
-from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest
-from .sse import EventStream
+from specem_fast.api.aio import AsyncEnsemble, AsyncRequest
+from specem_fast.config import GenerationSettings, check_text
+from specem_fast.errors import QueueFullError, RequestCancelled, SpecEMError
+from specem_fast.results import GenerationResult, RoundRecord
+from specem_fast.model.text import StopPrefixes
+from specem_fast.server.errors import FINISH_REASON, APIError, engine_error
+from specem_fast.server.metrics import ServerMetrics
+from specem_fast.server.protocol import ChatCompletionRequest, CompletionRequest
+from specem_fast.server.sse import EventStream
 
 log = logging.getLogger("specem_fast.server")
 

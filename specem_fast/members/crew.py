@@ -1,0 +1,72 @@
+"""Members called together: the crew the round executor talks to.
+
+Each member's work of a round runs on its worker of a :class:`MemberPool`:
+local members side by side across devices (or a CPU's cores), each member in
+another process or behind an HTTP endpoint on a thread of its own, so a round
+costs about the slowest member's time. Local verifiers that share a device are
+scored in one launch (the cross-model single pass); any other member verifies
+through its own ``verify``. Members of different kinds mix freely.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from specem_fast.members.local.member import LocalMember
+from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, Member, OpenCall, VerifyCall, VerifyOut
+from specem_fast.members.pool import MemberPool
+from specem_fast.model.runner import score_all
+
+
+class MemberCrew:
+    def __init__(self, members: dict[str, Member], parallel: str = "auto"):
+        self.members = members
+        local = [m.runner for m in members.values() if isinstance(m, LocalMember)]
+        interpreted = any(r.triton and r.device.type == "cpu" for r in local)
+        devices = {n: m.runner.device if isinstance(m, LocalMember) else None for n, m in members.items()}
+        self.pool = MemberPool(devices, parallel, interpreted)
+
+    def open(self, calls: dict[str, list[OpenCall]]) -> None:
+        names = [m for m, cs in calls.items() if cs]
+        self.pool.map(lambda m: self.members[m].open(calls[m]), names)
+
+    def draft(self, calls: dict[str, list[DraftCall]]) -> dict[str, list[DraftOut]]:
+        names = [m for m, cs in calls.items() if cs]
+        return dict(zip(names, self.pool.map(lambda m: self.members[m].draft(calls[m]), names)))
+
+    def verify(self, calls: dict[str, list[VerifyCall]]) -> dict[str, list[VerifyOut]]:
+        names = [m for m, cs in calls.items() if cs]
+        laid = self.pool.map(lambda m: self._verify_or_lay_out(m, calls[m]), names)
+        local = [i for i, (kind, out) in enumerate(laid) if kind == "laid" and out[1] is not None]
+        scores = dict(zip(local, score_all([self.members[names[i]].runner for i in local],
+                                           [laid[i][1][1] for i in local])))
+        result = {}
+        for i, (m, (kind, out)) in enumerate(zip(names, laid)):
+            result[m] = LocalMember.scores_out(out[0], scores.get(i)) if kind == "laid" else out
+        return result
+
+    def _verify_or_lay_out(self, m: str, calls: list[VerifyCall]) -> tuple[str, object]:
+        member = self.members[m]
+        if isinstance(member, LocalMember):  # scored below, together with the device's other verifiers
+            return "laid", member.lay_out(calls)
+        return "verified", member.verify(calls)
+
+    def commit(self, calls: dict[str, list[CommitCall]]) -> dict[str, list[tuple[int, ...]]]:
+        names = [m for m, cs in calls.items() if cs]
+        return dict(zip(names, self.pool.map(lambda m: self.members[m].commit(calls[m]), names)))
+
+    def close(self, requests: Sequence[int]) -> None:
+        """Every member forgets the requests; one member's failure does not keep the others' state."""
+        errors = []
+        for m in self.members.values():
+            try:
+                m.close(requests)
+            except Exception as exc:  # noqa: BLE001 - raised after every member was told
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def shutdown(self) -> None:
+        self.pool.close()
+        for m in self.members.values():
+            m.shutdown()

@@ -1,0 +1,213 @@
+"""Load a Hugging Face folder (config.json + safetensors) into our Transformer.
+
+The folder is untrusted input: every safetensors header is checked before the
+library reads it, every tensor must have the shape config.json implies, the
+checkpoint may hold no layer or tensor the config does not describe, and every
+weight must be finite. Each problem is a SpecEMError naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from specem_fast.errors import SpecEMError
+from specem_fast.model.modeling.args import ModelArgs
+from specem_fast.model.modeling.transformer import RMSNorm, Transformer
+
+_PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
+_MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
+_MARKER = "specem_fast.json"  # written by `models fetch` (see fetch.py)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def fix_hint(folder: Path) -> str:
+    """How to repair a broken folder: fetch again if we converted it, else re-save it."""
+    marker = folder / _MARKER
+    if marker.is_file():
+        try:
+            name = json.loads(marker.read_text(encoding="utf-8")).get("name") or folder.name
+        except (OSError, ValueError, AttributeError):
+            name = folder.name
+        return f"run `specem-fast models fetch --force {name}` to convert it again"
+    return "re-save the model with save_pretrained(..., safe_serialization=True)"
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SpecEMError(f"{folder} has no config.json; point to a Hugging Face model folder")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecEMError(f"{path} is not valid JSON ({exc}); {fix_hint(folder)}") from None
+    if not isinstance(cfg, dict):
+        raise SpecEMError(
+            f"{path} holds a JSON {type(cfg).__name__}, not an object of settings; {fix_hint(folder)}"
+        )
+    return cfg
+
+
+def check_safetensors(path: Path, fix: str) -> dict:
+    """Check a safetensors file's framing and return its header; never trust the library with a bad one."""
+    size = path.stat().st_size
+    if size < 8:
+        raise SpecEMError(f"{path} is truncated ({size} bytes, too short for a safetensors header); {fix}")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > _MAX_HEADER:
+            raise SpecEMError(
+                f"{path} declares a {n}-byte header, more than safetensors allows ({_MAX_HEADER}): "
+                f"the file is damaged or not safetensors; {fix}"
+            )
+        if 8 + n > size:
+            raise SpecEMError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}; {fix}")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SpecEMError(f"{path} has a damaged header (not JSON): the file is damaged or not safetensors; {fix}") from None
+    if not isinstance(header, dict):
+        raise SpecEMError(f"{path} has a damaged header (not a JSON object); {fix}")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise SpecEMError(f"{path} has a damaged header entry for {key!r}; {fix}")
+        end = max(end, offsets[1])
+    data = size - 8 - n
+    if data != end:
+        what = "truncated" if data < end else "longer than its header describes"
+        raise SpecEMError(f"{path} is {what}: its tensors need {end} bytes after the header, it has {data}; {fix}")
+    return header
+
+
+def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg: dict | None = None) -> Transformer:
+    cfg = cfg if cfg is not None else read_config(folder)
+    args = ModelArgs.from_hf_config(cfg)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SpecEMError(f"{folder} has no *.safetensors weights; save the model with safetensors")
+    fix = fix_hint(folder)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        check_safetensors(f, fix)
+        try:
+            sf_ctx = safe_open(str(f), framework="pt", device="cpu")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise SpecEMError(f"{f} cannot be read as safetensors ({exc}); {fix}") from None
+        with sf_ctx as sf:
+            for key in sf.keys():
+                name = _normalise(key)
+                if name is None:
+                    continue  # a multimodal checkpoint's vision tower
+                if name not in expected:
+                    _unexpected(folder, key, name, args, files)
+                    continue
+                shape = tuple(sf.get_slice(key).get_shape())
+                if shape != expected[name]:
+                    raise SpecEMError(
+                        f"{folder}: tensor {key} has shape {list(shape)} but config.json implies "
+                        f"{list(expected[name])}; config.json does not belong to these weights ({fix})"
+                    )
+                state[name] = _finite(sf.get_tensor(key), key, folder, dtype, fix)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise SpecEMError(
+            f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]}); "
+            "is this a complete checkpoint of a supported architecture?"
+        )
+    model.load_state_dict(state, assign=True, strict=True)
+    model.to(device)
+    model.inv_freqs = [(inv.to(device), scaling) for inv, scaling in model.inv_freqs]
+    return model.eval().requires_grad_(False)
+
+
+def random_transformer(args: ModelArgs, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                       std: float = 0.02) -> Transformer:
+    """A model of ``args``'s shapes with random weights made on ``device`` in ``dtype``.
+
+    For speed measurements at real shapes, where the weights do not matter: no file
+    is read and no float32 copy is made (the skeleton is built on the meta device,
+    cast there, then filled in place). Linear and embedding weights are N(0, std),
+    biases 0, norms the identity.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, RMSNorm):
+                mod.weight.fill_(0.0 if mod.plus_one else 1.0)
+            elif isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+                mod.weight.normal_(0.0, std, generator=gen)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.zero_()
+    model.inv_freqs = [(inv.to(device), scaling) for inv, scaling in model.inv_freqs]
+    return model.eval().requires_grad_(False)
+
+
+def _unexpected(folder: Path, key: str, name: str, args: ModelArgs, files: list[Path]) -> None:
+    """A checkpoint tensor our model has no place for: allowed only where it is a known redundancy."""
+    if name == "lm_head.weight" and args.tie_embeddings:
+        return  # a tied checkpoint that also saved the head
+    if name.endswith("rotary_emb.inv_freq"):
+        return  # a buffer older transformers saved; we compute it
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= args.num_layers:
+        layers = 1 + max(
+            int(x.group(1))
+            for f in files
+            for x in map(_LAYER.match, _keys(f))
+            if x
+        )
+        raise SpecEMError(
+            f"{folder}: the weights have {layers} layers but config.json says num_hidden_layers="
+            f"{args.num_layers}; loading would silently drop layers: fix num_hidden_layers in config.json"
+        )
+    raise SpecEMError(
+        f"{folder}: the weights hold {key}, which config.json does not describe (e.g. attention_bias, "
+        "tie_word_embeddings or the model type disagree with the checkpoint); fix config.json to match the weights"
+    )
+
+
+def _keys(f: Path) -> list[str]:
+    with safe_open(str(f), framework="pt", device="cpu") as sf:
+        return [k for k in (_normalise(k) for k in sf.keys()) if k]
+
+
+def _finite(t: torch.Tensor, key: str, folder: Path, dtype: torch.dtype, fix: str) -> torch.Tensor:
+    """The tensor in ``dtype``; NaN/inf in the file, or values ``dtype`` cannot hold, are refused."""
+    if not t.is_floating_point():
+        raise SpecEMError(f"{folder}: tensor {key} holds {t.dtype} values, not floating point weights; {fix}")
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise SpecEMError(f"{folder}: tensor {key} holds {bad} NaN/inf values: the weights are damaged; {fix}")
+    out = t.to(dtype)
+    if out.dtype != t.dtype and not bool(torch.isfinite(out).all()):
+        raise SpecEMError(
+            f"{folder}: tensor {key} has values beyond the range of {str(dtype)[6:]}; load the model in "
+            "bfloat16 or float32 (--dtype / dtype=)"
+        )
+    return out
+
+
+def _normalise(key: str) -> str | None:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            key = "model." + key[len(p) :]
+            break
+    if key.startswith(("model.vision", "model.multi_modal", "vision_tower", "multi_modal_projector")):
+        return None
+    return key
