@@ -131,24 +131,28 @@ def variants(quick: bool):
             dict(tab_ptr=i64, seg_starts_ptr=i32, off_dtype_ptr=i64, G=3),
             dict(NF=ss._GROUP_FIELDS, BLOCK_G=4, BLOCK_T=16, BLOCK_S=32), 4, 1))
 
-    def attn(dt, d, group, split, window, lse=True):
+    def attn(dt, d, group, split, window, lse=True, cap=False):
         cfg = ba._default_config(d, torch.device("cuda"), dt)
         args = dict(q_ptr=dt, k_ptr=dt, v_ptr=dt, o_ptr=dt, lse_ptr=f32, po_ptr=f32, pm_ptr=f32, pl_ptr=f32,
                     order_ptr=i32, bstart_ptr=i32, bcount_ptr=i32, slot_ptr=i64, qpos_ptr=i64, plen_ptr=i64,
-                    bst_ptr=i64, qk_scale=0.1, window=512, T=60, Hq=8 * group, Lmax=8192, D=d, num_splits=4,
+                    bst_ptr=i64, qk_scale=0.1, softcap=50.0, window=512, T=60, Hq=8 * group, Lmax=8192, D=d, num_splits=4,
                     stride_qt=8 * group * d, stride_qh=d, stride_ks=8 * 8192 * d, stride_kh=8192 * d, stride_kl=d,
                     stride_vs=8 * 8192 * d, stride_vh=8192 * d, stride_vl=d, stride_ot=8 * group * d, stride_oh=d)
         cx = dict(GROUP=group, BLOCK_R=max(cfg.block_r, 16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=max(16, d),
-                  HAS_WINDOW=window, SPLIT=split, RETURN_LSE=lse, UPCAST=False,
+                  HAS_WINDOW=window, HAS_SOFTCAP=cap, SPLIT=split, RETURN_LSE=lse, UPCAST=False,
                   PRECISION="ieee" if dt == f32 else "tf32")
-        name = f"attn {_TY[dt]} D={d} G={group}{' split' if split else ''}{' window' if window else ''}"
+        name = (f"attn {_TY[dt]} D={d} G={group}{' split' if split else ''}{' window' if window else ''}"
+                f"{' softcap' if cap else ''}")
         return name, ba._branch_attn_kernel, args, cx, cfg.num_warps, cfg.num_stages
 
-    out += [attn(bf16, 128, 4, True, False), attn(bf16, 256, 4, False, True)]
+    out += [attn(bf16, 128, 4, True, False), attn(bf16, 256, 4, False, True),
+            attn(bf16, 256, 2, True, True, cap=True)]  # Gemma-2: soft-capping, sliding window
     if not quick:
         out += [attn(bf16, 64, 3, False, False), attn(bf16, 64, 7, True, False), attn(bf16, 128, 4, False, False),
                 attn(bf16, 256, 4, True, True), attn(f16, 128, 4, True, False), attn(bf16, 64, 16, True, True),
-                attn(f32, 64, 4, True, False), attn(f32, 128, 4, False, False), attn(f32, 256, 4, True, True)]
+                attn(f32, 64, 4, True, False), attn(f32, 128, 4, False, False), attn(f32, 256, 4, True, True),
+                attn(bf16, 256, 2, False, False, cap=True), attn(bf16, 128, 2, True, False, cap=True),
+                attn(f16, 256, 2, False, True, cap=True), attn(f32, 256, 2, True, True, cap=True)]
     out.append((
         "attn merge D=128", ba._branch_merge_kernel,
         dict(po_ptr=f32, pm_ptr=f32, pl_ptr=f32, o_ptr=bf16, lse_ptr=f32, T=60, Hq=32, D=128, num_splits=8,

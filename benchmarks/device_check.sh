@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, for a session that is lent a device machine:
 #   1. kernels: benchmarks/gpu_check.py --no-timing: every kernel vs fp64 references
-#      (writes $OUT/gpu_check.md); GPU_CHECK_ARGS= (empty) adds its timing table
+#      (writes $OUT/gpu_check.md), Gemma-2-style attention soft-capping included (branch
+#      kernel, decode attention, and the cascade where flash-attn imports);
+#      GPU_CHECK_ARGS= (empty) adds its timing table
 #      (kernel vs eager torch over many shapes, a few more minutes: run that step alone);
 #   2. engine: benchmarks/engine_cuda_check.py: the engine on CUDA with two tiny models;
 #   3. real_shapes: benchmarks/real_shapes.py: Qwen2.5-7B and Llama-3.1-8B shapes with

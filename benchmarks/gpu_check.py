@@ -13,6 +13,9 @@ installed, the kernels are imported from this checkout by path.
    paths (every default tile config, split counts, GQA groups, head_dim
    64/128/256, sliding window, ragged prefixes); where flash-attn imports,
    also cascade_attention (flash-attn prefix + our branch kernel + merge).
+   Gemma-2-style attention logit soft-capping (head_dim 256, GQA 2, sliding
+   window 4096 and global layers) through branch_attention, cascade_attention
+   and decode_attention, with scores large enough that the cap matters.
    Exits 1 on any failure.
 2. Timing: copy bandwidth (-> LM-head read bound), then the issue's shapes,
    kernel vs eager torch, time and peak memory side by side (one table).
@@ -194,6 +197,81 @@ def check_cascade(K):
             say(f"  {'ok  ' if ok else 'FAIL'} {name} ({time.time() - t0:.1f}s incl. compile)")
 
 
+def check_softcap(K, ba_mod):
+    """Gemma-2-style attention soft-capping (``cap * tanh(scale * q.k / cap)``) in every attention path."""
+    say("attention soft-capping (gemma2-style) correctness")
+    cases = [  # prefixes, KW, Hq, Hkv, D, window, cap, config: Gemma-2-9B heads, local and global layers
+        ([700, 90], 40, 16, 8, 256, 4096, 10.0, None), ([3000], 50, 16, 8, 256, 0, 10.0, None),
+        ([5000], 30, 16, 8, 256, 4096, 50.0, None), ([1200], 20, 32, 16, 128, 0, 10.0, None),
+        ([900, 300], 30, 16, 8, 256, 0, 10.0, ba_mod.BranchAttentionConfig(64, 32, 8, 2, num_splits=3)),
+    ]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for pre, kw, hq, hkv, hd, win, cap, cfg in cases:
+            if dtype != torch.bfloat16 and len(pre) == 1 and cfg is None:
+                continue
+            pre = shrink(p=pre)[3]
+            kw = min(kw, 20) if SMOKE else kw
+            win = min(win, 40) if SMOKE else win
+            q, kc, vc, slot, qpos, plen, bstart = bk.make_attn_problem(pre, kw, hq, hkv, hd, dtype, DEV,
+                                                                       k=min(5, kw), seed=sum(pre) + 2)
+            q = (q.float() * 6).to(dtype)  # scores of a few times the cap: tanh bends them
+            scale = hd**-0.5
+            t0 = time.time()
+            o, lse = K.branch_attention(q, kc, vc, slot, qpos, plen, bstart, scale, win, return_lse=True,
+                                        config=cfg, softcap=cap)
+            sync()
+            args = (q.double(), kc.double(), vc.double(), slot, qpos, plen, bstart, scale, win)
+            ref = K.branch_attention_reference(*args, softcap=cap)
+            name = f"softcap attn {str(dtype)[6:]} pre={pre} KW={kw} H={hq}/{hkv} D={hd} win={win} cap={cap}"
+            ok = close(name, o, ref, ATTN_ATOL[dtype], 1e-2)
+            ok &= close(name + " lse", lse, K.branch_attention_lse_reference(q, kc, slot, qpos, plen, bstart, scale,
+                                                                             win, softcap=cap), 2e-3, 1e-4)
+            if (K.branch_attention_reference(*args) - ref).abs().max().item() < 0.05:
+                FAILS.append(f"{name}: the cap does not change the reference (check not discriminating)")
+                ok = False
+            say(f"  {'ok  ' if ok else 'FAIL'} {name} ({time.time() - t0:.1f}s incl. compile)")
+    # decode_attention (the compiled draft step's torch attention) with the cap
+    b, hq, hkv, hd, lmax = 4, 16, 8, 256, shrink(p=[600])[3][0]
+    g = torch.Generator(device=DEV).manual_seed(11)
+    kc = torch.randn(b, hkv, lmax, hd, generator=g, device=DEV).to(torch.bfloat16)
+    vc = torch.randn(b, hkv, lmax, hd, generator=g, device=DEV).to(torch.bfloat16)
+    q = (torch.randn(b, hq, hd, generator=g, device=DEV) * 6).to(torch.bfloat16)
+    slot = torch.arange(b, device=DEV).flip(0)
+    pos = torch.tensor([lmax - 1, 3, lmax // 2, 17], device=DEV)
+    for win in (0, 64):
+        o = K.decode_attention(q, kc, vc, slot, pos, torch.arange(lmax, device=DEV), hd**-0.5, win, softcap=10.0)
+        ref = K.branch_attention_reference(q.double(), kc.double(), vc.double(), slot, pos, pos, pos, hd**-0.5, win,
+                                           softcap=10.0)
+        ok = close(f"softcap decode bf16 win={win}", o, ref, ATTN_ATOL[torch.bfloat16], 1e-2)
+        say(f"  {'ok  ' if ok else 'FAIL'} softcap decode bfloat16 B={b} H={hq}/{hkv} D={hd} win={win} cap=10.0")
+    backend = K.prefix_backend()
+    if backend is None:
+        say("softcap cascade: flash-attn not installed here, NOT checked")
+        return
+    for dtype in backend.dtypes:
+        for pre, kw, hq, hkv, hd in (([700, 0, 129], 30, 16, 8, 256), ([3000], 50, 32, 16, 128)):
+            pre = shrink(p=pre)[3]
+            q, kc, vc, slot, qpos, plen, bstart = bk.make_attn_problem(pre, kw, hq, hkv, hd, dtype, DEV,
+                                                                       k=min(5, kw), seed=sum(pre) + 3)
+            q = (q.float() * 6).to(dtype)
+            scale = hd**-0.5
+            try:
+                o, lse = K.cascade_attention(q, kc, vc, slot, qpos, plen, bstart, scale, return_lse=True,
+                                             softcap=10.0)
+            except TypeError as e:  # a flash-attn build without the softcap argument (< 2.6)
+                FAILS.append(f"softcap cascade: {backend.name} refuses softcap ({e})")
+                say(f"  FAIL softcap cascade: {backend.name} refuses softcap ({e})")
+                return
+            sync()
+            ref = K.branch_attention_reference(q.double(), kc.double(), vc.double(), slot, qpos, plen, bstart, scale,
+                                               softcap=10.0)
+            name = f"softcap cascade {str(dtype)[6:]} pre={pre} KW={kw} H={hq}/{hkv} D={hd} cap=10.0"
+            ok = close(name, o, ref, ATTN_ATOL[dtype], 1e-2)
+            ok &= close(name + " lse", lse, K.branch_attention_lse_reference(q, kc, slot, qpos, plen, bstart, scale,
+                                                                             softcap=10.0), 2e-3, 1e-4)
+            say(f"  {'ok  ' if ok else 'FAIL'} {name}")
+
+
 def sweep(K, ss_mod, ba_mod):
     """A few tile configs for the two regimes (memory-bound small N, compute-bound large N)."""
     rows = []
@@ -262,7 +340,7 @@ def main(argv=None) -> int:
         cascade = sys.modules[K.__name__ + ".cascade"]
         cascade._backend = cascade.PrefixBackend("fp64 double", double.flash_attn_with_kvcache_double,
                                                  (torch.float16, torch.bfloat16))
-    for fn in (check_score, check_attn):
+    for fn in (check_score, check_attn, check_softcap):
         try:
             fn(K, ss_mod if fn is check_score else ba_mod)
         except Exception as e:  # noqa: BLE001 - a crash is a failure, keep going

@@ -23,6 +23,9 @@ Design (after FlashAttention / FlashInfer cascade attention):
 * fp32 accumulation; the output is in q's dtype; optionally returns the
   natural-log LSE per (token, head), ``[T, Hq]`` fp32, for merging with another
   attention over other keys (e.g. flash-attn over the prefix).
+* ``softcap`` (Gemma-2 attention logit soft-capping): each scaled score ``s``
+  becomes ``softcap * tanh(s / softcap)`` before masking; a constexpr variant,
+  so layers without it run the plain kernel.
 """
 
 from __future__ import annotations
@@ -50,10 +53,19 @@ POISON_SCRATCH = False
 if HAS_TRITON:
 
     @triton.jit
+    def _tanh(x):
+        # tanh from exp2 (the interpreter and every backend have it); exact at the tails
+        LOG2E: tl.constexpr = 1.4426950408889634
+        e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        return tl.where(x < 0, -t, t)
+
+    @triton.jit
     def _attn_tile(
         acc, m_i, l_i, q, k_base, v_base, n0, stride_kl, stride_vl, offs_d, d_mask, Lmax, a1, b0, b1,
-        pl, bs, qp, q_log, window, qk_scale,
-        HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        pl, bs, qp, q_log, window, qk_scale, cap_out,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         # Only keys some row of the block may see are loaded: cache entries past
@@ -64,6 +76,8 @@ if HAS_TRITON:
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if HAS_SOFTCAP:  # qk_scale = scale / softcap, cap_out = softcap * log2(e)
+            s = _tanh(s) * cap_out
         j = offs_n[None, :]
         in_prefix = j < pl[:, None]
         vis = in_prefix | ((j >= bs[:, None]) & (j <= qp[:, None]))
@@ -156,11 +170,11 @@ if HAS_TRITON:
     def _branch_attn_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr,
         order_ptr, bstart_ptr, bcount_ptr, slot_ptr, qpos_ptr, plen_ptr, bst_ptr,
-        qk_scale, window, T, Hq, Lmax, D, num_splits,
+        qk_scale, softcap, window, T, Hq, Lmax, D, num_splits,
         stride_qt, stride_qh, stride_ks, stride_kh, stride_kl, stride_vs, stride_vh, stride_vl,
         stride_ot, stride_oh,
         GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, RETURN_LSE: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -181,7 +195,12 @@ if HAS_TRITON:
             q = q.to(tl.float32)
         k_base = k_ptr + s_idx * stride_ks + kvh.to(tl.int64) * stride_kh
         v_base = v_ptr + s_idx * stride_vs + kvh.to(tl.int64) * stride_vh
-        qk_scale = qk_scale * LOG2E
+        if HAS_SOFTCAP:
+            cap_out = softcap * LOG2E
+            qk_scale = qk_scale / softcap
+        else:
+            cap_out = softcap
+            qk_scale = qk_scale * LOG2E
 
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         m_i = tl.full([BLOCK_R], -1.0e30, tl.float32)
@@ -189,12 +208,14 @@ if HAS_TRITON:
         for i in range(i0, tl.minimum(i1, nA)):
             acc, m_i, l_i = _attn_tile(
                 acc, m_i, l_i, q, k_base, v_base, A0 + i * BLOCK_N, stride_kl, stride_vl, offs_d, d_mask, Lmax,
-                a1, b0, b1, pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
+                a1, b0, b1, pl, bs, qp, q_log, window, qk_scale, cap_out, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N, UPCAST,
+                PRECISION,
             )
         for i in range(tl.maximum(i0, nA), i1):
             acc, m_i, l_i = _attn_tile(
                 acc, m_i, l_i, q, k_base, v_base, B0 + (i - nA) * BLOCK_N, stride_kl, stride_vl, offs_d, d_mask,
-                Lmax, a1, b0, b1, pl, bs, qp, q_log, window, qk_scale, HAS_WINDOW, BLOCK_N, UPCAST, PRECISION,
+                Lmax, a1, b0, b1, pl, bs, qp, q_log, window, qk_scale, cap_out, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
+                UPCAST, PRECISION,
             )
         _store_rows(
             acc, m_i, l_i, t, h, r_ok, offs_d, d_mask, o_ptr, lse_ptr, po_ptr, pm_ptr, pl_ptr, sp, T, Hq, D,
@@ -296,6 +317,15 @@ def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = to
 
 def _num_sms(device: torch.device) -> int:
     return num_sms(device, _interpreting())
+
+
+def _check_softcap(softcap) -> float:
+    """``softcap`` as a float, 0.0 when off (None or 0); refuses a negative, non-finite or non-number."""
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be None, 0 (off) or a positive finite number, got {softcap!r}")
+    return float(softcap)
 
 
 def _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window) -> None:
@@ -549,6 +579,7 @@ def branch_attention(
     out: torch.Tensor | None = None,
     config: BranchAttentionConfig | None = None,
     precision: str | None = None,
+    softcap: float | None = None,
 ):
     """Attention of packed query tokens over a slotted KV cache (Triton).
 
@@ -560,9 +591,11 @@ def branch_attention(
     avoids rebuilding the block table (and its device->host sync) per layer.
     ``return_lse=True`` returns ``(out, lse)`` with ``lse`` [T, Hq] fp32
     (natural log). ``out`` optionally supplies the [T, Hq, D] contiguous output.
+    ``softcap`` (None or 0 = off): attention logit soft-capping, as in the reference.
     """
     require_triton("branch_attention_reference")
     _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window)
+    cap = _check_softcap(softcap)
     t_, hq, d = q.shape
     s_, hkv, lmax, _ = k_cache.shape
     group = hq // hkv
@@ -579,11 +612,11 @@ def branch_attention(
     _branch_attn_kernel[(plan.num_blocks, hkv, splits)](
         q, k_cache, v_cache, out, lse_arg, po, pm, pl,
         plan.order, plan.blk_start, plan.blk_count, slot, qpos, prefix_len, branch_start,
-        float(scale), int(window), t_, hq, lmax, d, splits,
+        float(scale), cap, int(window), t_, hq, lmax, d, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_R=plan.block_r, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        HAS_WINDOW=window > 0, SPLIT=split, RETURN_LSE=return_lse,
+        HAS_WINDOW=window > 0, HAS_SOFTCAP=cap > 0, SPLIT=split, RETURN_LSE=return_lse,
         UPCAST=_interpreting(), PRECISION=_precision(q.dtype, precision),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -21,6 +21,11 @@ log-sum-exp (the FlashInfer cascade design):
 The torch reference (CPU path and test oracle) is the one of the whole
 computation, :func:`~specem_fast.kernels.reference.branch_attention_reference`.
 
+Attention logit soft-capping (Gemma-2, ``softcap``) goes to both parts:
+flash-attn's own ``softcap`` argument (flash-attn >= 2.6 and FlashAttention-3;
+an older build raises and the runner's first-call check falls back) and the
+branch kernel's.
+
 Sliding-window layers stay on :func:`branch_attention`: a window measured
 from each branch token's own logical position has no flash-attn equivalent
 when the K*W packed queries share one row of the padded batch.
@@ -40,6 +45,7 @@ from .branch_attention import (
     index_values_on_host,
     BranchAttentionPlan,
     _check_inputs,
+    _check_softcap,
     branch_attention,
     check_branch_after_prefix,
     plan_branch_attention_host,
@@ -216,14 +222,17 @@ def cascade_attention(
     plan: CascadePlan | None = None,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ):
     """Packed-branch attention with the prefix part in flash-attn (see the module doc).
 
     Arguments and result as :func:`branch_attention`; ``window`` must be 0;
-    ``plan`` comes from :func:`plan_cascade_attention` on the same index tensors.
+    ``plan`` comes from :func:`plan_cascade_attention` on the same index tensors;
+    ``softcap`` (None or 0 = off) soft-caps the attention logits of both parts.
     """
     require_triton("branch_attention_reference")
     _check_inputs(q, k_cache, v_cache, slot, qpos, prefix_len, branch_start, scale, window)
+    cap = _check_softcap(softcap)
     if window:
         raise ValueError("cascade_attention covers layers without a sliding window; use branch_attention there")
     backend = prefix_backend()
@@ -238,14 +247,15 @@ def cascade_attention(
     elif not isinstance(plan, CascadePlan) or plan.num_tokens != q.shape[0]:
         raise ValueError("plan does not match these inputs (token count differs): rebuild it")
     out, lse = branch_attention(q, k_cache, v_cache, slot, qpos, plan.zero_prefix, branch_start, scale, 0,
-                                plan=plan.branch, return_lse=True, out=out)
+                                plan=plan.branch, return_lse=True, out=out, softcap=cap)
     t_, hq, d = q.shape
     if plan.max_prefix == 0 or t_ == 0:
         return (out, lse) if return_lse else out
     q_pad = q[plan.gather].view(plan.num_rows, plan.q_max, hq, d)
+    extra = {"softcap": cap} if cap else {}  # flash-attn before 2.6 has no softcap argument
     res = backend.fn(
         q_pad, k_cache.transpose(1, 2), v_cache.transpose(1, 2), cache_seqlens=plan.seqlens,
-        cache_batch_idx=plan.batch_idx, softmax_scale=float(scale), causal=False, return_softmax_lse=True,
+        cache_batch_idx=plan.batch_idx, softmax_scale=float(scale), causal=False, return_softmax_lse=True, **extra,
     )
     o_pad, lse_pad = res[0], res[1]  # FlashAttention-3 may return more
     o_rows = o_pad.reshape(plan.num_rows * plan.q_max, hq, d)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import capped_attention
+
 __all__ = ["decode_attention"]
 
 
@@ -26,9 +28,13 @@ def decode_attention(
     key_pos: torch.Tensor,
     scale: float,
     window: int = 0,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``q`` [B, Hq, D]; caches [S, Hkv, L, D]; ``slot``/``pos`` [B]; ``key_pos`` is
     ``arange(num_keys)`` with ``num_keys > max(pos)``. Returns [B, Hq, D] in q's dtype.
+    ``softcap`` (a constant per layer; None or 0 = off): Gemma-2's attention logit
+    soft-capping, scores formed explicitly since SDPA has none.
 
     Keys a query may not see are zeroed before use: positions past a request's
     length may hold anything (the cache is allocated uninitialised) and a NaN
@@ -46,6 +52,8 @@ def decode_attention(
     k = torch.where(keep, k, 0).to(q.dtype)
     v = torch.where(keep, v, 0).to(q.dtype)
     mask = vis[:, None, None, :]
+    if softcap:
+        return capped_attention(q.unsqueeze(2), k, v, mask, scale, softcap).squeeze(2)
     if q.shape[1] != k_cache.shape[1]:  # a branch, so the argument is a literal (see above)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     else:

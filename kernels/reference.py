@@ -128,6 +128,26 @@ def visibility_mask(
     return mask
 
 
+def capped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """Attention with logit soft-capping (Gemma-2): ``cap * tanh(scale * q.k / cap)``, then mask, softmax.
+
+    ``q`` [B, Hq, Tq, D], ``k``/``v`` [B, Hkv, Tk, D], ``mask`` bool broadcastable to
+    [B, Hq, Tq, Tk] (True = visible). SDPA has no soft-capping, so the scores are
+    formed here, in float32 (float64 when given float64); the result is in q's dtype.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    hq, hkv = q.shape[1], k.shape[1]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    s = torch.tanh(s / softcap) * softcap
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v.to(compute)).to(q.dtype)
+
+
 class ReferencePlan(NamedTuple):
     """Host-side grouping of query rows by slot for :func:`branch_attention_reference`.
 
@@ -172,6 +192,7 @@ def branch_attention_reference(
     window: int = 0,
     *,
     plan: ReferencePlan | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of packed query tokens over a slotted KV cache.
 
@@ -181,6 +202,8 @@ def branch_attention_reference(
     Returns [T, Hq, D] in q's dtype. Grouped-query attention when Hkv < Hq.
     ``plan`` (from :func:`plan_branch_attention_reference` on the same slot and
     qpos values) saves reading the indices back; the result is the same.
+    ``softcap`` (Gemma-2's attention logit soft-capping; None or 0 = off) maps
+    each scaled score ``s`` to ``softcap * tanh(s / softcap)`` before masking.
     """
     out = torch.empty_like(q)
     hq, hkv = q.shape[1], k_cache.shape[1]
@@ -196,6 +219,10 @@ def branch_attention_reference(
         k = k_cache[s, :, :nk].unsqueeze(0)
         v = v_cache[s, :, :nk].unsqueeze(0)
         qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, Hq, Tq, D]
+        if softcap:
+            o = capped_attention(qs, k, v, mask, scale, softcap)
+            out[rows] = o.squeeze(0).transpose(0, 1)
+            continue
         o = F.scaled_dot_product_attention(
             qs, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale, enable_gqa=hq != hkv
         )
@@ -212,8 +239,10 @@ def branch_attention_lse_reference(
     branch_start: torch.Tensor,
     scale: float,
     window: int = 0,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Log-sum-exp [T, Hq] (fp64) of each query's scaled scores over its visible keys.
+    """Log-sum-exp [T, Hq] (fp64) of each query's scaled (and soft-capped) scores over its visible keys.
 
     The oracle for ``branch_attention(..., return_lse=True)``.
     """
@@ -226,6 +255,8 @@ def branch_attention_lse_reference(
         mask = visibility_mask(qpos[rows].long(), prefix_len[rows].long(), branch_start[rows].long(), nk, window)
         k = k_cache[s, :, :nk].repeat_interleave(hq // hkv, dim=0)  # [Hq, nk, D]
         sc = torch.einsum("thd,hkd->thk", q[rows], k) * scale
+        if softcap:
+            sc = torch.tanh(sc / softcap) * softcap
         sc = sc.masked_fill(~mask[:, None, :], float("-inf"))
         lse[rows] = torch.logsumexp(sc, dim=-1)
     return lse

@@ -19,6 +19,8 @@ def test_gpu_check_cpu_smoke_passes(tmp_path):
     report = (tmp_path / "gpu_check.md").read_text()
     assert "correctness: OK" in report and "FAIL" not in report
     assert "ok   cascade bfloat16" in report  # the cascade section ran (fp64 flash-attn double)
+    assert "ok   softcap attn bfloat16" in report and "ok   softcap decode bfloat16" in report
+    assert "ok   softcap cascade bfloat16" in report  # gemma2-style soft-capping, every attention path
     assert "| branch_attention" in report and "| segment_score" in report
 
 
