@@ -86,6 +86,7 @@ class Ensemble:
         progress: bool = False,
         placement: str = "local",
         ray_address: str | None = None,
+        backend: str | Sequence[str] | dict | None = "auto",
         weights: str | None = None,
         max_waiting: int = 256,
         compile: bool = False,
@@ -104,7 +105,7 @@ class Ensemble:
                               compile=compile, parallel=parallel)
         check_engine(config)
         runners, remote, drafters, verifiers_ = load_members(models, verifiers, config, progress, placement,
-                                                             ray_address)
+                                                             ray_address, backend)
         ens = cls(runners, drafters, verifiers_, config, max_waiting, remote)
         if weights is not None:
             ens.load_weights(weights)
@@ -146,6 +147,9 @@ class Ensemble:
             "devices": {n: str(r.device) for n, r in self.runners.items()},
             "dtypes": {n: str(r.dtype).replace("torch.", "") for n, r in self.runners.items()},
             "remote": {n: m.describe() for n, m in self.members.items() if n not in self.runners},
+            # native runtime, transformers backend, or where the member runs (ray, vllm)
+            "backends": {n: "native" if n in self.runners else m.describe().get("backend", m.describe().get("kind"))
+                         for n, m in self.members.items()},
             "cache_tokens": self.config.cache_tokens,
             "compile": self.config.compile,
             "parallel": [list(g) for g in pool.groups] if pool.concurrent else None,

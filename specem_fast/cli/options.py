@@ -31,6 +31,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="verifier models (default: the drafters)",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--backend", type=csv_list, default=None, metavar="auto|native|transformers",
+                   help="how local members run: auto (default: the native runtime where it implements the "
+                        "architecture, else transformers), native or transformers; one for all, or one per model "
+                        "comma-separated (a member spec hf:PATH forces transformers too)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: bfloat16 on CUDA and on CPUs with native bf16 "
                         "instructions, float32 on other CPUs)")
@@ -160,6 +164,13 @@ def check_writable(path: str | None, option: str) -> None:
         raise SpecEMError(f"cannot write {option} {path!r}: permission denied")
 
 
+def _backend_arg(values: list[str] | None):
+    """--backend: one value for every member, or one per model."""
+    if not values:
+        return "auto"
+    return values[0] if len(values) == 1 else values
+
+
 def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int = 256):
     from specem_fast import Ensemble
     from specem_fast.hub.registry import DEFAULT_MODELS
@@ -184,4 +195,5 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int
         placement=getattr(args, "placement", "local"),
         ray_address=getattr(args, "ray_address", None),
         preset=getattr(args, "preset", "auto"),
+        backend=_backend_arg(getattr(args, "backend", None)),
     )

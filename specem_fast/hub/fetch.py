@@ -620,12 +620,14 @@ def _check_architecture(path: Path) -> None:
         )
 
 
-def resolve_model(spec: str) -> Path:
+def resolve_model(spec: str, check_architecture: bool = True) -> Path:
     """Turn a registry name or a local HF folder path into a checked model folder.
 
     Checks up front what the runtime needs (config, safetensors weights, a
     tokenizer, a supported architecture) so the user gets a fixable message
-    instead of a traceback deep inside model loading.
+    instead of a traceback deep inside model loading. ``check_architecture=False``:
+    any architecture passes (the member loader picks the native runtime or the
+    transformers backend for it).
     """
     entry = get_entry(spec)
     if entry is not None and not (Path(spec).is_dir() and _looks_like_path(spec)):
@@ -634,7 +636,8 @@ def resolve_model(spec: str) -> Path:
     if not path.exists():
         raise SpecEMError(_unknown_name_message(spec))
     _check_folder_files(path)
-    _check_architecture(path)
+    if check_architecture:
+        _check_architecture(path)
     refuse_remote_code(path)
     return path.resolve()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,6 +15,9 @@ from specem_fast.hub.fetch import resolve_model
 from specem_fast.members.interface import Member
 from specem_fast.hub.registry import DEFAULT_MODELS
 from specem_fast.model.runner import ModelRunner, available_memory, memory_needs, resolve_dtype
+
+BACKENDS = ("auto", "native", "transformers")
+_BACKEND_PREFIXES = {"hf:": "transformers", "native:": "native"}
 
 
 PLACEMENTS = ("local", "ray")
@@ -29,6 +33,17 @@ class MemberSpec:
     model: str  # registry name or folder: the weights (local, ray) or the tokenizer (vllm)
     url: str | None = None  # vllm: the server's base URL
     options: tuple[tuple[str, str], ...] = ()  # vllm: ;name=value options after MODEL (vllm_member.OPTIONS)
+    backend: str | None = None  # local, ray: forced by a spec prefix (hf:PATH, native:PATH); None: as asked
+
+
+def _backend_prefix(spec: str, model: str) -> tuple[str, str | None]:
+    for prefix, backend in _BACKEND_PREFIXES.items():
+        if model.startswith(prefix):
+            model = model[len(prefix):].strip()
+            if not model:
+                raise SpecEMError(f"member {spec!r} names no model; write {prefix}NAME with a registry name or folder")
+            return model, backend
+    return model, None
 
 
 def parse_spec(spec: str, placement: str = "local") -> MemberSpec:
@@ -36,7 +51,8 @@ def parse_spec(spec: str, placement: str = "local") -> MemberSpec:
         model = spec[4:].strip()
         if not model:
             raise SpecEMError(f"member {spec!r} names no model; write ray:NAME with a registry name or folder")
-        return MemberSpec(spec, "ray", model)
+        model, backend = _backend_prefix(spec, model)
+        return MemberSpec(spec, "ray", model, backend=backend)
     if spec.startswith("vllm:"):
         from specem_fast.members.vllm import split_options
 
@@ -47,15 +63,59 @@ def parse_spec(spec: str, placement: str = "local") -> MemberSpec:
                               "qwen2.5-coder-0.5b-instruct, MODEL naming the served model and its tokenizer; "
                               "options: served=NAME, key_env=VAR, timeout=S, retries=N, verify=prompt_logprobs|cached)")
         return MemberSpec(spec, "vllm", model, url.rstrip("/"), tuple(options.items()))
-    return MemberSpec(spec, "ray" if placement == "ray" else "local", spec)
+    model, backend = _backend_prefix(spec, spec)
+    return MemberSpec(spec, "ray" if placement == "ray" else "local", model, backend=backend)
+
+
+def _requested_backends(backend, drafters: list[str], names: list[str]) -> dict[str, str]:
+    """Per member name, the backend asked for: one for all (a string), one per model (a list, like
+    ``dtypes``), or a mapping from member name (unnamed members: auto)."""
+    if backend is None or isinstance(backend, str):
+        asked = dict.fromkeys(names, backend or "auto")
+    elif isinstance(backend, dict):
+        unknown = sorted(set(backend) - set(names))
+        if unknown:
+            raise SpecEMError(f"backend names {', '.join(unknown)}, which is not a member; members: {', '.join(names)}")
+        asked = {n: backend.get(n, "auto") for n in names}
+    else:
+        per_model = list(backend)
+        if len(per_model) != len(drafters):
+            raise SpecEMError(f"backend lists {len(per_model)} entries for {len(drafters)} models; give one per model")
+        asked = {**dict.fromkeys(names, "auto"), **dict(zip(drafters, per_model))}
+    for n, b in asked.items():
+        if b not in BACKENDS:
+            raise SpecEMError(f"backend of member {n} must be one of {', '.join(BACKENDS)} (got {b!r})")
+    return asked
+
+
+def choose_backend(name: str, folder, asked: str) -> str:
+    """"native" or "transformers" for a member: auto takes native where the native runtime
+    implements the folder's architecture (its config.json reads cleanly), else transformers."""
+    from specem_fast.model.modeling.args import SUPPORTED_ARCHITECTURES, ModelArgs
+    from specem_fast.model.modeling.loader import read_config
+
+    if asked == "transformers":
+        return asked
+    cfg = read_config(folder)
+    try:
+        ModelArgs.from_hf_config(cfg)
+    except SpecEMError as exc:
+        if asked == "native":
+            raise SpecEMError(f"member {name} ({folder}): the native runtime cannot run it ({exc}); natively run: "
+                              f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}; use backend='transformers' "
+                              "(--backend transformers, or the spec hf:PATH) or 'auto'") from None
+        return "transformers"
+    return "native"
 
 
 def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | str | None, config: EngineConfig,
                  progress: bool = False, placement: str = "local", ray_address: str | None = None,
+                 backend: str | Sequence[str] | dict | None = "auto",
                  ) -> tuple[dict[str, ModelRunner], dict[str, Member], list[str], list[str]]:
-    """(local runners, members in other processes or servers, drafters, verifiers): every name
-    resolved and checked, and the local KV cache checked against the memory of each device,
-    before any weights load."""
+    """(native local runners, every other member (transformers backend, Ray actors, vLLM
+    endpoints), drafters, verifiers): every name resolved and checked, and the local KV cache
+    checked against the memory of each device, before any weights load. ``backend``: auto,
+    native or transformers, for all members, one per model, or by member name."""
     if placement not in PLACEMENTS:
         raise SpecEMError(f"placement must be one of {', '.join(PLACEMENTS)} (got {placement!r})")
     drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
@@ -65,7 +125,10 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
             raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
     specs = {n: parse_spec(n, placement) for n in dict.fromkeys(drafters + verifiers_)}
     # one model under two spellings (a registry name and its folder, ./x and x/) is one model
-    folders = {n: resolve_model(sp.model) for n, sp in specs.items()}
+    asked = _requested_backends(backend, drafters, list(specs))
+    asked = {n: sp.backend or asked[n] for n, sp in specs.items()}
+    folders = {n: resolve_model(sp.model, check_architecture=sp.kind == "vllm") for n, sp in specs.items()}
+    backends = {n: choose_backend(n, folders[n], asked[n]) for n, sp in specs.items() if sp.kind != "vllm"}
     keys = {n: (sp.kind, sp.url, folders[n].resolve(), dict(sp.options).get("served")) for n, sp in specs.items()}
     drafters = _distinct(drafters, keys, "models")
     verifiers_ = _distinct(verifiers_, keys, "verifiers")
@@ -76,22 +139,38 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
     precision = dict(zip(drafters, config.dtypes))
     where = {n: (placement_of.get(n, config.device), precision.get(n, config.dtype)) for n in all_names}
     local = [n for n in all_names if specs[n].kind == "local"]
-    _check_memory({n: (folders[n], *where[n]) for n in local}, config)
+    _check_memory({n: (folders[n], *where[n]) for n in local}, config, {n for n in local if backends[n] != "native"})
     runners, remote = {}, {}
     for n in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
         sp = specs[n]
-        if sp.kind == "local":
+        if sp.kind == "local" and backends[n] == "transformers":
+            from specem_fast.members.local.hf_member import HFMember
+            from specem_fast.model.hf_runner import HFRunner
+
+            hf = HFRunner(n, folders[n], *where[n])
+            remote[n] = HFMember(hf, config.cache_tokens)
+            _announce(hf.describe())
+        elif sp.kind == "local":
             runners[n] = ModelRunner(n, folders[n], *where[n], config.kernels, config.flash_attn, config.compile)
+            r = runners[n]
+            _announce(f"{n}: backend native ({r.model.args.arch}, {str(r.dtype)[6:]} on {r.device}, "
+                      f"kernels {r.kernel_path})")
         elif sp.kind == "ray":
             from specem_fast.members.ray import RayMember
 
             remote[n] = RayMember.start(n, folders[n], *where[n], config, ray_address=ray_address,
-                                        members=sum(specs[m].kind == "ray" for m in all_names))
+                                        members=sum(specs[m].kind == "ray" for m in all_names), backend=backends[n])
+            _announce(f"{n}: backend {backends[n]} in a Ray actor")
         else:
             from specem_fast.members.vllm import VLLMMember
 
             remote[n] = VLLMMember(n, sp.url, sp.model, folders[n], config, **dict(sp.options))
     return runners, remote, drafters, verifiers_
+
+
+def _announce(line: str) -> None:
+    """One line per member at load, on stderr (stdout may carry JSON)."""
+    print(f"specem-fast: member {line}", file=sys.stderr, flush=True)
 
 
 def _name_list(value: Sequence[str] | str, what: str) -> list[str]:
@@ -123,7 +202,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def _check_memory(models: dict[str, tuple], config: EngineConfig) -> None:
+def _check_memory(models: dict[str, tuple], config: EngineConfig, transformers: set[str] = frozenset()) -> None:
     """Refuse cache_tokens x max_batch whose KV cache (plus the weights) cannot fit on
     its device, before any weights load; the message says what fits.
 
@@ -135,7 +214,12 @@ def _check_memory(models: dict[str, tuple], config: EngineConfig) -> None:
         d = torch.device(dev)
         if d.type == "cuda" and d.index is None and torch.cuda.is_available():
             d = torch.device("cuda", torch.cuda.current_device())
-        kv, weights = memory_needs(folder, resolve_dtype(d, dt))
+        if name in transformers:
+            from specem_fast.model.hf_runner import hf_memory_needs
+
+            kv, weights = hf_memory_needs(folder, resolve_dtype(d, dt))
+        else:
+            kv, weights = memory_needs(folder, resolve_dtype(d, dt))
         per_device.setdefault(d, []).append((name, kv, weights))
     slots, tokens = config.max_batch, config.cache_tokens
     for dev, rows in per_device.items():

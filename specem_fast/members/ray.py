@@ -187,7 +187,8 @@ class MemberActor:
     imports without Ray). A failure while loading is kept and raised by every call, so
     the caller gets the model's own message instead of a dead actor."""
 
-    def __init__(self, name: str, folder: str, device: str, dtype: str | None, config: EngineConfig, threads: int):
+    def __init__(self, name: str, folder: str, device: str, dtype: str | None, config: EngineConfig, threads: int,
+                 backend: str = "native"):
         self.token = uuid.uuid4().hex[:12]  # this incarnation: a restarted actor has another
         self.error: BaseException | None = None
         self.slots: dict[int, int] = {}  # request -> slot, as opened
@@ -195,7 +196,10 @@ class MemberActor:
         self.busy: dict[str, list] = {}  # per call kind: [calls, seconds computing] (what the boundary adds is the rest)
         try:
             torch.set_num_threads(threads)
-            self._load(name, Path(folder), device, dtype, config, threads)
+            if backend == "transformers":
+                self._load_hf(name, Path(folder), device, dtype, config, threads)
+            else:
+                self._load(name, Path(folder), device, dtype, config, threads)
         except Exception as exc:  # noqa: BLE001 - reported by ready() and every call
             self.error = exc if isinstance(exc, SpecEMError) else \
                 RayMemberError(f"member {name} failed to load in its Ray actor: {type(exc).__name__}: {exc}")
@@ -227,6 +231,27 @@ class MemberActor:
         self.info = {"kind": "ray", "node": node, "pid": os.getpid(), "actor": ctx.get_actor_id(),
                      "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
                      "kernels": runner.kernel_path, "threads": threads, "capacity": self.member.capacity}
+
+    def _load_hf(self, name, folder: Path, device, dtype, config: EngineConfig, threads: int) -> None:
+        """The member on the transformers backend: its caches grow per request, no slots to size."""
+        import ray
+
+        from specem_fast.members.local.hf_member import HFMember
+        from specem_fast.model.hf_runner import HFRunner
+
+        ctx = ray.get_runtime_context()
+        node = ray.util.get_node_ip_address()
+        if not folder.is_dir():
+            raise RayMemberError(f"member {name}: the model folder {folder} is not on Ray node {node}; install "
+                                 "specem-fast and the models at the same paths on every node")
+        runner = HFRunner(name, folder, device, dtype)
+        self.cache = None
+        self.member = HFMember(runner, config.cache_tokens)
+        self.name, self.max_batch = name, config.max_batch
+        self.info = {"kind": "ray", "backend": "transformers", "node": node, "pid": os.getpid(),
+                     "actor": ctx.get_actor_id(), "device": str(runner.device),
+                     "dtype": str(runner.dtype).replace("torch.", ""), "kernels": runner.kernel_path,
+                     "threads": threads, "capacity": self.member.capacity}
 
     def ready(self) -> dict:
         if self.error is not None:
@@ -271,6 +296,8 @@ class MemberActor:
     def _reset(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
             raise MemberStateError(f"{self.name}: cache slot {slot} is out of range (max_batch={self.max_batch})")
+        if self.cache is None:  # transformers backend: each request's cache goes with it
+            return
         mc = self.cache[self.name]
         mc.length[slot] = mc.high[slot] = 0
 
@@ -337,7 +364,7 @@ class RayMember:
 
     @classmethod
     def start(cls, name: str, folder: Path, device: str, dtype: str | None, config: EngineConfig, *,
-              ray_address: str | None = None, members: int = 1) -> "RayMember":
+              ray_address: str | None = None, members: int = 1, backend: str = "native") -> "RayMember":
         """Place the member's actor on the cluster and wait until its model is loaded.
 
         ``members``: how many Ray members share the cluster (a CPU node's cores are split
@@ -353,7 +380,7 @@ class RayMember:
         threads, cpus, gpus = _resources(ray, name, dev, members)
         actor = _actor_class(ray).options(num_cpus=cpus, num_gpus=gpus, max_restarts=restarts, max_task_retries=0,
                                           max_concurrency=1).remote(
-            name, str(folder), "cuda" if gpus else "cpu", dtype, config, threads)  # Ray picks the GPU
+            name, str(folder), "cuda" if gpus else "cpu", dtype, config, threads, backend)  # Ray picks the GPU
         try:
             info = ray.get(actor.ready.remote(), timeout=start_timeout)
         except ray.exceptions.GetTimeoutError:
