@@ -17,7 +17,8 @@ from safetensors import safe_open
 
 from specem_fast.errors import SpecEMError
 from specem_fast.model.modeling.args import ModelArgs
-from specem_fast.model.modeling.transformer import RMSNorm, Transformer
+from specem_fast.model.modeling.transformer import Norm, Transformer
+from specem_fast.model.quant import Dequantizer, is_float8, read_quant_spec
 
 _PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
@@ -91,7 +92,8 @@ def check_safetensors(path: Path, fix: str) -> dict:
 
 def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg: dict | None = None) -> Transformer:
     cfg = cfg if cfg is not None else read_config(folder)
-    args = ModelArgs.from_hf_config(cfg)
+    args = model_args(folder, cfg)
+    quant = read_quant_spec(folder, cfg)  # a quantization_config is honoured or refused, never ignored
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SpecEMError(f"{folder} has no *.safetensors weights; save the model with safetensors")
@@ -100,6 +102,7 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
         model = Transformer(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    dq = Dequantizer(quant, folder, expected, fix) if quant is not None else None
     for f in files:
         check_safetensors(f, fix)
         try:
@@ -111,6 +114,15 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
                 name = _normalise(key)
                 if name is None:
                     continue  # a multimodal checkpoint's vision tower
+                if dq is not None and dq.claims(name, sf.get_slice(key).get_dtype()):
+                    for wname, w in dq.add(name, _read(sf, key, folder, fix)):  # quant.py: dequantized weights
+                        _put(state, wname, _finite(w, wname, folder, dtype, fix), folder)
+                    continue
+                parts = args.fused_parts(name) if name not in expected else None
+                if parts:  # one tensor holding several of ours (phi3 qkv_proj, gate_up_proj)
+                    for pname, piece in _split_fused(sf, key, parts, expected, folder, fix):
+                        _put(state, pname, _finite(piece, key, folder, dtype, fix), folder)
+                    continue
                 if name not in expected:
                     _unexpected(folder, key, name, args, files)
                     continue
@@ -120,7 +132,9 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
                         f"{folder}: tensor {key} has shape {list(shape)} but config.json implies "
                         f"{list(expected[name])}; config.json does not belong to these weights ({fix})"
                     )
-                state[name] = _finite(sf.get_tensor(key), key, folder, dtype, fix)
+                _put(state, name, _finite(_read(sf, key, folder, fix), key, folder, dtype, fix), folder)
+    if dq is not None:
+        dq.finish()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise SpecEMError(
@@ -131,6 +145,46 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
     model.to(device)
     model.inv_freqs = [(inv.to(device), scaling) for inv, scaling in model.inv_freqs]
     return model.eval().requires_grad_(False)
+
+
+def model_args(folder: Path, cfg: dict) -> ModelArgs:
+    """ModelArgs.from_hf_config, its refusals naming the folder (several members load at once)."""
+    try:
+        return ModelArgs.from_hf_config(cfg)
+    except SpecEMError as exc:
+        msg = str(exc)
+        if str(folder) in msg:
+            raise
+        if "unsupported" in msg or "not supported" in msg:
+            msg += ("; the native runtime lacks this feature: load the model with the transformers backend, "
+                    "or serve it with vLLM and join it as a vllm:URL#FOLDER member")
+        raise type(exc)(f"{folder}: {msg}") from None
+
+
+def _split_fused(sf, key: str, parts: list[tuple[str, int]], expected: dict, folder: Path, fix: str):
+    """A fused tensor cut along dim 0 into our tensors (names and row counts from the family)."""
+    want = [sum(n for _, n in parts), *expected[parts[0][0]][1:]]
+    shape = list(sf.get_slice(key).get_shape())
+    if shape != want:
+        raise SpecEMError(f"{folder}: tensor {key} has shape {shape} but config.json implies {want}; "
+                          f"config.json does not belong to these weights ({fix})")
+    pieces = _read(sf, key, folder, fix).split([n for _, n in parts], dim=0)
+    return [(name, piece.contiguous()) for (name, _), piece in zip(parts, pieces)]
+
+
+def _read(sf, key: str, folder: Path, fix: str) -> torch.Tensor:
+    """One tensor; a dtype this torch cannot represent is a SpecEMError, not a raw library error."""
+    try:
+        return sf.get_tensor(key)
+    except Exception as exc:  # noqa: BLE001 - safetensors/torch raise their own types
+        raise SpecEMError(f"{folder}: tensor {key} cannot be read ({type(exc).__name__}: {exc}); {fix}") from None
+
+
+def _put(state: dict, name: str, t: torch.Tensor, folder: Path) -> None:
+    if name in state:
+        raise SpecEMError(f"{folder}: the weights hold {name} twice (as plain and quantized tensors, or in two "
+                          "shards); the checkpoint is inconsistent: re-save it")
+    state[name] = t
 
 
 def random_transformer(args: ModelArgs, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
@@ -148,8 +202,10 @@ def random_transformer(args: ModelArgs, device: torch.device | str, dtype: torch
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for mod in model.modules():
-            if isinstance(mod, RMSNorm):
-                mod.weight.fill_(0.0 if mod.plus_one else 1.0)
+            if isinstance(mod, Norm):
+                mod.weight.fill_(0.0 if mod.offset else 1.0)
+                if mod.bias is not None:
+                    mod.bias.zero_()
             elif isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
                 mod.weight.normal_(0.0, std, generator=gen)
                 if getattr(mod, "bias", None) is not None:
@@ -176,6 +232,11 @@ def _unexpected(folder: Path, key: str, name: str, args: ModelArgs, files: list[
             f"{folder}: the weights have {layers} layers but config.json says num_hidden_layers="
             f"{args.num_layers}; loading would silently drop layers: fix num_hidden_layers in config.json"
         )
+    if name.rpartition(".")[2] in ("qweight", "qzeros", "g_idx", "weight_scale_inv"):
+        raise SpecEMError(
+            f"{folder}: the weights hold {key}, a quantized tensor, but config.json declares no quantization_config; "
+            "put the checkpoint's quantization_config (quant_method gptq, awq or fp8, its bits and group_size) back "
+            "into config.json")
     raise SpecEMError(
         f"{folder}: the weights hold {key}, which config.json does not describe (e.g. attention_bias, "
         "tie_word_embeddings or the model type disagree with the checkpoint); fix config.json to match the weights"
@@ -191,6 +252,13 @@ def _finite(t: torch.Tensor, key: str, folder: Path, dtype: torch.dtype, fix: st
     """The tensor in ``dtype``; NaN/inf in the file, or values ``dtype`` cannot hold, are refused."""
     if not t.is_floating_point():
         raise SpecEMError(f"{folder}: tensor {key} holds {t.dtype} values, not floating point weights; {fix}")
+    if is_float8(t.dtype):  # float8 has no isfinite on the CPU; without scales its values mean nothing
+        raise SpecEMError(
+            f"{folder}: tensor {key} holds {str(t.dtype)[6:]} values, but config.json declares no fp8 "
+            "quantization_config (quant_method 'fp8' with weight_block_size) to scale them: add the checkpoint's "
+            "quantization_config to config.json, or use a float16/bfloat16/float32 copy of the weights")
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise SpecEMError(f"{folder}: tensor {key} holds {t.dtype} values, which are not plain float weights; {fix}")
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise SpecEMError(f"{folder}: tensor {key} holds {bad} NaN/inf values: the weights are damaged; {fix}")
