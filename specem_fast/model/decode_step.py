@@ -151,11 +151,14 @@ class CompiledDecode:
         return self.model(tokens, pos, _Meta(slot, wpos, pos, key_pos, k_all, v_all), _dense_attend)
 
 
-def _dense_attend(layer: int, q, k, v, meta: _Meta, scale: float, window: int) -> torch.Tensor:
+def _dense_attend(layer: int, q, k, v, meta: _Meta, scale: float, window: int,
+                  softcap: float | None = None) -> torch.Tensor:
     """Write the step's K/V into the cache's base tensor in place, then attend."""
     k_all, v_all = meta.k_all, meta.v_all
     rows = meta.slot[:, None]
     where = (torch.full_like(rows, layer), rows, torch.arange(k.shape[1], device=k.device)[None, :], meta.wpos[:, None])
     k_all.index_put_(where, k.to(k_all.dtype))
     v_all.index_put_(where, v.to(v_all.dtype))
-    return kernels.decode_attention(q, k_all[layer], v_all[layer], meta.slot, meta.pos, meta.key_pos, scale, window)
+    cap = {"softcap": softcap} if softcap else {}
+    return kernels.decode_attention(q, k_all[layer], v_all[layer], meta.slot, meta.pos, meta.key_pos, scale, window,
+                                    **cap)

@@ -1,4 +1,4 @@
-"""Decoder-only transformer for llama / mistral / qwen2 / gemma3_text.
+"""The decoder of every native family, built from a ModelArgs (families.py says what differs).
 
 Parameter names mirror the Hugging Face checkpoints so a safetensors state dict
 loads as is. The forward takes a flat list of tokens from any number of
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specem_fast.model.modeling.args import ModelArgs
+from specem_fast.model.modeling.args import ModelArgs, NormSpec
 
 
 @dataclass
@@ -36,95 +36,138 @@ class AttnMeta:
     ref_plan: object | None = None  # torch reference (rows of each slot, keys they see)
 
 
-# attend(layer, q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], meta, scale, window) -> [T,Hq,D]:
+# attend(layer, q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D], meta, scale, window[, softcap=]) -> [T,Hq,D]:
 # stores the tokens' K/V in the layer's cache, then attends over what each may see.
 # The callback owns the cache so a compiled step can write into its base tensor
 # (an in-place scatter) instead of a per-layer view (which compiles to a copy).
+# ``softcap`` (attention logit soft-capping) is passed only by the layers of a
+# family that has it, so an attend function without the keyword serves the others.
 AttendFn = Callable[..., torch.Tensor]
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, plus_one: bool):
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm over the last dim, as ``spec`` says; ``shape`` may be
+    [heads, head_dim] for a weight per head (Cohere's qk-norm)."""
+
+    def __init__(self, shape: int | tuple[int, ...], spec: NormSpec):
         super().__init__()
-        self.eps = eps
-        self.plus_one = plus_one  # Gemma stores w - 1 and scales before the cast
-        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
+        self.eps = spec.eps
+        self.layer = spec.kind == "layer"
+        self.offset = spec.offset
+        self.weight_fp32 = spec.weight_fp32
+        self.weight = nn.Parameter(torch.zeros(shape) if spec.offset else torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if spec.bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:  # torch's own LayerNorm (StarCoder2)
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
         h = x.float()
+        if self.layer:
+            h = h - h.mean(-1, keepdim=True)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.plus_one:
+        if self.offset:
             return (h * (1.0 + self.weight.float())).to(x.dtype)
+        if self.weight_fp32:
+            return (self.weight.float() * h).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, a: ModelArgs):
+    def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
         self.a = a
-        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.attn_bias)
-        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.attn_bias)
-        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.attn_bias)
-        # Qwen2 puts biases on q/k/v only; llama/gemma's attention_bias covers o_proj too.
-        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.attn_bias and a.arch != "qwen2")
-        if a.gemma:
-            self.q_norm = RMSNorm(a.head_dim, a.rms_eps, plus_one=True)
-            self.k_norm = RMSNorm(a.head_dim, a.rms_eps, plus_one=True)
+        hq, hkv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, hq, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, hkv, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, hkv, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(hq, a.hidden_size, bias=a.o_bias)
+        shapes = {"head": (a.head_dim, a.head_dim), "head_each": ((a.num_heads, a.head_dim), (a.num_kv_heads, a.head_dim)),
+                  "full": (hq, hkv)}.get(a.qk_norm)
+        if shapes:
+            self.q_norm = Norm(shapes[0], a.norm)
+            self.k_norm = Norm(shapes[1], a.norm)
+        self.cap = {"softcap": a.attn_softcap} if a.attn_softcap else {}
 
     def forward(self, x, cos, sin, layer: int, meta, window: int, attend: AttendFn):
         a = self.a
         t = x.shape[0]
-        q = self.q_proj(x).view(t, a.num_heads, a.head_dim)
-        k = self.k_proj(x).view(t, a.num_kv_heads, a.head_dim)
-        v = self.v_proj(x).view(t, a.num_kv_heads, a.head_dim)
-        if a.gemma:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if a.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        o = attend(layer, q, k, v, meta, a.attn_scale, window)
+        q = q.view(t, a.num_heads, a.head_dim)
+        k = k.view(t, a.num_kv_heads, a.head_dim)
+        v = v.view(t, a.num_kv_heads, a.head_dim)
+        if a.qk_norm in ("head", "head_each"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cos is not None:
+            q, k = _rotate(q, cos, sin, a.rope_interleaved), _rotate(k, cos, sin, a.rope_interleaved)
+        o = attend(layer, q, k, v, meta, a.attn_scale, window, **self.cap)
         return self.o_proj(o.reshape(t, a.num_heads * a.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gated = a.mlp == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+            self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+            self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        else:
+            self.c_fc = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+            self.c_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
         self.act = a.hidden_act
 
+    def _act(self, x):
+        if self.act == "silu":
+            return F.silu(x)
+        return F.gelu(x, approximate="tanh" if self.act == "gelu_tanh" else "none")
+
     def forward(self, x):
-        g = self.gate_proj(x)
-        g = F.gelu(g, approximate="tanh") if self.act.startswith("gelu") else F.silu(g)
-        return self.down_proj(g * self.up_proj(x))
+        if self.gated:
+            return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+        return self.c_proj(self._act(self.c_fc(x)))
 
 
 class Block(nn.Module):
-    def __init__(self, a: ModelArgs):
+    """One layer: norms where the family puts them (ModelArgs.block_norms), the
+    residual adds, optionally scaled, or attention and MLP in parallel."""
+
+    def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
-        self.self_attn = Attention(a)
+        self.self_attn = Attention(a, layer)
         self.mlp = MLP(a)
-        self.gemma = a.gemma
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_eps, a.gemma)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_eps, a.gemma)
-        if a.gemma:  # sandwich norms around both sublayers
-            self.pre_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_eps, True)
-            self.post_feedforward_layernorm = RMSNorm(a.hidden_size, a.rms_eps, True)
+        self.norm_names = a.block_norms
+        for name in a.block_norms:
+            if name is not None:
+                setattr(self, name, Norm(a.hidden_size, a.norm))
+        self.parallel = a.parallel
+        self.residual_scale = a.residual_scale
+
+    def _norm(self, i: int, x):
+        name = self.norm_names[i]
+        return x if name is None else getattr(self, name)(x)
 
     def forward(self, x, cos, sin, layer, meta, window, attend):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, layer, meta, window, attend)
-        if self.gemma:
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self._norm(0, x)
+        y = self._norm(1, self.self_attn(h, cos, sin, layer, meta, window, attend))
+        if self.parallel:
+            return x + y + self._norm(3, self.mlp(h))
+        if self.residual_scale is not None:
+            y = y * self.residual_scale
+        x = x + y
+        y = self._norm(3, self.mlp(self._norm(2, x)))
+        if self.residual_scale is not None:
+            y = y * self.residual_scale
+        return x + y
 
 
 class Backbone(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(Block(a) for _ in range(a.num_layers))
-        self.norm = RMSNorm(a.hidden_size, a.rms_eps, a.gemma)
+        self.layers = nn.ModuleList(Block(a, i) for i in range(a.num_layers))
+        self.norm = Norm(a.hidden_size, a.norm)
 
 
 class Transformer(nn.Module):
@@ -136,6 +179,7 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         # Layers sharing rotary settings share one cos/sin table per forward.
         self._rope_groups: dict[int, int] = {}
+        self._rope_switch: list[int | None] = []
         self.inv_freqs: list[tuple[torch.Tensor, float]] = []
         seen: dict[str, int] = {}
         for i in range(args.num_layers):
@@ -144,6 +188,7 @@ class Transformer(nn.Module):
                 seen[key] = len(self.inv_freqs)
                 inv, scaling = args.inv_freq(i)
                 self.inv_freqs.append((inv.float(), scaling))  # fp32 like the reference
+                self._rope_switch.append(args.rope_switch(i))
             self._rope_groups[i] = seen[key]
         self._embed_scale: dict[tuple, torch.Tensor] = {}
 
@@ -152,24 +197,27 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight if self.args.tie_embeddings else self.lm_head.weight
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta, attend: AttendFn) -> torch.Tensor:
-        """Final-norm hidden states [T, d] of the given tokens at logical ``positions``;
+        """Final-norm hidden states [T, d] of the given tokens at logical ``positions``
+        (times the family's logit scale, so ``hidden @ lm_head.T`` are its logits);
         ``attend`` writes their K/V (``meta`` is what it needs to place them)."""
         a = self.args
         x = self.model.embed_tokens(tokens)
-        if a.gemma:
-            x = x * self.embed_scale(x.dtype, x.device)
-        tables = [_cos_sin(inv, s, positions, x.dtype) for inv, s in self.inv_freqs]  # inv on device since load
+        if a.embed_scale is not None:
+            x = x * (self.embed_scale(x.dtype, x.device) if a.embed_scale_rounded else a.embed_scale)
+        tables = [_cos_sin(inv, s, positions, x.dtype, sw, a.rope_interleaved)
+                  for (inv, s), sw in zip(self.inv_freqs, self._rope_switch)]  # inv on device since load
         for i, block in enumerate(self.model.layers):
             cos, sin = tables[self._rope_groups[i]]
             x = block(x, cos, sin, i, meta, a.windows[i], attend)
-        return self.model.norm(x)
+        x = self.model.norm(x)
+        return x if a.logit_scale is None else x * a.logit_scale
 
     def embed_scale(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Gemma's sqrt(hidden) embedding scale rounded to the compute dtype, as the
         reference rounds it; made once per dtype and device (not a host->device copy per forward)."""
         key = (dtype, device)
         if key not in self._embed_scale:
-            self._embed_scale[key] = torch.tensor(self.args.hidden_size**0.5, dtype=torch.float32).to(dtype).to(device)
+            self._embed_scale[key] = torch.tensor(self.args.embed_scale, dtype=torch.float32).to(dtype).to(device)
         return self._embed_scale[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -180,13 +228,27 @@ class Transformer(nn.Module):
         return z
 
 
-def _cos_sin(inv: torch.Tensor, scaling: float, positions: torch.Tensor, dtype: torch.dtype):
-    freqs = positions.float().unsqueeze(1) * inv.unsqueeze(0)
-    emb = torch.cat((freqs, freqs), dim=-1)
+def _cos_sin(inv: torch.Tensor, scaling: float, positions: torch.Tensor, dtype: torch.dtype, switch: int | None,
+             interleaved: bool):
+    """cos/sin [T, 1, rotary_dim] of each position (None, None for a layer without rotary)."""
+    if inv.numel() == 0:
+        return None, None
+    if switch is not None:  # longrope: long factors from the original context length on
+        inv = torch.where((positions >= switch).unsqueeze(1), inv[1], inv[0])
+        freqs = positions.float().unsqueeze(1) * inv
+    else:
+        freqs = positions.float().unsqueeze(1) * inv.unsqueeze(0)
+    emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype).unsqueeze(1), (emb.sin() * scaling).to(dtype).unsqueeze(1)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    r = cos.shape[-1]
+    xr = x[..., :r] if r < x.shape[-1] else x
+    if interleaved:  # pairs (x0, x1) -> (-x1, x0)
+        rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        half = r // 2
+        rot = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+    out = xr * cos + rot * sin
+    return out if r == x.shape[-1] else torch.cat((out, x[..., r:]), dim=-1)

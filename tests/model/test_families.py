@@ -1,0 +1,195 @@
+"""Every native family against transformers' own forward, on tiny random checkpoints
+that transformers builds and saves at test time.
+
+Each checkpoint is made discriminating (NOTES 8): weights randn * 0.2, sliding
+windows shorter than the prompts, soft-capping small enough to change tokens,
+multipliers and logit scales set, embeddings scaled down where the family scales
+them up. Checked in float32: prefill logits, cached decode one token at a time
+across the window, packed multi-branch verification (each branch's log-probs
+equal a separate transformers forward of prefix + branch), greedy tokens.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from specem_fast.model.kv_cache import KVCacheManager
+from specem_fast.model.modeling.args import ModelArgs
+from specem_fast.model.runner import ModelRunner, Run, score_all
+
+ATOL, RTOL = 1e-4, 1e-4  # float32 logits
+BF16_TOL = 0.15  # bfloat16: max |logit difference| (both sides bfloat16; logits of size ~10)
+
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=4096)
+_SHORT = [0.5 + 0.1 * i for i in range(4)]  # longrope factors for rotary_dim 8
+
+# name -> (model_type, config overrides, embedding scale-down)
+FAMILIES = {
+    "qwen3": ("qwen3", dict(head_dim=16, use_sliding_window=True, sliding_window=8, max_window_layers=1), 1.0),
+    "llama_mlp_bias": ("llama", dict(head_dim=16, mlp_bias=True, attention_bias=True), 1.0),
+    "llama_yarn": ("llama", dict(head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=16)), 1.0),
+    "llama_dynamic": ("llama", dict(head_dim=16, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0,
+                                                                      factor=2.0)), 1.0),
+    "gemma": ("gemma", dict(head_dim=16), 0.125),
+    "gemma2": ("gemma2", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=10.0,
+                              final_logit_softcapping=5.0), 0.125),
+    "olmo2": ("olmo2", dict(), 1.0),
+    "granite": ("granite", dict(embedding_multiplier=12.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                                logits_scaling=4.0), 1 / 12),
+    "phi3": ("phi3", dict(sliding_window=12, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                   partial_rotary_factor=0.5)), 1.0),
+    "phi3_longrope": ("phi3", dict(max_position_embeddings=8192, original_max_position_embeddings=4096,
+                                   rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                        partial_rotary_factor=0.5, short_factor=_SHORT,
+                                                        long_factor=[2 * f for f in _SHORT])), 1.0),
+    "glm": ("glm", dict(head_dim=16), 1.0),
+    "glm4": ("glm4", dict(head_dim=16), 1.0),
+    "cohere": ("cohere", dict(use_qk_norm=True, logit_scale=0.25), 1.0),
+    "starcoder2": ("starcoder2", dict(sliding_window=12), 1.0),
+    "exaone4": ("exaone4", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]), 1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(default_model_dirs):
+    return default_model_dirs["smollm2-135m-instruct"]
+
+
+_BUILT: dict[str, tuple] = {}
+
+
+def build(name: str, root, tokenizer_dir):
+    """(folder, transformers model) of a tiny random ``name`` checkpoint, made once per session."""
+    if name in _BUILT:
+        return _BUILT[name]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, over, embed_scale = FAMILIES[name]
+    cfg = AutoConfig.for_model(model_type, vocab_size=49152, **{**_COMMON, **over})
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1, 2, 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+        model.get_input_embeddings().weight.mul_(embed_scale)
+    folder = root / name
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, folder / f)
+    _BUILT[name] = (folder, model)
+    return _BUILT[name]
+
+
+@pytest.fixture
+def family(request, tmp_path_factory, tokenizer_dir):
+    return build(request.param, tmp_path_factory.getbasetemp(), tokenizer_dir)
+
+
+def runner_for(folder, dtype="float32"):
+    r = ModelRunner("m", folder, "cpu", dtype, "torch")
+    r.cache = KVCacheManager([r.cache_shape], 2, 128)["m"]
+    return r
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def ids(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(100, 20000, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+def test_prefill_decode_and_greedy_match_transformers(family):
+    folder, hf = family
+    r = runner_for(folder)
+    x = ids(40, 0)  # longer than every window (8, 12)
+    ref = hf_logits(hf, x)
+    ours = r.logits(r.forward([Run(1, x[:25], 0, 0, 0)]))
+    r.cache.append(1, 25)
+    torch.testing.assert_close(ours, ref[:25], atol=ATOL, rtol=RTOL)
+    for i in range(25, 40):  # one token at a time through the KV cache, across the window
+        step = r.logits(r.forward([Run(1, [x[i]], i, i, i)]))
+        r.cache.append(1, 1)
+        torch.testing.assert_close(step[0], ref[i], atol=ATOL, rtol=RTOL)
+    # greedy continuation: our tokens are transformers' tokens
+    seq = list(x[:30])
+    theirs = list(seq)
+    for _ in range(6):
+        theirs.append(int(hf_logits(hf, theirs)[-1].argmax()))
+    r2 = runner_for(folder)
+    h = r2.logits(r2.forward([Run(0, seq, 0, 0, 0)]))[-1]
+    r2.cache.append(0, len(seq))
+    for _ in range(6):
+        seq.append(int(h.argmax()))
+        n = len(seq) - 1
+        h = r2.logits(r2.forward([Run(0, [seq[-1]], n, n, n)]))[0]
+        r2.cache.append(0, 1)
+    assert seq == theirs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
+def test_packed_branches_score_as_separate_forwards(family):
+    folder, hf = family
+    r = runner_for(folder)
+    prefix = ids(20, 1)
+    cands = [ids(n, 10 + n) for n in (5, 1, 7)]
+    h0 = r.forward([Run(0, prefix, 0, 0, 0)])
+    r.cache.append(0, len(prefix))
+    runs, q = [], len(prefix)
+    for c in cands:
+        runs.append(Run(0, c, q, len(prefix), len(prefix)))
+        q += len(c)
+    h = r.forward(runs)
+    # rows predicting each candidate token: the prefix's last row, then the branch's own rows
+    rows, targets, offsets, at = [], [], [0], 0
+    for c in cands:
+        rows += [h0[-1:], h[at : at + len(c) - 1]]
+        targets += c
+        offsets.append(offsets[-1] + len(c))
+        at += len(c)
+    scores = score_all([r], [r.scoring_problem(torch.cat(rows), targets, offsets)])[0]
+    at = 0
+    for i, c in enumerate(cands):
+        ref = hf_logits(hf, prefix + c)
+        torch.testing.assert_close(r.logits(h[at : at + len(c)]), ref[len(prefix):], atol=ATOL, rtol=RTOL)
+        logp = torch.log_softmax(ref[len(prefix) - 1 : -1], -1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
+        torch.testing.assert_close(scores.token_logprob[offsets[i] : offsets[i + 1]], logp, atol=ATOL, rtol=RTOL)
+        at += len(c)
+
+
+def test_every_family_is_in_the_table():
+    from specem_fast.model.modeling import SUPPORTED_ARCHITECTURES
+
+    assert {FAMILIES[n][0] for n in FAMILIES} | {"llama", "mistral", "qwen2", "gemma3_text"} <= SUPPORTED_ARCHITECTURES
+
+
+def test_the_description_is_read_from_config_json(tmp_path_factory, tokenizer_dir):
+    """What each family needed, as the decoder sees it."""
+    def args(name):
+        folder, _ = build(name, tmp_path_factory.getbasetemp(), tokenizer_dir)
+        import json
+
+        return ModelArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
+
+    g2 = args("gemma2")
+    assert g2.attn_softcap == 10.0 and g2.final_softcap == 5.0 and g2.windows == (8, 0)
+    assert g2.block_norms == ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                              "post_feedforward_layernorm")
+    assert args("phi3").rotary_dim == 8 and args("glm").rope_interleaved and args("glm").rotary_dim == 8
+    assert args("olmo2").qk_norm == "full" and args("olmo2").block_norms[0] is None
+    assert args("cohere").parallel and args("cohere").qk_norm == "head_each" and args("cohere").logit_scale == 0.25
+    gr = args("granite")
+    assert (gr.embed_scale, gr.residual_scale, gr.attn_scale, gr.logit_scale) == (12.0, 0.5, 0.1, 0.25)
+    assert args("starcoder2").mlp == "plain" and args("starcoder2").norm.bias
+    ex = args("exaone4")
+    assert ex.windows == (8, 0) and [k for k, _ in ex.rope] == ["default", "none"]
+    assert args("qwen3").windows == (0, 8)
