@@ -210,6 +210,9 @@ class EngineConfig:
     # members' drafting and verify forwards on one host thread per device, or per member on a CPU
     # with >= 2 threads ("auto"), per member always ("on"), or one after another ("off")
     parallel: str = "auto"
+    # every local (and Ray) member runs each request's draft steps and verify pass as a batch of its
+    # own, so a request's greedy answer does not depend on what it was batched with (in any dtype)
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if not _is_whole(self.cache_tokens) or self.cache_tokens < 16:
@@ -223,6 +226,8 @@ class EngineConfig:
             raise SpecEMError(f"flash_attn must be one of {', '.join(FLASH_ATTN_CHOICES)} (got {self.flash_attn!r})")
         if self.parallel not in PARALLEL_CHOICES:
             raise SpecEMError(f"parallel must be one of {', '.join(PARALLEL_CHOICES)} (got {self.parallel!r})")
+        if not isinstance(self.batch_invariant, bool):
+            raise SpecEMError(f"batch_invariant must be True or False (got {self.batch_invariant!r})")
         if not isinstance(self.compile, bool):
             raise SpecEMError(f"compile must be True or False (got {self.compile!r})")
         for dt in (self.dtype, *self.dtypes):

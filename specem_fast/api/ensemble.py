@@ -58,7 +58,8 @@ class Ensemble:
             r.cache = self.cache[r.name]
         remote = remote or {}
         order = list(dict.fromkeys(drafters + verifiers))
-        self.members: dict[str, Member] = {n: remote[n] if n in remote else LocalMember(runners[n]) for n in order}
+        self.members: dict[str, Member] = {n: remote[n] if n in remote else LocalMember(runners[n], config.batch_invariant)
+                                           for n in order}
         self.crew = MemberCrew(self.members, config.parallel)
         self.executor = RoundExecutor(self.crew, drafters, verifiers)
         self.weights = WeightBook(verifiers)
@@ -93,16 +94,19 @@ class Ensemble:
         parallel: str = "auto",
         warmup: bool = False,
         preset: str = "auto",
+        batch_invariant: bool = False,
     ) -> "Ensemble":
         """``preset``: the settings a request runs with by default (every option still
         overrides): "auto" is "recommended" when the ensemble has prior weights (``weights``,
         or the calibration shipped for the default members) and "reference" (the paper's
-        method) otherwise; see :meth:`use_preset`."""
+        method) otherwise; see :meth:`use_preset`. ``batch_invariant``: each request's forwards
+        run as a batch of one in every member, so its greedy answer does not depend on the
+        requests it runs with, in any dtype (slower under load: docs/limits.md)."""
         if preset not in PRESET_CHOICES:
             raise SpecEMError(f"preset must be one of {', '.join(PRESET_CHOICES)} (got {preset!r})")
         config = EngineConfig(device=device, dtype=dtype, cache_tokens=cache_tokens, max_batch=max_batch,
                               kernels=kernels, flash_attn=flash_attn, devices=tuple(devices), dtypes=tuple(dtypes),
-                              compile=compile, parallel=parallel)
+                              compile=compile, parallel=parallel, batch_invariant=batch_invariant)
         check_engine(config)
         runners, remote, drafters, verifiers_ = load_members(models, verifiers, config, progress, placement,
                                                              ray_address, backend)
@@ -153,6 +157,7 @@ class Ensemble:
             "cache_tokens": self.config.cache_tokens,
             "compile": self.config.compile,
             "parallel": [list(g) for g in pool.groups] if pool.concurrent else None,
+            "batch_invariant": self.config.batch_invariant,
         }
 
     @property

@@ -64,6 +64,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="FILE",
                    help="load prior and learned model weights from this JSON file (written by `calibrate` "
                         "or --save-weights); the default members come with a calibration")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-independent answers: each request's forwards run as a batch of one in every "
+                        "member, so a greedy answer is the same whatever it runs with, in any dtype (slower under "
+                        "load; docs/limits.md)")
     p.add_argument("--preset", choices=PRESET_CHOICES, default="auto",
                    help="default settings, which every option below overrides (default auto: 'recommended' "
                         "= calibrated prior + model exit + agreement fast path when there are prior weights, "
@@ -196,4 +200,5 @@ def load_ensemble(args: argparse.Namespace, max_batch: int = 1, max_waiting: int
         ray_address=getattr(args, "ray_address", None),
         preset=getattr(args, "preset", "auto"),
         backend=_backend_arg(getattr(args, "backend", None)),
+        batch_invariant=getattr(args, "deterministic", False),
     )

@@ -156,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
         server = _server(uvicorn, app, args, SHUTDOWN_BACKSTOP)
         host, port = sock.getsockname()[:2]
         print(f"specem-fast: serving {args.served_model_name!r} ({', '.join(ens.model_names)}) on "
-              f"http://{host}:{port}/v1", file=sys.stderr, flush=True)
+              f"http://{host}:{port}/v1; greedy answers are "
+              + ("batch-independent (--deterministic)" if ens.config.batch_invariant else
+                 "not batch-independent (--deterministic makes them so)"), file=sys.stderr, flush=True)
         # uvicorn re-raises the signal it stopped on once it has shut down; with these
         # handlers in place SIGTERM and Ctrl-C end in a clean exit 0 instead of a kill
         signal.signal(signal.SIGTERM, lambda *_: None)

@@ -47,7 +47,8 @@ class MemberCrew:
 
     def _verify_or_lay_out(self, m: str, calls: list[VerifyCall]) -> tuple[str, object]:
         member = self.members[m]
-        if isinstance(member, LocalMember):  # scored below, together with the device's other verifiers
+        # scored below, together with the device's other verifiers (one by one when batch-invariant)
+        if isinstance(member, LocalMember) and not member.batch_invariant:
             return "laid", member.lay_out(calls)
         return "verified", member.verify(calls)
 

@@ -124,6 +124,9 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
         if per_model and len(per_model) != len(drafters):
             raise SpecEMError(f"{what} lists {len(per_model)} entries for {len(drafters)} models; give one per model")
     specs = {n: parse_spec(n, placement) for n in dict.fromkeys(drafters + verifiers_)}
+    if config.batch_invariant and (served := [n for n, sp in specs.items() if sp.kind == "vllm"]):
+        raise SpecEMError(f"batch_invariant cannot hold for vLLM members ({', '.join(served)}): vLLM batches "
+                          "requests on its server; use local or Ray members, or leave batch_invariant off")
     # one model under two spellings (a registry name and its folder, ./x and x/) is one model
     asked = _requested_backends(backend, drafters, list(specs))
     asked = {n: sp.backend or asked[n] for n, sp in specs.items()}

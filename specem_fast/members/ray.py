@@ -19,7 +19,14 @@ waits forever:
 - an actor that goes down during a call (killed, crashed, its node lost) fails
   that call with :class:`RayMemberLost` naming the member, and the engine ends
   the requests of that round; Ray restarts the actor (up to
-  ``SPECEM_RAY_MAX_RESTARTS`` times, default 4) and the next call waits for it;
+  ``SPECEM_RAY_MAX_RESTARTS`` times, default 4) and the next call waits for it
+  (``SPECEM_RAY_RESTART_WAIT`` seconds, default 120; errors name the member and
+  its node);
+- a member that has not come back within that wait (its node is gone and no
+  other node has its resources free) is *down*: the call fails saying so, and
+  every later call is refused at once in one line (after a one-second check)
+  until Ray has restarted the actor, e.g. on the node when it rejoins, and the
+  member serves again;
 - an actor that does not answer within the timeout fails the call the same way
   and is restarted, so later calls do not queue behind it;
 - an actor whose restarts are used up is dead: every call says so at once
@@ -62,7 +69,9 @@ log = logging.getLogger(__name__)
 
 # Defaults of the settings read from the environment (seconds, counts).
 CALL_TIMEOUT_S = 600.0  # SPECEM_RAY_TIMEOUT: one call (a draft, a verify pass) of one member
-START_TIMEOUT_S = 1800.0  # SPECEM_RAY_START_TIMEOUT: placing an actor and loading its model (also a restart)
+START_TIMEOUT_S = 1800.0  # SPECEM_RAY_START_TIMEOUT: placing an actor and loading its model
+RESTART_WAIT_S = 120.0  # SPECEM_RAY_RESTART_WAIT: a call's wait for an actor that went down to be back
+DOWN_PROBE_S = 1.0  # a member that is down: each call checks this long whether it is back
 CLOSE_TIMEOUT_S = 10.0  # forgetting requests: never raises, so it need not wait long
 MAX_RESTARTS = 4  # SPECEM_RAY_MAX_RESTARTS: how often Ray restarts a member's actor
 PROBE_TIMEOUT_S = 5.0  # reaching the cluster's address before ray.init (which retries for minutes)
@@ -226,7 +235,7 @@ class MemberActor:
                                  f"{avail / 2**30:.2f} GiB is free; lower --cache-tokens or max_batch")
         self.cache = KVCacheManager([runner.cache_shape], config.max_batch, config.cache_tokens)
         runner.cache = self.cache[name]
-        self.member = LocalMember(runner)
+        self.member = LocalMember(runner, config.batch_invariant)
         self.name, self.max_batch = name, config.max_batch
         self.info = {"kind": "ray", "node": node, "pid": os.getpid(), "actor": ctx.get_actor_id(),
                      "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
@@ -359,6 +368,8 @@ class RayMember:
         self._held: dict[int, _Held] = {}
         self._down = False  # the actor went down during a call: wait for its restart before the next
         self._dead: str | None = None  # why the actor will not come back
+        self._gone: str | None = None  # why it is down (not back within restart_wait): calls refused until it is
+        self.restart_wait = _env_number("SPECEM_RAY_RESTART_WAIT", RESTART_WAIT_S, float, 0.1)
         self.reopened = 0  # requests re-opened on a restarted actor
         self.waited: dict[str, list] = {}  # per call kind: [calls, seconds in ray.get] (see boundary())
 
@@ -403,7 +414,13 @@ class RayMember:
 
     # -- what the engine reads -------------------------------------------------------
     def describe(self) -> dict:
-        return dict(self._info, restarts=self.restarts, reopened=self.reopened)
+        state = "dead" if self._dead else "down" if self._gone else "restarting" if self._down else "up"
+        return dict(self._info, restarts=self.restarts, reopened=self.reopened, state=state)
+
+    @property
+    def where(self) -> str:
+        """The member and the Ray node its actor runs (or last ran) on, for messages."""
+        return f"member {self.name} (Ray node {self._info.get('node', '?')})"
 
     @property
     def requests(self) -> list[int]:
@@ -511,35 +528,46 @@ class RayMember:
                     "ids", self.name, ", ".join(map(str, requests)))
 
     def _await_restart(self, ray) -> None:
-        """After the actor went down, wait until Ray has it back (or says it is dead)."""
+        """After the actor went down, wait until Ray has it back (or says it is dead): up to
+        ``restart_wait`` seconds, then the member is down and each call checks only briefly."""
         if self._dead:
             raise RayMemberLost(self._dead)
         if not self._down:
             return
-        deadline = time.monotonic() + self.start_timeout
+        wait = DOWN_PROBE_S if self._gone else self.restart_wait
+        deadline = time.monotonic() + wait
         while True:
             try:
                 info = ray.get(self._actor.ping.remote(), timeout=max(0.1, deadline - time.monotonic()))
                 break
             except ray.exceptions.ActorDiedError as exc:
-                self._dead = (f"member {self.name}'s Ray actor is dead and will not be restarted (restarts allowed: "
+                self._dead = (f"{self.where}: its Ray actor is dead and will not be restarted (restarts allowed: "
                               f"{self.max_restarts}; Ray: {_first_line(exc)}); build a new Ensemble")
                 raise RayMemberLost(self._dead) from None
             except ray.exceptions.RayActorError:  # still restarting
                 if time.monotonic() > deadline:
-                    raise RayMemberLost(f"member {self.name}'s Ray actor has not come back within "
-                                        f"{self.start_timeout:.0f} s of going down") from None
+                    self._not_back(wait)
                 time.sleep(0.2)
             except ray.exceptions.GetTimeoutError:
-                raise RayMemberLost(f"member {self.name}'s Ray actor has not come back within "
-                                    f"{self.start_timeout:.0f} s of going down") from None
+                self._not_back(wait)
             except ray.exceptions.RayTaskError as exc:  # it restarted, and failed to load this time
                 cause = exc.cause
                 raise cause if isinstance(cause, SpecEMError) else RayMemberError(
-                    f"member {self.name} failed to load after a restart: {cause}") from None
+                    f"{self.where} failed to load after a restart: {cause}") from None
         self._down = False
+        if self._gone:
+            log.warning("%s is back after being down (%s)", self.where, self._gone)
+            self._gone = None
         if info["token"] != self._token:
             self._new_incarnation(info)
+
+    def _not_back(self, waited: float) -> None:
+        if self._gone is None:
+            self._gone = (f"{self.where} is down: its Ray actor went away and has not come back within "
+                          f"{waited:.0f} s (SPECEM_RAY_RESTART_WAIT); no node with its resources has taken it yet. "
+                          "Requests are refused until Ray restarts it (e.g. when its node rejoins the cluster)")
+            log.warning("%s", self._gone)
+        raise RayMemberLost(self._gone) from None
 
     def _restarted(self, ray) -> None:
         self._new_incarnation(self._get(ray, self._actor.ping.remote(), "ping"))
@@ -560,22 +588,22 @@ class RayMember:
         except ray.exceptions.GetTimeoutError:
             self._down = True
             _kill(ray, self._actor, restart=True)  # later calls must not queue behind a call that hangs
-            raise RayMemberLost(f"member {self.name} (Ray actor) did not answer {what} within {self.timeout:.0f} s; "
+            raise RayMemberLost(f"{self.where} did not answer {what} within {self.timeout:.0f} s; "
                                 "the requests of this call end and the actor is restarted (SPECEM_RAY_TIMEOUT "
                                 "sets the wait)") from None
         except ray.exceptions.RayTaskError as exc:  # the call raised in the actor
             cause = exc.cause
             if isinstance(cause, SpecEMError):  # MemberStateError, CacheFullError...: they name the member
                 raise cause from None
-            raise RayMemberError(f"member {self.name} (Ray actor) failed in {what}: {type(cause).__name__}: "
+            raise RayMemberError(f"{self.where} failed in {what}: {type(cause).__name__}: "
                                  f"{cause}") from None
         except ray.exceptions.RayActorError as exc:  # died, killed, restarting, node lost
             self._down = True
-            raise RayMemberLost(f"member {self.name}'s Ray actor went down during {what} ({_first_line(exc)}); "
+            raise RayMemberLost(f"{self.where}: its Ray actor went down during {what} ({_first_line(exc)}); "
                                 "the requests of this call end; Ray restarts the actor and later requests run on "
                                 "it") from None
         except ray.exceptions.RayError as exc:
-            raise RayMemberError(f"member {self.name} (Ray actor): {what} failed: {_first_line(exc)}") from None
+            raise RayMemberError(f"{self.where}: {what} failed: {_first_line(exc)}") from None
 
 
 def _kill(ray, actor, restart: bool = False) -> None:

@@ -425,6 +425,7 @@ def _model_card(ens, name: str, profile: str | None, created: int) -> dict[str, 
     prof = ens.profiles.get(profile) if hasattr(ens, "profiles") else None
     return {"id": name, "object": "model", "created": created, "owned_by": "specem-fast",
             "drafters": ens.drafters, "verifiers": ens.verifiers, "max_model_len": ens.config.cache_tokens,
-            "max_batch": ens.config.max_batch, "profile": profile or "default",
+            "max_batch": ens.config.max_batch, "batch_independent": getattr(ens.config, "batch_invariant", False),
+            "profile": profile or "default",
             "preset": prof.preset if prof is not None else None,
             "weights": prof.weights_source if prof is not None else None}

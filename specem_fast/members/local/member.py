@@ -51,8 +51,12 @@ class _Seq:
 class LocalMember:
     """One model in this process (see :mod:`.member` for the calls)."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, batch_invariant: bool = False):
+        """``batch_invariant``: every forward holds one request only (its draft steps, its
+        verify pass), so no reduction mixes rows of two requests and a request's answer is
+        the same whatever it is batched with, at the cost of one forward per request."""
         self.runner = runner
+        self.batch_invariant = batch_invariant
         self.name = runner.name
         self._seqs: dict[int, _Seq] = {}
         self.drafter = Drafter(runner)
@@ -110,6 +114,8 @@ class LocalMember:
 
     # -- draft ----------------------------------------------------------------
     def draft(self, calls: Sequence[DraftCall]) -> list[DraftOut]:
+        if self.batch_invariant and len(calls) > 1:  # one request per forward
+            return [self.draft([c])[0] for c in calls]
         seqs = [self._seq(c.request, c.prefix) for c in calls]
         cache = self.runner.cache
         for c, s in zip(calls, seqs):
@@ -166,6 +172,8 @@ class LocalMember:
 
     # -- verify ---------------------------------------------------------------
     def verify(self, calls: Sequence[VerifyCall]) -> list[VerifyOut]:
+        if self.batch_invariant and len(calls) > 1:  # one request per forward and scoring
+            return [self.verify([c])[0] for c in calls]
         plan, problem = self.lay_out(calls)
         scores = score_all([self.runner], [problem])[0] if problem is not None else None
         return self.scores_out(plan, scores)
