@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Iterable
 
 from specem_fast.errors import SpecEMError
-from specem_fast.model.text import refuse_remote_code
-from specem_fast.model.modeling.args import SUPPORTED_ARCHITECTURES
 from specem_fast.hub.registry import (
     DEFAULT_MODELS,
     ModelEntry,
@@ -546,13 +544,6 @@ def fetch_models(names: list[str] | None = None, progress: bool = True, force: b
 # ---------------------------------------------------------------------- resolve
 
 
-def _unknown_name_message(spec: str) -> str:
-    return (
-        f"unknown model {spec!r}: known models are {', '.join(model_names())}. "
-        "A path to a local Hugging Face model folder also works."
-    )
-
-
 def _looks_like_path(spec: str) -> bool:
     return os.sep in spec or spec.startswith((".", "~")) or (os.altsep is not None and os.altsep in spec)
 
@@ -569,77 +560,27 @@ def _registered_dir(spec: str) -> Path:
     return model_dir(spec)
 
 
-def _check_folder_files(path: Path) -> None:
-    """Name the first missing piece of a HF folder, with how to produce it."""
-    if not path.is_dir():
-        raise SpecEMError(
-            f"{path} is a file, not a model folder; pass a folder holding config.json, "
-            "*.safetensors weights and tokenizer.json, or a registry name "
-            f"({', '.join(model_names())})"
-        )
-    if not (path / "config.json").is_file():
-        raise SpecEMError(
-            f"{path} has no config.json; point to a Hugging Face model folder "
-            "(config.json, *.safetensors, tokenizer.json)"
-        )
-    if not any(path.glob("*.safetensors")):
-        extra = " (it has .bin/.pt weights: convert them to safetensors first)" if (
-            any(path.glob("*.bin")) or any(path.glob("*.pt"))
-        ) else ""
-        raise SpecEMError(
-            f"{path} has no *.safetensors weights{extra}; save the model with "
-            "`save_pretrained(..., safe_serialization=True)` into that folder"
-        )
-    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-        raise SpecEMError(
-            f"{path} has no tokenizer (tokenizer.json or tokenizer.model); save the "
-            "tokenizer with `AutoTokenizer.from_pretrained(...).save_pretrained(folder)`"
-        )
-
-
-def _check_architecture(path: Path) -> None:
-    """Refuse unsupported model types before loading, not deep inside it."""
-    cfg_path = path / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SpecEMError(f"{cfg_path} is not valid JSON ({exc}); fix or re-save the config") from None
-    if not isinstance(cfg, dict):
-        raise SpecEMError(
-            f"{cfg_path} holds a JSON {type(cfg).__name__}, not an object; a Hugging Face config.json is "
-            "one object of settings: re-save the model's config"
-        )
-    mtype = cfg.get("model_type")
-    text = cfg.get("text_config")
-    if mtype == "gemma3" and isinstance(text, dict) and text.get("model_type") == "gemma3_text":
-        mtype = "gemma3_text"
-    if mtype not in SUPPORTED_ARCHITECTURES:
-        raise SpecEMError(
-            f"{path} is a {mtype!r} model, which specem_fast does not support; supported "
-            f"architectures (config model_type): {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-
-
 def resolve_model(spec: str, check_architecture: bool = True) -> Path:
-    """Turn a registry name or a local HF folder path into a checked model folder.
+    """A registry name, a local HF folder or a Hub id -> a checked model folder (hub/resolve.py:
+    the order, the Hub cache and the checks). ``check_architecture=False``: any architecture and
+    quantization passes (the member loader picks the native runtime or the transformers backend)."""
+    from specem_fast.hub.resolve import resolve_folder
 
-    Checks up front what the runtime needs (config, safetensors weights, a
-    tokenizer, a supported architecture) so the user gets a fixable message
-    instead of a traceback deep inside model loading. ``check_architecture=False``:
-    any architecture passes (the member loader picks the native runtime or the
-    transformers backend for it).
-    """
     entry = get_entry(spec)
     if entry is not None and not (Path(spec).is_dir() and _looks_like_path(spec)):
         return _registered_dir(spec)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise SpecEMError(_unknown_name_message(spec))
-    _check_folder_files(path)
-    if check_architecture:
-        _check_architecture(path)
-    refuse_remote_code(path)
-    return path.resolve()
+    return resolve_folder(spec, check_architecture=check_architecture)
+
+
+def resolve_tokenizer(spec: str) -> Path:
+    """A registry name, a local folder or a Hub id -> a folder holding a tokenizer: what a vLLM
+    member needs locally (no weights, no config.json, any architecture; no remote code)."""
+    from specem_fast.hub.resolve import resolve_tokenizer_folder
+
+    entry = get_entry(spec)
+    if entry is not None and not (Path(spec).is_dir() and _looks_like_path(spec)):
+        return _registered_dir(spec)
+    return resolve_tokenizer_folder(spec)
 
 
 __all__ = [
@@ -656,4 +597,5 @@ __all__ = [
     "model_dir",
     "read_marker",
     "resolve_model",
+    "resolve_tokenizer",
 ]

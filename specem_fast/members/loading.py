@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from specem_fast.config import EngineConfig
 from specem_fast.errors import SpecEMError
-from specem_fast.hub.fetch import resolve_model
+from specem_fast.hub.fetch import resolve_model, resolve_tokenizer
 from specem_fast.members.interface import Member
 from specem_fast.hub.registry import DEFAULT_MODELS
 from specem_fast.model.runner import ModelRunner, available_memory, memory_needs, resolve_dtype
@@ -130,7 +130,9 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
     # one model under two spellings (a registry name and its folder, ./x and x/) is one model
     asked = _requested_backends(backend, drafters, list(specs))
     asked = {n: sp.backend or asked[n] for n, sp in specs.items()}
-    folders = {n: resolve_model(sp.model, check_architecture=sp.kind == "vllm") for n, sp in specs.items()}
+    # a vLLM member needs only a tokenizer here (folder or Hub id): its weights and architecture are the server's
+    folders = {n: resolve_tokenizer(sp.model) if sp.kind == "vllm" else resolve_model(sp.model, check_architecture=False)
+               for n, sp in specs.items()}
     backends = {n: choose_backend(n, folders[n], asked[n]) for n, sp in specs.items() if sp.kind != "vllm"}
     keys = {n: (sp.kind, sp.url, folders[n].resolve(), dict(sp.options).get("served")) for n, sp in specs.items()}
     drafters = _distinct(drafters, keys, "models")

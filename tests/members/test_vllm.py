@@ -416,6 +416,59 @@ def test_a_member_that_cannot_reach_its_server_is_refused_at_load(smol_dir):
         _member(url, smol_dir, retries=0)
 
 
+def test_a_tokenizer_only_folder_or_hub_id_is_all_a_vllm_member_needs(vllm_server, remote, smol_dir, tmp_path,
+                                                                     monkeypatch):
+    """No weights, no config.json, no architecture check: a member loads through load_members from a
+    folder holding only the served model's tokenizer, and from a Hub id in an offline Hugging Face
+    cache (huggingface_hub's layout), checks the server's tokenizer against it, and drafts and
+    scores as the member whose MODEL is the full folder."""
+    import shutil
+
+    from specem_fast.config import EngineConfig
+    from specem_fast.members.interface import DraftCall, VerifyCall
+    from specem_fast.members.loading import load_members
+
+    files = [f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if (smol_dir / f).is_file()]
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    commit = "c" * 40
+    repo = tmp_path / "hf-cache" / "models--org--smol-tokenizer"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in files:
+        shutil.copy(smol_dir / f, tok / f)
+        shutil.copy(smol_dir / f, repo / "blobs" / f"{f}.blob")
+        (repo / "snapshots" / commit / f).symlink_to(f"../../blobs/{f}.blob")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model, folder in ((str(tok), tok), ("org/smol-tokenizer", repo / "snapshots" / commit)):
+        spec = f"vllm:{vllm_server.url}#{model};served={SMOL}"
+        runners, members, _, _ = load_members([spec], None, EngineConfig(cache_tokens=2048))
+        m = members[spec]
+        try:
+            assert not runners
+            d = m.describe()
+            assert d["tokenizer"] == str(folder.resolve()) and d["tokenizer_checked"] and d["max_model_len"] == 2048
+            assert not (folder / "config.json").exists() and not list(folder.glob("*.safetensors"))
+            rid, n = _open([m, remote], PROMPTS[0])
+            try:
+                a, = m.draft([DraftCall(rid, n, 10)])
+                b, = remote.draft([DraftCall(rid, n, 10)])
+                assert (a.tokens, a.text, a.stopped) == (b.tokens, b.text, b.stopped) and a.tokens
+                cands = ((m.name, a.text), ("other", " 42"))
+                sa, = m.verify([VerifyCall(rid, n, cands)])
+                sb, = remote.verify([VerifyCall(rid, n, cands)])
+                assert sa.lengths == sb.lengths
+                assert all(abs(x - y) <= SCORE_TOL for x, y in zip(sa.mean_logprob, sb.mean_logprob))
+            finally:
+                m.close([rid])
+                remote.close([rid])
+        finally:
+            m.shutdown()
+
+
 def test_spec_options_are_checked():
     from specem_fast.errors import SpecEMError
     from specem_fast.members.loading import parse_spec
