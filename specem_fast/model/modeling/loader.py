@@ -99,7 +99,7 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
         raise SpecEMError(f"{folder} has no *.safetensors weights; save the model with safetensors")
     fix = fix_hint(folder)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = _in_folder_terms(folder, Transformer, args)  # rope kinds are read here
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     dq = Dequantizer(quant, folder, expected, fix) if quant is not None else None
@@ -149,8 +149,13 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
 
 def model_args(folder: Path, cfg: dict) -> ModelArgs:
     """ModelArgs.from_hf_config, its refusals naming the folder (several members load at once)."""
+    return _in_folder_terms(folder, ModelArgs.from_hf_config, cfg)
+
+
+def _in_folder_terms(folder: Path, fn, *a):
+    """fn(*a), a SpecEMError from it naming the folder, and the way out where a feature is missing."""
     try:
-        return ModelArgs.from_hf_config(cfg)
+        return fn(*a)
     except SpecEMError as exc:
         msg = str(exc)
         if str(folder) in msg:
