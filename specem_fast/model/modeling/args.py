@@ -10,6 +10,7 @@ import torch
 
 from specem_fast.errors import SpecEMError
 from specem_fast.model.modeling.families import FAMILIES, Family, fused_parts
+from specem_fast.model.modeling.moe import MoeSpec, moe_spec
 
 # The architectures the native runtime implements (config.json model_type): one
 # entry each in families.FAMILIES, which says what differs between them.
@@ -59,6 +60,7 @@ class ModelArgs:
     residual_scale: float | None = None  # sublayer outputs * this before the residual add
     logit_scale: float | None = None  # logits * this (folded into the final hidden states)
     final_softcap: float | None = None
+    moe: MoeSpec | None = None  # routed MLP (moe.py): experts, top-k, which layers route; None: dense
 
     @property
     def family(self) -> Family:
@@ -141,6 +143,7 @@ class ModelArgs:
             residual_scale=_opt_num(cfg, fam.residual_key),
             logit_scale=logit_scale,
             final_softcap=_opt_num(cfg, fam.final_softcap_key),
+            moe=moe_spec(fam.moe, cfg, n_layers) if fam.moe else None,
         )
 
     def fused_parts(self, name: str) -> list[tuple[str, int]] | None:
@@ -307,6 +310,8 @@ def _layer_windows(cfg: dict[str, Any], fam: Family, n: int) -> tuple[int, ...]:
         return (0,) * n
     if fam.windows == "all":
         return (sw,) * n
+    if fam.windows == "qwen_all":
+        return (sw if cfg.get("use_sliding_window", False) else 0,) * n
     if fam.windows == "qwen":
         if not cfg.get("use_sliding_window", False):
             return (0,) * n

@@ -65,7 +65,8 @@ class Family:
     logit_div_key: str | None = None  # logits / value (Granite's logits_scaling)
     final_softcap_key: str | None = None  # logits soft-capping
     # -- sliding windows --------------------------------------------------------
-    # "none"; "all" (sliding_window on every layer); "qwen" (use_sliding_window, then
+    # "none"; "all" (sliding_window on every layer); "qwen_all" (every layer when
+    # use_sliding_window, Qwen3-MoE); "qwen" (use_sliding_window, then
     # layer_types or max_window_layers); "layer_types" (layer_types, else every
     # `pattern`-th layer is full: pattern from pattern_key, default pattern_default)
     windows: str = "none"
@@ -73,6 +74,8 @@ class Family:
     pattern_default: int = 0
     # -- embeddings -------------------------------------------------------------
     tie_default: bool = False
+    # -- routed MLP (moe.py) ----------------------------------------------------
+    moe: str | None = None  # routing rule and config keys: a moe.MOE_KINDS entry (None: dense MLP)
 
 
 _GEMMA = dict(norm_offset=True, gelu_is_tanh=True, act_default="gelu_pytorch_tanh", embed_scale="sqrt_hidden",
@@ -114,6 +117,11 @@ FAMILIES: dict[str, Family] = {
     "exaone4": Family(**_POST_NORM, qk_norm="head", nope_full_layers=True, qkv_bias_key=None, mlp_bias_key=None,
                       windows="layer_types", pattern_key="sliding_window_pattern", pattern_default=4,
                       eps_default=1e-5),
+    # routed MLPs (moe.py); attention as in their dense relatives
+    "qwen3_moe": Family(qk_norm="head", windows="qwen_all", mlp_bias_key=None, moe="qwen3_moe"),
+    "qwen2_moe": Family(qkv_bias_key="qkv_bias", qkv_bias_default=True, o_bias=False, windows="qwen",
+                        mlp_bias_key=None, moe="qwen2_moe"),
+    "mixtral": Family(windows="all", mlp_bias_key=None, rope_theta_default=1000000.0, moe="mixtral"),
 }
 
 

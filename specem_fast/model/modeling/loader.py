@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from specem_fast.errors import SpecEMError
 from specem_fast.model.modeling.args import ModelArgs
+from specem_fast.model.modeling.moe import Experts, ExpertStacker, moe_key
 from specem_fast.model.modeling.transformer import Norm, Transformer
 from specem_fast.model.quant import Dequantizer, is_float8, read_quant_spec
 
@@ -103,6 +104,7 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     dq = Dequantizer(quant, folder, expected, fix) if quant is not None else None
+    experts = ExpertStacker(expected, folder, fix) if args.moe is not None else None
     for f in files:
         check_safetensors(f, fix)
         try:
@@ -114,6 +116,13 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
                 name = _normalise(key)
                 if name is None:
                     continue  # a multimodal checkpoint's vision tower
+                if experts is not None:
+                    name = moe_key(name)  # Mixtral's block_sparse_moe.* is our mlp.*
+                    if experts.claims(name):  # one expert's projection: stacked per layer (moe.py)
+                        for sname, t in experts.add(name, _finite(_read(sf, key, folder, fix), key, folder, dtype,
+                                                                  fix)):
+                            _put(state, sname, t, folder)
+                        continue
                 if dq is not None and dq.claims(name, sf.get_slice(key).get_dtype()):
                     for wname, w in dq.add(name, _read(sf, key, folder, fix)):  # quant.py: dequantized weights
                         _put(state, wname, _finite(w, wname, folder, dtype, fix), folder)
@@ -135,6 +144,8 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
                 _put(state, name, _finite(_read(sf, key, folder, fix), key, folder, dtype, fix), folder)
     if dq is not None:
         dq.finish()
+    if experts is not None:
+        experts.finish()
     missing = sorted(set(expected) - set(state))
     if missing:
         raise SpecEMError(
@@ -211,6 +222,9 @@ def random_transformer(args: ModelArgs, device: torch.device | str, dtype: torch
                 mod.weight.fill_(0.0 if mod.offset else 1.0)
                 if mod.bias is not None:
                     mod.bias.zero_()
+            elif isinstance(mod, Experts):  # stacked expert weights (moe.py)
+                for p in mod.parameters():
+                    p.normal_(0.0, std, generator=gen)
             elif isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
                 mod.weight.normal_(0.0, std, generator=gen)
                 if getattr(mod, "bias", None) is not None:

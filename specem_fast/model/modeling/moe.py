@@ -35,7 +35,7 @@ from torch import nn
 
 from specem_fast.errors import SpecEMError
 
-__all__ = ["ExpertStacker", "MoE", "MoeSpec", "moe_spec"]
+__all__ = ["ExpertStacker", "MoE", "MoeSpec", "activation", "moe_spec"]
 
 # (token, expert) pairs up to which the gathered (sync-free) path runs
 GATHER_MAX_PAIRS = 64
@@ -103,6 +103,14 @@ def moe_spec(kind: str, cfg: dict[str, Any], num_layers: int) -> MoeSpec:
         routed = [i not in dense and (i + 1) % step == 0 for i in range(num_layers)]
     return MoeSpec(num_experts=experts, top_k=top_k, intermediate_size=size, norm_topk=norm,
                    shared_intermediate_size=shared, weights_fp32=k["fp32"], layers=tuple(routed))
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The experts' activation by ModelArgs.hidden_act name ("silu", "gelu_tanh" or "gelu")."""
+    if name == "silu":
+        return F.silu
+    approximate = "tanh" if name == "gelu_tanh" else "none"
+    return lambda x: F.gelu(x, approximate=approximate)
 
 
 def route(logits: torch.Tensor, top_k: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specem_fast.model.modeling.args import ModelArgs, NormSpec
+from specem_fast.model.modeling.moe import MoE, activation
 
 
 @dataclass
@@ -136,7 +137,8 @@ class Block(nn.Module):
     def __init__(self, a: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = Attention(a, layer)
-        self.mlp = MLP(a)
+        routed = a.moe is not None and a.moe.layers[layer]
+        self.mlp = MoE(a.moe, a.hidden_size, activation(a.hidden_act)) if routed else MLP(a)
         self.norm_names = a.block_norms
         for name in a.block_norms:
             if name is not None:
