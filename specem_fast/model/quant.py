@@ -373,3 +373,23 @@ def _check_scales(s: torch.Tensor, where: str, fix: str) -> None:
 
 def is_float8(dtype: torch.dtype) -> bool:
     return dtype in _FLOAT8 or "float8" in str(dtype)
+
+
+def dense_params(name: str, shape: list[int], spec: QuantSpec | None) -> int:
+    """How many compute-dtype parameters a checkpoint tensor becomes once loaded (for memory
+    estimates from safetensors headers): a packed ``qweight`` stands for ``32/bits`` weights
+    per int32; zero points, scales, ``g_idx`` and activation scales are not kept."""
+    count = 1
+    for d in shape:
+        count *= d
+    if spec is None:
+        return count
+    part = name.rpartition(".")[2]
+    if spec.method in ("gptq", "awq"):
+        if part == "qweight":
+            return count * (32 // spec.bits)
+        if part in ("qzeros", "scales", "g_idx"):
+            return 0
+    elif part in ("weight_scale_inv", "activation_scale", "input_scale"):
+        return 0
+    return count

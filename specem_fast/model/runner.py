@@ -355,8 +355,11 @@ def memory_needs(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
     from config.json and the safetensors headers alone (no weights are read)."""
     from specem_fast.model.modeling.args import ModelArgs
     from specem_fast.model.modeling.loader import check_safetensors, fix_hint
+    from specem_fast.model.quant import dense_params, read_quant_spec
 
-    args = ModelArgs.from_hf_config(read_config(folder))
+    cfg = read_config(folder)
+    args = ModelArgs.from_hf_config(cfg)
+    quant = read_quant_spec(folder, cfg)  # a quantized checkpoint loads dequantized: count the dense weights
     size = torch.empty((), dtype=dtype).element_size()
     kv = 2 * args.num_layers * args.num_kv_heads * args.head_dim * size
     params = 0
@@ -365,7 +368,7 @@ def memory_needs(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
         for key, info in check_safetensors(f, fix).items():
             shape = info.get("shape") if key != "__metadata__" else None
             if isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape):
-                params += math.prod(shape)
+                params += dense_params(key, shape, quant) if quant else math.prod(shape)
     return kv, params * size
 
 

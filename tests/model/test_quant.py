@@ -386,3 +386,17 @@ def test_quantization_refusal_is_available_before_loading(tiny_llama, tmp_path):
     assert quantization_refusal(tiny_llama, {"quantization_config": {"quant_method": "gptq", "bits": 4}}) is None
     msg = quantization_refusal(tiny_llama, {"quantization_config": {"quant_method": "bitsandbytes"}})
     assert str(tiny_llama) in msg and "bitsandbytes" in msg
+
+
+def test_memory_estimate_counts_the_dequantized_weights(tiny_llama, tmp_path):
+    """The KV/weights check before loading reads safetensors headers: a packed qweight stands for
+    32/bits weights, and zero points/scales/g_idx are not kept."""
+    from specem_fast.model.runner import memory_needs
+
+    _, plain = memory_needs(tiny_llama, torch.float32)
+    for bits in (4, 8):
+        write_gptq(tiny_llama, tmp_path / f"g{bits}", bits, 32, False, True, "gptq")
+        assert memory_needs(tmp_path / f"g{bits}", torch.float32)[1] == plain
+    write_awq(tiny_llama, tmp_path / "a", 4, 32)
+    write_fp8(tiny_llama, tmp_path / "f")
+    assert memory_needs(tmp_path / "a", torch.float32)[1] == memory_needs(tmp_path / "f", torch.float32)[1] == plain
