@@ -219,3 +219,21 @@ def test_a_tokenizer_folder_still_refuses_missing_tokenizers_and_remote_code(hub
     (code / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(SpecEMError, match="wants to run its own Python code"):
         resolve_tokenizer(str(code))
+
+
+def test_a_hub_id_member_joins_an_ensemble(hub, tiny_dirs):
+    """The id is the member's name; it writes the same text as its folder does."""
+    from specem_fast import Ensemble
+
+    lay_out(hub, "org/tiny-llama", COMMIT_A, folder_files(tiny_dirs["llama"]))
+    other = str(tiny_dirs["qwen2"])
+    got = []
+    for first in ("org/tiny-llama", str(tiny_dirs["llama"])):
+        ens = Ensemble.from_pretrained([first, other], cache_tokens=256, max_batch=1, dtype="float32", kernels="torch")
+        try:
+            assert first in ens.model_names
+            res = ens.generate("List three colours.", max_new_tokens=20, window=5)
+        finally:
+            ens.close()
+        got.append((res.text, [r.winner_model == first for r in res.rounds]))
+    assert got[0] == got[1] and got[0][0]

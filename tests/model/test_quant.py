@@ -400,3 +400,25 @@ def test_memory_estimate_counts_the_dequantized_weights(tiny_llama, tmp_path):
     write_awq(tiny_llama, tmp_path / "a", 4, 32)
     write_fp8(tiny_llama, tmp_path / "f")
     assert memory_needs(tmp_path / "a", torch.float32)[1] == memory_needs(tmp_path / "f", torch.float32)[1] == plain
+
+
+def test_a_gptq_member_writes_the_same_ensemble_text_as_its_dequantized_twin(tiny_llama, tiny_dirs, tmp_path):
+    """A quantized checkpoint joins an ensemble like any member: the text and each round's
+    winner equal those of the plain folder holding the reference weights."""
+    from specem_fast import Ensemble
+
+    refs = write_gptq(tiny_llama, tmp_path / "gptq", 8, 32, True, False, "gptq")
+    plain = _copy(tiny_llama, tmp_path / "plain")
+    sd = load_file(str(tiny_llama / "model.safetensors"))
+    sd.update(refs)
+    save_file(sd, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    other = str(tiny_dirs["qwen2"])
+    got = []
+    for first in (str(tmp_path / "gptq"), str(plain)):
+        ens = Ensemble.from_pretrained([first, other], cache_tokens=256, max_batch=1, dtype="float32", kernels="torch")
+        try:
+            res = ens.generate("Write a short poem about the sea.", max_new_tokens=24, window=5)
+        finally:
+            ens.close()
+        got.append((res.text, [r.winner_model == first for r in res.rounds]))
+    assert got[0] == got[1] and got[0][0]
