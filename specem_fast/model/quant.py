@@ -273,8 +273,9 @@ class Dequantizer:
                               f"{ways_out()}")
         target = f"{prefix}.weight"
         if target not in self.expected:
-            raise SpecEMError(f"{self.folder}: the weights hold {name}, a quantized part of {prefix}, which the "
-                              "model has no linear layer for; fix config.json to match the weights")
+            raise SpecEMError(f"{self.folder}: the weights hold {name}, a {self.spec.method.upper()} tensor of {prefix}, "
+                              "which the native model has no linear layer for (e.g. AWQ's scaled activations, a "
+                              f"quantized tied head); {ways_out()}")
         have = self._pending.setdefault(prefix, {})
         have[part] = tensor
         needed = self._needed()

@@ -422,3 +422,14 @@ def test_a_gptq_member_writes_the_same_ensemble_text_as_its_dequantized_twin(tin
             ens.close()
         got.append((res.text, [r.winner_model == first for r in res.rounds]))
     assert got[0] == got[1] and got[0][0]
+
+
+def test_quantized_parts_of_a_module_the_model_lacks_are_refused(tiny_llama, tmp_path):
+    """AWQ's scaled activations (mlp.act.scales, gelu families) have no place in the native model."""
+    folder = tmp_path / "a"
+    write_awq(tiny_llama, folder, 4, 32)
+    sd = load_file(str(folder / "model.safetensors"))
+    sd["model.layers.0.mlp.act.scales"] = torch.ones(128, dtype=torch.float16)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    msg = _refusal(folder)
+    assert "mlp.act.scales" in msg and "no linear layer" in msg and "transformers backend" in msg
