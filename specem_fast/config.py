@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -16,7 +17,9 @@ RUN_MODES = ("cached", "recompute")
 KERNEL_CHOICES = ("auto", "triton", "torch")
 HEDGE_SCHEDULES = ("reference", "constant", "sqrt")
 INIT_WEIGHTS = ("uniform", "prior", "learned")
-# Per-model generators are seeded with seed * 1_000_003 + i, which must fit in 64 bits.
+# Per-member sampler seeds: seed * SEED_STRIDE + the member's index (the round executor), or +
+# the sequence length (a vLLM member's per-round seed); for seeds below MAX_SEED that fits 64 bits.
+SEED_STRIDE = 1_000_003
 MAX_SEED = 2**40
 FLASH_ATTN_CHOICES = ("auto", "on", "off")
 PARALLEL_CHOICES = ("auto", "on", "off")
@@ -34,6 +37,14 @@ PRESET_CHOICES = ("auto", *PRESETS)
 # T around 1e-38 (NaN probabilities), and long before that the softmax is one-hot,
 # i.e. greedy. 0 is the way to ask for greedy decoding.
 MIN_TEMPERATURE = 1e-5
+# The sampler works in float32 whatever the model's dtype (it upcasts the logits), so a
+# sampling setting is checked as float32 will hold it. A temperature float32 cannot hold
+# (above about 3.4e38) is refused. top_p is clamped where the draws stay the same:
+# one below TOP_P_FLOOR would round to 0 and drop every token, while any top_p up to the
+# top token's probability (at least 1/vocab, far above the floor) keeps the top token
+# alone, so the floor keeps exactly what it would; one that rounds to 1.0 in float32
+# (above 1 - 2**-25) becomes 1.0: every token stays, as the sampler would compute it.
+TOP_P_FLOOR = 2.0**-126  # the smallest normal float32 (and bfloat16)
 
 
 @dataclass(frozen=True)
@@ -92,11 +103,16 @@ class GenerationSettings:
                 f"temperature {self.temperature!r} is too small to sample with (the minimum is {MIN_TEMPERATURE:g}; "
                 "below it sampling is greedy anyway and the scaled logits overflow); use 0 for greedy decoding"
             )
+        if _float32(self.temperature) is None:
+            raise SpecEMError(f"temperature {self.temperature!r} overflows float32, which sampling runs in (the "
+                              f"maximum is {_FLOAT32_MAX:g}; far below it the distribution is uniform)")
         if not _is_finite(self.top_p):
             raise SpecEMError(f"top_p must be a finite number in (0, 1] (got {self.top_p!r}); use 1 to disable "
                               "nucleus sampling")
         if not 0 < self.top_p <= 1:
             raise SpecEMError(f"top_p must be in (0, 1] (got {self.top_p!r}); use 1 to disable nucleus sampling")
+        if _float32(self.top_p) == 1.0 or self.top_p < TOP_P_FLOOR:  # the same draws, see TOP_P_FLOOR
+            object.__setattr__(self, "top_p", 1.0 if self.top_p > 0.5 else TOP_P_FLOOR)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < MAX_SEED:
             raise SpecEMError(f"seed must be an integer in [0, 2**40) (got {self.seed!r})")
         if self.score not in SCORE_MODES:
@@ -184,7 +200,24 @@ def _is_whole(x: Any) -> bool:
 
 
 def _is_finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32(x: float) -> float | None:
+    """``x`` rounded to float32 as the sampler will hold it, or None when float32 overflows."""
+    try:
+        y = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return None
+    return y if math.isfinite(y) else None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ multinomial picked, without multinomial's host-side validity checks.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -24,7 +25,10 @@ def sample_tokens(
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
+    # top_p as float32 holds it: at least its smallest normal, or nothing would be kept (the
+    # settings clamp it so already, see config.TOP_P_FLOOR); one that rounds to 1 keeps all
+    top_p = max(top_p, float(np.finfo(np.float32).tiny))
+    if np.float32(top_p) < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always the top token)
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
@@ -38,9 +42,3 @@ def sample_tokens(
             race[i].copy_(torch.empty(probs.shape[1], dtype=probs.dtype, device=gen.device).exponential_(1, generator=gen))
     return (probs / race).argmax(dim=-1)
 
-
-def choose_tokens(
-    logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator | None]
-) -> list[int]:
-    """:func:`sample_tokens` read back as a list of ints (one host read)."""
-    return sample_tokens(logits, temperature, top_p, generators).tolist()

@@ -15,7 +15,7 @@ from known_outputs import PROMPTS
 
 from specem_fast import Ensemble, GenerationSettings, kernels
 from host_sync import HostSyncError, no_host_sync
-from specem_fast.model.sampling import choose_tokens, sample_tokens
+from specem_fast.model.sampling import sample_tokens
 
 X = torch.arange(6.0).reshape(2, 3)
 MASK = X > 2
@@ -108,7 +108,7 @@ def test_sampling_on_the_device_draws_what_multinomial_drew(temperature, top_p):
             with no_host_sync(host_to_device=True):
                 got = sample_tokens(logits, temperature, top_p, gens_a)
             assert got.tolist() == _multinomial_reference(logits, temperature, top_p, gens_b)
-    assert choose_tokens(logits, 0.0, 1.0, [None] * 3) == logits.argmax(-1).tolist()
+    assert sample_tokens(logits, 0.0, 1.0, [None] * 3).tolist() == logits.argmax(-1).tolist()
 
 
 def test_attention_plans_from_host_values_equal_the_device_built_ones():

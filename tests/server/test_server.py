@@ -389,3 +389,35 @@ def test_real_models_over_http_equal_offline(real_ensemble):
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == offline.text and len(offline.text.split()) >= 2
     assert idle(real_ensemble)
+
+
+# -- extreme sampling values (issue 28 part 2) ----------------------------------------------
+@pytest.mark.parametrize("top_p", [1e-300, 5e-324, 1e-45])
+def test_a_top_p_that_rounds_to_zero_samples_the_top_token(ens, server, top_p):
+    """float32 holds such a top_p as 0, which dropped every token and drew token 0 ('!!!!');
+    it is clamped to what it means: the top token alone, i.e. the greedy text."""
+    greedy = ens.generate("Hi", max_new_tokens=6).text
+    r = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 6, "temperature": 1, "top_p": top_p, "seed": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == greedy != "!" * len(greedy)
+
+
+def test_a_top_p_that_rounds_to_one_samples_as_one(server):
+    body = {"prompt": "Hi", "max_tokens": 6, "temperature": 1, "seed": 3}
+    a, b = post(server, "/v1/completions", dict(body, top_p=1 - 1e-9)), post(server, "/v1/completions", body)
+    assert a.status_code == b.status_code == 200
+    assert a.json()["choices"][0]["text"] == b.json()["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'{"prompt": "Hi", "top_p": 0}', "top_p"),
+    (b'{"prompt": "Hi", "top_p": 1.0000001}', "top_p"),
+    (b'{"prompt": "Hi", "temperature": 1e-300}', "temperature"),
+    (b'{"prompt": "Hi", "temperature": 1e999}', "temperature"),
+    (b'{"prompt": "Hi", "hedge_lr": 1e999}', "hedge_lr"),
+])
+def test_sampling_values_that_would_break_the_sampler_are_a_400_naming_the_field(server, raw, param):
+    r = httpx.post(server.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == param, err
+    assert "\n" not in err["message"]
