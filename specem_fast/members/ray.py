@@ -237,7 +237,7 @@ class MemberActor:
         runner.cache = self.cache[name]
         self.member = LocalMember(runner, config.batch_invariant)
         self.name, self.max_batch = name, config.max_batch
-        self.info = {"kind": "ray", "node": node, "pid": os.getpid(), "actor": ctx.get_actor_id(),
+        self.info = {"kind": "ray", "backend": "native", "node": node, "pid": os.getpid(), "actor": ctx.get_actor_id(),
                      "device": str(runner.device), "dtype": str(runner.dtype).replace("torch.", ""),
                      "kernels": runner.kernel_path, "threads": threads, "capacity": self.member.capacity}
 

@@ -86,3 +86,36 @@ def select_rows(cache, rows: torch.Tensor) -> None:
     """Keep batch rows ``rows`` (repeats allowed: replicates a batch-1 cache), for attention
     and linear-attention states alike."""
     cache.reorder_cache(rows)
+
+
+def stack(caches: list, lengths: list[int], config):
+    """One batch cache of several batch-1 attention caches, each left-padded to the longest
+    (``lengths``: the positions each holds); padded positions must be masked out."""
+    from transformers.cache_utils import DynamicLayer
+
+    out = new_cache(config)
+    top = max(lengths)
+    for i, layer in enumerate(out.layers):
+        src = [c.layers[i] for c in caches]
+        if not all(isinstance(s, DynamicLayer) and getattr(s, "is_initialized", False) for s in src):
+            raise ValueError("only initialized attention caches can be stacked")
+        keys, values = [], []
+        for s, n in zip(src, lengths):
+            pad = top - n
+            keys.append(torch.nn.functional.pad(s.keys[..., :n, :], (0, 0, pad, 0)))
+            values.append(torch.nn.functional.pad(s.values[..., :n, :], (0, 0, pad, 0)))
+        k, v = torch.cat(keys), torch.cat(values)
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return out
+
+
+def unstack(batch, row: int, start: int, end: int, config):
+    """Row ``row`` of a stacked cache, positions ``[start, end)``, as a batch-1 cache of its own."""
+    out = new_cache(config)
+    for layer, src in zip(out.layers, batch.layers):
+        k = src.keys[row : row + 1, :, start:end].clone()
+        v = src.values[row : row + 1, :, start:end].clone()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return out

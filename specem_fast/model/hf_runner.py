@@ -28,7 +28,8 @@ from specem_fast.errors import SpecEMError
 from specem_fast.model import hf_cache
 from specem_fast.model.backends import check_device
 from specem_fast.model.modeling.loader import read_config
-from specem_fast.model.runner import _generation_eos, resolve_dtype
+from specem_fast.model.runner import resolve_dtype
+from specem_fast.model.text import generation_eos
 from specem_fast.model.text import TextCodec
 
 _SLIDING = ("sliding_attention",)
@@ -63,7 +64,7 @@ class HFRunner:
         cfg = read_config(self.folder)
         self.model = _load(self.folder, self.device, self.dtype)
         self.config = self.model.config
-        self.codec = TextCodec(self.folder, _generation_eos(self.folder, cfg))
+        self.codec = TextCodec(self.folder, generation_eos(self.folder, cfg))
         params = inspect.signature(self.model.forward).parameters
         self._keep_arg = "logits_to_keep" in params
         self.tokens_fed = 0
@@ -128,17 +129,34 @@ class HFRunner:
         start_t = torch.tensor(start, device=dev)[:, None]
         allowed = (k_idx[None] < vis_t) | ((k_idx[None] >= start_t) & (k_idx[None] <= q_idx))
         kv_pos = torch.cat([torch.arange(past, device=dev), pos])
-        dist = pos[:, None] - kv_pos[None]
+        return self._mask(allowed[None], (pos[:, None] - kv_pos[None])[None], kind)
+
+    def _mask(self, allowed: torch.Tensor, dist: torch.Tensor, kind: str):
+        """Additive 4-D mask(s) [batch, 1, q, kv] from what each query may see and its distance
+        (in positions) to each key; sliding layers also drop keys a window or more behind."""
         neg = torch.finfo(self.dtype).min
-
-        def additive(window: int | None) -> torch.Tensor:
-            ok = allowed if not window else allowed & (dist < window)
-            return torch.zeros(ok.shape, dtype=self.dtype, device=dev).masked_fill(~ok, neg)[None, None]
-
         window = getattr(self.config, "sliding_window", None)
+
+        def additive(win: int | None) -> torch.Tensor:
+            ok = allowed if not win else allowed & (dist < win)
+            return torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill(~ok, neg)[:, None]
+
         if kind == "dict":
             return {t: additive(window if t in _SLIDING else None) for t in set(self.config.layer_types)}
         return additive(window if kind == "windowed" else None)
+
+    def decode_rows(self, cache, tokens: torch.Tensor, pos: list[int], pads: list[int]) -> torch.Tensor:
+        """One decode step of several requests stacked in ``cache`` (row i left-padded by
+        ``pads[i]``, its token at logical position ``pos[i]``); logits [rows, vocab]."""
+        dev = self.device
+        total = hf_cache.length(cache) + 1
+        pads_t = torch.tensor(pads, device=dev)[:, None]
+        pos_t = torch.tensor(pos, device=dev)[:, None]
+        cols = torch.arange(total, device=dev)[None]
+        allowed = (cols >= pads_t)[:, None]
+        dist = (pos_t - (cols - pads_t))[:, None]
+        mask = self._mask(allowed, dist, self._mask_kind)
+        return self.forward(cache, tokens[:, None], pos_t, mask)[:, -1]
 
     # -- probe -----------------------------------------------------------------
     def _mask_kinds(self) -> list[str]:

@@ -94,6 +94,29 @@ def test_greedy_tokens_equal_generate(arch, hf_dirs, members):
     assert got == want
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3", "falcon_h1"])
+def test_requests_drafted_together_equal_alone(arch, members):
+    """Caches of different lengths stacked (left-padded, masked) for one forward per step:
+    the tokens of each request are those it drafts alone (float32); sliding layers included."""
+    m = members[arch]
+    prompts = [m.prompt_ids(PROMPT), m.prompt_ids("What is 17 plus 25?")]
+
+    def run(groups):
+        got = {}
+        for group in groups:
+            seq = {r: list(prompts[r]) for r in group}
+            m.open([OpenCall(10 + r, r, tuple(seq[r])) for r in group])
+            for w in (5, 3, 6):
+                calls = [DraftCall(10 + r, len(seq[r]), w + r, raw=True, ignore_stop=True) for r in group]
+                for r, d in zip(group, m.draft(calls)):
+                    seq[r] += m.commit([CommitCall(10 + r, len(seq[r]), d.text)])[0]
+            m.close([10 + r for r in group])
+            got.update(seq)
+        return got
+
+    assert run([[0, 1]]) == run([[0], [1]])
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_cached_scores_equal_a_separate_forward(arch, hf_dirs, members):
     """Two rounds: draft, verify three candidates (the member's own among them), commit
@@ -180,3 +203,25 @@ def test_unloadable_folder_is_one_line_naming_it(tmp_path, hf_dirs):
     with pytest.raises(SpecEMError, match="transformers cannot load") as e:
         HFRunner("bad", bad, "cpu", "float32")
     assert str(bad) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_in_a_ray_actor_writes_the_local_text(hf_dirs, mixed):
+    """placement="ray": the transformers member lives in an actor and writes what it writes here."""
+    ray = pytest.importorskip("ray")
+    names = [f"hf:{hf_dirs['qwen3']}", str(hf_dirs["falcon_h1"])]
+    kw = dict(cache_tokens=512, max_batch=1, dtype="float32")
+    gen = dict(max_new_tokens=12, window=4, temperature=0.0)
+    local = Ensemble.from_pretrained(names, **kw)
+    want = local.generate(PROMPT, **gen).text
+    local.close()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    try:
+        remote = Ensemble.from_pretrained(names, placement="ray", **kw)
+        try:
+            res = remote.generate(PROMPT, **gen)
+            assert res.text == want
+            assert res.metadata["remote"][names[1]]["backend"] == "transformers"
+        finally:
+            remote.close()
+    finally:
+        ray.shutdown()

@@ -9,9 +9,10 @@ and the round's commit, the ``extra`` positions of this member's own draft);
 ``next_logits`` predicts the next token. No committed token is processed twice:
 the kept draft positions or the winning verify branch become the cache.
 
-Requests are run one after another (a transformers cache holds one sequence;
-stacking caches of different lengths would need padding the models handle
-differently), each with its own forwards.
+Drafting batches the requests where the model takes a custom attention mask: their
+caches are stacked, left-padded to the longest, and every decode step is one forward
+with a mask that hides the padding. Verification runs one request per forward, and a
+recurrent model (whose state a padded batch would disturb) drafts one request at a time.
 """
 
 from __future__ import annotations
@@ -140,20 +141,30 @@ class HFMember:
 
     # -- draft ----------------------------------------------------------------
     def draft(self, calls: Sequence[DraftCall]) -> list[DraftOut]:
+        """Requests draft together (one forward per step, caches stacked left-padded) where the
+        model takes a custom mask; a recurrent model drafts them one after another."""
         seqs = [self._seq(c.request, c.prefix) for c in calls]
+        for c, s in zip(calls, seqs):
+            self._start_draft(c, s)
+        if self.runner.mode == "packed" and len(calls) > 1:
+            return self._draft_stacked(calls, seqs)
         return [self._draft_one(c, s) for c, s in zip(calls, seqs)]
 
-    @torch.inference_mode()
-    def _draft_one(self, c: DraftCall, s: _Seq) -> DraftOut:
-        runner = self.runner
+    def _start_draft(self, c: DraftCall, s: _Seq) -> None:
         s.draft, s.branches = None, None
         self._rollback(s)
         if c.recompute:
             self._restart(s)
         self._catch_up(s)
-        if runner.recurrent:  # a recurrent state cannot be cropped back: keep the prefix's
+        if self.runner.recurrent:  # a recurrent state cannot be cropped back: keep the prefix's
             s.snapshot = hf_cache.clone(s.cache)
-        stop_set = set() if c.ignore_stop else {int(t) for t in runner.codec.stop_ids}
+
+    def _stop_set(self, c: DraftCall) -> set[int]:
+        return set() if c.ignore_stop else {int(t) for t in self.runner.codec.stop_ids}
+
+    @torch.inference_mode()
+    def _draft_one(self, c: DraftCall, s: _Seq) -> DraftOut:
+        stop_set = self._stop_set(c)
         tokens: list[int] = []
         logits = [s.next_logits]
         stopped = False
@@ -165,9 +176,57 @@ class HFMember:
             tokens.append(tok)
             if j == c.window - 1:
                 break  # the last sampled token waits for the next round
-            logits.append(runner.feed(s.cache, [tok], s.length + j)[-1])
-        d = _Draft(tokens, logits, stopped)
-        codec = runner.codec
+            logits.append(self.runner.feed(s.cache, [tok], s.length + j)[-1])
+        d = self._finish_draft(c, s, _Draft(tokens, logits, stopped))
+        if self.runner.recurrent:
+            if d.reuse != d.fed:  # the state went past the kept ids: back to the prefix's
+                s.cache, s.snapshot, d.reuse = s.snapshot, None, 0
+        else:
+            hf_cache.crop(s.cache, s.length + d.reuse)
+        return self._held(s, d)
+
+    @torch.inference_mode()
+    def _draft_stacked(self, calls: Sequence[DraftCall], seqs: list[_Seq]) -> list[DraftOut]:
+        runner = self.runner
+        lengths = [s.length for s in seqs]
+        top = max(lengths)
+        pads = [top - n for n in lengths]
+        batch = hf_cache.stack([s.cache for s in seqs], lengths, runner.config)
+        stops = [self._stop_set(c) for c in calls]
+        tokens: list[list[int]] = [[] for _ in seqs]
+        logits = [[s.next_logits] for s in seqs]
+        stopped = [False] * len(seqs)
+        going = list(range(len(seqs)))
+        cur = torch.stack([s.next_logits for s in seqs])
+        last = [0] * len(seqs)
+        for j in range(max(c.window for c in calls)):
+            drawn = torch.cat([sample_tokens(cur[i][None], seqs[i].temperature, seqs[i].top_p, [seqs[i].generator])
+                               for i in going]).tolist()
+            fed = []
+            for i, tok in zip(going, drawn):
+                if tok in stops[i]:
+                    stopped[i] = True
+                    continue
+                tokens[i].append(tok)
+                last[i] = tok
+                if j < calls[i].window - 1:
+                    fed.append(i)
+            if not fed:
+                break
+            step = torch.tensor(last, dtype=torch.long, device=runner.device)  # rows not fed: ignored
+            cur = runner.decode_rows(batch, step, [n + j for n in lengths], pads)
+            for i in fed:
+                logits[i].append(cur[i])
+            going = fed
+        out = []
+        for i, (c, s) in enumerate(zip(calls, seqs)):
+            d = self._finish_draft(c, s, _Draft(tokens[i], logits[i], stopped[i]))
+            s.cache = hf_cache.unstack(batch, i, pads[i], top + d.reuse, runner.config)
+            out.append(self._held(s, d))
+        return out
+
+    def _finish_draft(self, c: DraftCall, s: _Seq, d: _Draft) -> _Draft:
+        codec = self.runner.codec
         text = codec.decode(d.tokens)
         if c.raw or (c.alone and d.tokens and codec.decodes_on(s.ids, d.tokens, text)):
             d.text, d.ids = text, list(d.tokens)
@@ -175,11 +234,9 @@ class HFMember:
             d.text = text if d.stopped else trim_to_word_boundary(text)
             d.ids = codec.encode_segment(d.text) if d.text else []
         d.reuse = 0 if c.recompute else _common_prefix(d.ids, d.tokens[: d.fed])
-        if runner.recurrent:
-            if d.reuse != d.fed:  # the state went past the kept ids: back to the prefix's
-                s.cache, s.snapshot, d.reuse = s.snapshot, None, 0
-        else:
-            hf_cache.crop(s.cache, s.length + d.reuse)
+        return d
+
+    def _held(self, s: _Seq, d: _Draft) -> DraftOut:
         s.extra = d.reuse
         d.logits = d.logits[: d.reuse + 1]
         s.draft = d
