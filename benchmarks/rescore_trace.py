@@ -77,8 +77,9 @@ class Rule:
                 means = [m * rnd["verify_tokens"][v][i] for m, i in zip(means, idx)]
             raw[v] = means
         learners = [m for m in self.drafters if m in self.verifiers]
-        *_, win = scoring.pick_winner(raw, self.score, models, learners, self.start(), self.hedge_lr, 1,
-                                      self.schedule, self.self_votes)
+        *_, win = scoring.pick_winner(raw, score=self.score, candidate_models=models, learners=learners,
+                                      weights=self.start(), hedge_lr=self.hedge_lr, t=1, schedule=self.schedule,
+                                      self_votes=self.self_votes)
         return idx[win]
 
 

@@ -35,7 +35,7 @@ from specem_fast.members.interface import (CommitCall, DraftCall, DraftOut, Memb
 
 
 @dataclass
-class _Held:
+class _Seq:
     slot: int
     ids: list[int]
     drafted: int = 0  # draft calls answered so far
@@ -53,7 +53,7 @@ class ScriptedMember:
     hook: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
-        self.held: dict[int, _Held] = {}
+        self.held: dict[int, _Seq] = {}
         self.calls: list[tuple[str, list]] = []
         self.counts: dict[str, int] = {}
         self._words: list[str] = []
@@ -70,7 +70,7 @@ class ScriptedMember:
         if self.fail.get(method) == n:
             raise RuntimeError(f"{self.name}: {method} exploded")
 
-    def _seq(self, request: int, prefix: int) -> _Held:
+    def _seq(self, request: int, prefix: int) -> _Seq:
         s = self.held.get(request)
         check_held(self.name, request, s.ids if s is not None else None, prefix)
         return s
@@ -113,7 +113,7 @@ class ScriptedMember:
                 raise MemberStateError(f"{self.name} already holds request {c.request}")
             if any(s.slot == c.slot for s in self.held.values()):
                 raise MemberStateError(f"{self.name}: slot {c.slot} of request {c.request} is in use")
-            self.held[c.request] = _Held(c.slot, list(c.ids))
+            self.held[c.request] = _Seq(c.slot, list(c.ids))
 
     def draft(self, calls: Sequence[DraftCall]) -> list[DraftOut]:
         self._enter("draft", calls)

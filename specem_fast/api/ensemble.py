@@ -17,6 +17,7 @@ from specem_fast.config import PRESET_CHOICES, EngineConfig, GenerationSettings
 from specem_fast.engine.core import EngineCore, Job
 from specem_fast.errors import CacheFullError, SpecEMError
 from specem_fast.api.inputs import Chat, parse_inputs, prompt_list
+from specem_fast.model import room
 from specem_fast.model.kv_cache import KVCacheManager
 from specem_fast.members.loading import load_members
 from specem_fast.members.crew import MemberCrew
@@ -67,8 +68,7 @@ class Ensemble:
         self.profile = Profile("default", self.weights)
         self.profiles = Profiles(self.profile)
         # the request lifecycle: waiting queue, admission, slots, rounds over every caller's requests
-        self.engine = EngineCore(self.executor, Baseline(self.crew), self.cache, self.weights,
-                                 max_waiting=max_waiting, metadata=self._describe)
+        self.engine = EngineCore(self.executor, Baseline(self.crew), self.cache, max_waiting=max_waiting)
 
     @classmethod
     def from_pretrained(
@@ -325,17 +325,18 @@ class Ensemble:
         if len(settings) != len(items):
             raise SpecEMError(f"{len(settings)} settings for {len(items)} prompts; give one per prompt")
         for st in settings:
-            prof.book.initial(st.init_weights)  # a missing prior is an error before anything is tokenized
+            prof.book.check(st.init_weights)  # a missing prior is an error before anything is tokenized
             _check_score(self.members, self.verifiers, st.score)
-        return [Job(p.text if isinstance(p, Chat) else p, self._prompt_ids(p, st), st, profile=prof)
-                for p, st in zip(items, settings)]
+        metadata = {**self._describe(), **prof.describe()}  # what each result says about how it was made
+        return [Job(p.text if isinstance(p, Chat) else p, self._prompt_ids(p, st), st, book=prof.book,
+                    metadata=metadata) for p, st in zip(items, settings)]
 
     def _prompt_ids(self, prompt: str | Chat, st: GenerationSettings, names: Sequence[str] | None = None
                     ) -> dict[str, list[int]]:
         """Each member's prompt ids; room for the prompt plus one round's packed candidates
         must exist up front, and a prompt over it is refused before it is fully encoded."""
-        need_scratch = len(self.drafters) * (st.window + 4)
-        limit = self.config.cache_tokens - need_scratch
+        need_scratch = room.round_room(st.window, len(self.drafters))
+        limit = room.prompt_limit(self.config.cache_tokens, st.window, len(self.drafters))
         ids = {n: self.members[n].prompt_ids(prompt, limit) for n in (names or self.members)}
         for n, p in ids.items():  # a member that does not check its limit itself
             if len(p) > limit:

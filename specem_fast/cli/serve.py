@@ -34,7 +34,8 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SPECEM_API_KEY, else no key)")
     p.add_argument("--max-batch", type=int, default=8, help="requests that run together (default 8)")
     p.add_argument("--max-waiting", type=int, default=256,
-                   help="requests that may wait for a slot; beyond it a request gets 429 (default 256)")
+                   help="requests that may wait when every slot (--max-batch) is busy; beyond them a request gets "
+                        "429 at once; 0: no queue (default 256)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM/SIGINT, running requests get S seconds to finish before they are cancelled "
                         "(default 30)")

@@ -1,117 +1,56 @@
 """The engine loop: the one owner of every request's life, with continuous batching.
 
 Callers (any thread, or an asyncio loop through :class:`AsyncEnsemble`) submit
-prepared requests; one background thread admits waiting requests into free
-cache slots between rounds, runs one round at a time over every running
-request from every caller, and hands each request its events (a
-``RoundRecord`` per accepted segment, then the ``GenerationResult``, or an
-exception). Requests join and leave between rounds; a request's answer does
-not depend on what else runs, so batching never changes an answer.
+prepared requests (:class:`Job`); one background thread repeats, as vLLM's
+``EngineCore`` does, **schedule -> execute -> update**:
 
-Single-model requests (the baseline) are requests of the same loop: each round
-also feeds every one of them one token.
+- *schedule*: the :class:`Scheduler` ends the hold of cancelled requests on their
+  slots, admits queued requests into free slots and says which requests run;
+- *execute*: cancelled requests are forgotten by the members, admitted ones are
+  opened in them, then one round (:class:`RoundExecutor`) runs over every running
+  ensemble request and one token (:class:`Baseline`) over every single-model one;
+- *update*: each request gets its events (a ``RoundRecord`` per accepted segment,
+  then the ``GenerationResult``, or an exception), and the finished ones give their
+  slot back before their last event is sent.
 
-Only this loop takes and gives back cache slots: a request's slot comes back
-when it finishes, is cancelled, or when anything in its life raises, before its
-last event is sent.
+Requests join and leave between rounds; a request's answer does not depend on
+what else runs, so batching never changes an answer.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator
 
-from specem_fast.rounds.single import Baseline, SingleRequest
-from specem_fast.config import GenerationSettings
-from specem_fast.errors import QueueFullError, RequestCancelled, SpecEMError
-from specem_fast.rounds.profiles import Profile
+from specem_fast.engine.scheduler import Handle, Job, Scheduler, SlotPool
+from specem_fast.errors import QueueFullError, RequestCancelled
 from specem_fast.results import GenerationResult, RoundRecord
-from specem_fast.rounds.executor import Request, RoundExecutor
-from specem_fast.rounds.weights import WeightBook
+from specem_fast.rounds.executor import RoundExecutor
+from specem_fast.rounds.single import Baseline, SingleRequest
 
-if TYPE_CHECKING:  # the engine only takes and gives back slots; it never touches a tensor
-    from specem_fast.model.kv_cache import KVCacheManager
+__all__ = ["EngineCore", "Handle", "Job"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Job:
-    """What to run: an ensemble request, or one member alone (``single`` names it)."""
-
-    prompt: str
-    ids: dict[str, list[int]]  # the prompt in each member's tokens
-    settings: GenerationSettings
-    single: str | None = None
-    ignore_eos: bool = False
-    t0: float = 0.0  # a single-model call's start (its timings count from there)
-    profile: Profile | None = None  # whose weights an ensemble request starts from and feeds
-
-
-@dataclass(eq=False)
-class Handle:
-    """One submitted request: its id and where its events go."""
-
-    id: int
-    job: Job
-    sink: Callable[[object], None]
-    done: threading.Event = field(default_factory=threading.Event)
-    slot: int | None = None
-    req: Request | SingleRequest | None = None
-
-    @property
-    def settings(self) -> GenerationSettings:
-        return self.job.settings
-
-    def send(self, ev: object) -> None:
-        """Hand one event to the caller; a failing sink (a closed event loop) must not end the engine loop."""
-        try:
-            self.sink(ev)
-        except Exception:  # noqa: BLE001
-            log.exception("the event sink of request %d failed; its events are dropped", self.id)
-
-    def finish(self, ev: object) -> None:
-        """The last event (result or exception); after the slot went back."""
-        try:
-            self.send(ev)
-        finally:
-            self.done.set()
-
-
-def _queue_full(n: int) -> QueueFullError:
-    return QueueFullError(f"the engine's waiting queue is full ({n} requests wait for a slot); "
-                          "retry later, or raise max_waiting / max_batch")
-
-
 class EngineCore:
-    """Waiting queue, admission, rounds over all running requests, release.
+    """The loop thread and the calls into it: submit, run, cancel, close.
 
-    ``max_waiting`` bounds the requests waiting for a slot; a submission beyond
-    it raises :class:`QueueFullError` at once. The loop thread starts with the
-    first submission and stops at :meth:`close`. ``metadata()`` is attached to
-    every ensemble result.
+    ``slots``: the request slots (the KV cache manager). ``max_waiting`` bounds the
+    requests that have no slot to go to (see :mod:`.scheduler`); a submission beyond
+    it raises :class:`QueueFullError` at once. The loop thread starts with the first
+    submission and stops at :meth:`close`.
     """
 
-    def __init__(self, executor: RoundExecutor, baseline: Baseline, cache: "KVCacheManager", weights: WeightBook, *,
-                 max_waiting: int = 256, metadata: Callable[[], dict] = dict):
-        if not isinstance(max_waiting, int) or isinstance(max_waiting, bool) or max_waiting < 0:
-            raise SpecEMError(f"max_waiting must be a whole number >= 0 (got {max_waiting!r})")
-        self.executor, self.baseline, self.cache, self.weights = executor, baseline, cache, weights
-        self.max_waiting = max_waiting
-        self.metadata = metadata
-        self._mu = threading.Condition()  # guards the queues below; never held during a round
-        self._waiting: deque[Handle] = deque()
-        self._running: dict[int, Handle] = {}
-        self._cancel: set[int] = set()
-        self._ids = itertools.count(1)
+    def __init__(self, executor: RoundExecutor, baseline: Baseline, slots: SlotPool, *, max_waiting: int = 256):
+        self.executor, self.baseline = executor, baseline
+        self.scheduler = Scheduler(slots, max_waiting)
         self._thread: threading.Thread | None = None
-        self._stop = False
+        self._start_mu = threading.Lock()
         # rounds run, rounds that served more than one request, most requests in one round
         self.stats = {"rounds": 0, "batched_rounds": 0, "max_running": 0}
         # called on the engine thread after every round with (requests in it, seconds); for metrics
@@ -130,26 +69,18 @@ class EngineCore:
                     ) -> list[Handle]:
         """Queue several prepared requests at once, so that free slots admit them
         together (one prefill forward for single-model requests). Queues as many as
-        ``max_waiting`` allows and returns their handles; none fitting raises
-        :class:`QueueFullError`."""
-        out = []
-        with self._mu:
-            if self._stop:
-                raise SpecEMError("the engine is closed; build a new Ensemble")
-            room = self.max_waiting - len(self._waiting)
-            if room < (len(items) if all_or_none else 1):
-                raise _queue_full(self.max_waiting)
-            for job, sink in items[:room]:
-                h = Handle(next(self._ids), job, sink)
-                self._waiting.append(h)
-                out.append(h)
-            self._start()
-            self._mu.notify_all()
+        the free slots plus ``max_waiting`` take and returns their handles; none
+        fitting raises :class:`QueueFullError`."""
+        out = self.scheduler.add(items, all_or_none)
+        with self._start_mu:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="specem-engine", daemon=True)
+                self._thread.start()
         return out
 
     def run(self, jobs: list[Job]) -> Iterator[tuple[int, RoundRecord | GenerationResult | object]]:
-        """Submit ``jobs`` (as many at once as the waiting queue takes, the rest as the
-        first finish) and yield ``(job index, event)``; the last event of a job is its
+        """Submit ``jobs`` (as many at once as the engine takes, the rest as the first
+        finish) and yield ``(job index, event)``; the last event of a job is its
         result. Stopping early or an error cancels the unfinished ones, and returns only
         when their slots are back."""
         events: queue.Queue = queue.Queue()
@@ -182,52 +113,41 @@ class EngineCore:
     def cancel(self, request_id: int, wait: bool = False) -> None:
         """Stop a request: a waiting one leaves the queue, a running one gives its slot
         back before the next round. ``wait``: block until that is done."""
-        with self._mu:
-            h = next((x for x in self._waiting if x.id == request_id), None)
-            if h is not None:
-                self._waiting.remove(h)
-            else:
-                running = self._running.get(request_id)
-                if running is None:
-                    return
-                self._cancel.add(request_id)
-                self._mu.notify_all()
-        if h is not None:
+        h, queued = self.scheduler.cancel(request_id)
+        if h is None:
+            return
+        if queued:
             h.finish(RequestCancelled(f"request {request_id} was cancelled"))
         elif wait:
-            self.wait(running)
+            self.wait(h)
 
     def wait(self, h: Handle) -> None:
         """Block until ``h`` sent its last event (at once on the engine thread, which would deadlock)."""
         if threading.current_thread() is not self._thread:
             h.done.wait()
 
-    def events(self, h: Handle, q: "queue.Queue") -> Iterator[RoundRecord | GenerationResult]:
-        """A request's events, for a synchronous consumer; stopping early cancels it."""
-        try:
-            while True:
-                ev = q.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                yield ev
-                if isinstance(ev, GenerationResult):
-                    return
-        finally:
-            if not h.done.is_set():
-                self.cancel(h.id, wait=True)
+    @property
+    def max_waiting(self) -> int:
+        return self.scheduler.max_waiting
+
+    @max_waiting.setter
+    def max_waiting(self, n: int) -> None:
+        self.scheduler.max_waiting = n
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called (no new requests are taken)."""
-        return self._stop
+        return self.scheduler.closed
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests with no slot to go to."""
+        return self.scheduler.waiting
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        """Requests holding a slot (or one free for them at the next round)."""
+        return self.scheduler.running
 
     @property
     def alive(self) -> bool:
@@ -236,30 +156,47 @@ class EngineCore:
 
     def close(self) -> None:
         """Cancel everything and stop the loop thread."""
-        with self._mu:
-            self._stop = True
-            self._mu.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        self.scheduler.close()
+        with self._start_mu:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        elif thread is None:
+            self._cancel_all()
 
-    # -- the loop ----------------------------------------------------------------
-    def _start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._loop, name="specem-engine", daemon=True)
-            self._thread.start()
-
+    # -- the loop: schedule -> execute -> update -----------------------------------
     def _loop(self) -> None:
-        while True:
-            with self._mu:
-                while not (self._waiting or self._running or self._stop):
-                    self._mu.wait()
-                if self._stop:
-                    stopping = list(self._waiting) + list(self._running.values())
-                    self._waiting.clear()
-                    break
-            self._step()
-        for h in stopping:
+        while (step := self.scheduler.schedule()) is not None:
+            for h in step.cancelled:
+                self._end(h, RequestCancelled(f"request {h.id} was cancelled"))
+            for h in step.admitted:
+                self._open(h)
+            running = [h for h in step.running if h.slot is not None and h.req is not None]
+            ensemble = [h for h in running if h.job.single is None]
+            singles = [h for h in running if h.job.single is not None]
+            if ensemble:
+                self._round(ensemble)
+            if singles:
+                self._decode(singles)
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        for h in self.scheduler.drain():
             self._end(h, RequestCancelled("the engine was closed"))
+
+    def _open(self, h: Handle) -> None:
+        """Open an admitted request in the members (its round state goes to ``h.req``)."""
+        job, st = h.job, h.job.settings
+        try:
+            if job.single is not None:
+                req = SingleRequest(h.id, job.single, job.prompt, st, job.ignore_eos, job.t0)
+                self.baseline.open(req, job.ids[job.single], h.slot)
+            else:
+                req = self.executor.open(h.id, job.prompt, settings=st, prompt_ids=job.ids, slot=h.slot,
+                                         book=job.book, metadata=job.metadata)
+            h.req = req
+        except Exception as exc:  # noqa: BLE001 - this request ends, the others run
+            self._end(h, exc)
 
     def _end(self, h: Handle, ev: object) -> None:
         """Forget the request in the members, give its slot back, then send its last event."""
@@ -269,54 +206,14 @@ class EngineCore:
         except Exception as exc:  # noqa: BLE001 - the request still ends
             ev = ev if isinstance(ev, BaseException) else exc
         try:
-            if h.slot is not None:
-                self.cache.free(h.slot)
-                h.slot = None
+            self.scheduler.finish(h)
         except Exception as exc:  # noqa: BLE001
             ev = ev if isinstance(ev, BaseException) else exc
         finally:
-            with self._mu:
-                self._running.pop(h.id, None)
-                self._cancel.discard(h.id)
             h.finish(ev)
 
-    def _step(self) -> None:
-        with self._mu:
-            cancelled = [self._running[i] for i in self._cancel if i in self._running]
-        for h in cancelled:
-            self._end(h, RequestCancelled(f"request {h.id} was cancelled"))
-        self._admit()
-        with self._mu:
-            running = list(self._running.values())
-        rounds = [h for h in running if h.job.single is None]
-        singles = [h for h in running if h.job.single is not None]
-        if rounds:
-            self._round(rounds)
-        if singles:
-            self._decode(singles)
-
-    def _admit(self) -> None:
-        while self.cache.free_slots:
-            with self._mu:
-                if not self._waiting or self._stop:
-                    return
-                h = self._waiting.popleft()
-                self._running[h.id] = h
-            try:
-                h.slot = self.cache.allocate()
-                job, st = h.job, h.job.settings
-                if job.single is not None:
-                    req = SingleRequest(h.id, job.single, job.prompt, st, job.ignore_eos, job.t0)
-                    self.baseline.open(req, job.ids[job.single], h.slot)
-                else:
-                    req = self.executor.open(h.id, job.prompt, st, job.ids, self._book(h).initial(st.init_weights),
-                                              h.slot)
-                h.req = req
-            except Exception as exc:  # noqa: BLE001 - this request ends, the others run
-                self._end(h, exc)
-
     def _round(self, running: list[Handle]) -> None:
-        """One ensemble round over every running ensemble request."""
+        """One ensemble round over every running ensemble request, then its events."""
         by_id = {h.id: h for h in running}
         t0 = time.perf_counter()
         try:
@@ -338,23 +235,11 @@ class EngineCore:
             by_id[req.id].send(rec)
         for h in running:
             if h.req.stop_reason:
-                self._end(h, self._result(h))
-
-    def _result(self, h: Handle) -> GenerationResult | Exception:
-        try:
-            res = self.executor.close(h.req)
-            res.metadata = self.metadata()
-            if h.job.profile is not None:
-                res.metadata.update(h.job.profile.describe())
-            st = h.settings
-            if st.init_weights == "learned" and st.hedge_lr is not None and any(rd.verified for rd in h.req.rounds):
-                self._book(h).observe(h.req.weights)
-            return res
-        except Exception as exc:  # noqa: BLE001
-            return exc
-
-    def _book(self, h: Handle) -> WeightBook:
-        return h.job.profile.book if h.job.profile is not None else self.weights
+                try:
+                    res = self.executor.close(h.req)
+                except Exception as exc:  # noqa: BLE001
+                    res = exc
+                self._end(h, res)
 
     def _decode(self, singles: list[Handle]) -> None:
         """One token for every running single-model request: one step per member, so a

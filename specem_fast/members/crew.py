@@ -12,18 +12,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from specem_fast.members.local.member import LocalMember
+from specem_fast.members.local.member import LocalMember, VerifyPlan, score_plans
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, Member, OpenCall, VerifyCall, VerifyOut
 from specem_fast.members.pool import MemberPool
-from specem_fast.model.runner import score_all
 
 
 class MemberCrew:
     def __init__(self, members: dict[str, Member], parallel: str = "auto"):
         self.members = members
-        local = [m.runner for m in members.values() if isinstance(m, LocalMember)]
-        interpreted = any(r.triton and r.device.type == "cpu" for r in local)
-        devices = {n: m.runner.device if isinstance(m, LocalMember) else None for n, m in members.items()}
+        interpreted = any(m.interpreted for m in members.values() if isinstance(m, LocalMember))
+        devices = {n: m.device if isinstance(m, LocalMember) else None for n, m in members.items()}
         self.pool = MemberPool(devices, parallel, interpreted)
 
     def open(self, calls: dict[str, list[OpenCall]]) -> None:
@@ -36,21 +34,17 @@ class MemberCrew:
 
     def verify(self, calls: dict[str, list[VerifyCall]]) -> dict[str, list[VerifyOut]]:
         names = [m for m, cs in calls.items() if cs]
-        laid = self.pool.map(lambda m: self._verify_or_lay_out(m, calls[m]), names)
-        local = [i for i, (kind, out) in enumerate(laid) if kind == "laid" and out[1] is not None]
-        scores = dict(zip(local, score_all([self.members[names[i]].runner for i in local],
-                                           [laid[i][1][1] for i in local])))
-        result = {}
-        for i, (m, (kind, out)) in enumerate(zip(names, laid)):
-            result[m] = LocalMember.scores_out(out[0], scores.get(i)) if kind == "laid" else out
-        return result
+        got = self.pool.map(lambda m: self._verify_or_lay_out(m, calls[m]), names)
+        plans = [g for g in got if isinstance(g, VerifyPlan)]
+        scored = dict(zip(map(id, plans), score_plans(plans)))  # one launch per device
+        return {m: scored[id(g)] if isinstance(g, VerifyPlan) else g for m, g in zip(names, got)}
 
-    def _verify_or_lay_out(self, m: str, calls: list[VerifyCall]) -> tuple[str, object]:
+    def _verify_or_lay_out(self, m: str, calls: list[VerifyCall]) -> VerifyPlan | list[VerifyOut]:
         member = self.members[m]
         # scored below, together with the device's other verifiers (one by one when batch-invariant)
         if isinstance(member, LocalMember) and not member.batch_invariant:
-            return "laid", member.lay_out(calls)
-        return "verified", member.verify(calls)
+            return member.lay_out(calls)
+        return member.verify(calls)
 
     def commit(self, calls: dict[str, list[CommitCall]]) -> dict[str, list[tuple[int, ...]]]:
         names = [m for m, cs in calls.items() if cs]

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 from specem_fast.errors import SpecEMError
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
+from specem_fast.model import room as cache_room
 from specem_fast.model.text import TextCodec, trim_to_word_boundary
 
 # The spec's options (``;name=value`` after MODEL) and what they mean.
@@ -412,7 +413,7 @@ class VLLMMember:
         for c, s in zip(calls, seqs):
             cands = [list(s.draft.ids) if m == self.name and s.draft is not None and s.draft.text == text
                      else self.encode(text) for m, text in c.candidates]
-            room = len(s.ids) + max((len(x) for x in cands), default=0) + 1 <= self.capacity
+            room = cache_room.fits(len(s.ids), max((len(x) for x in cands), default=0) + 1, self.capacity)
             plan.append(cands if room else None)
         prompts, where = [], []
         for s, cands in zip(seqs, plan):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from specem_fast.errors import CacheFullError
+from specem_fast.model import room
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class ModelCache:
         return 2 * self.k.numel() * self.k.element_size()
 
     def check_room(self, slot: int, end: int) -> None:
-        if end > self.capacity:
+        if not room.fits(0, end, self.capacity):
             raise CacheFullError(
                 f"KV cache of model {self.shape.name} is full: request needs {end} positions, "
                 f"budget is {self.capacity} per request; raise cache_tokens (--cache-tokens) "

@@ -16,7 +16,9 @@ from typing import Iterator
 from specem_fast.rounds import policy, scoring
 from specem_fast.config import GenerationSettings
 from specem_fast.members.interface import CommitCall, Crew, DraftCall, DraftOut, OpenCall, VerifyCall
+from specem_fast.model import room
 from specem_fast.results import Candidate, GenerationResult, RoundRecord
+from specem_fast.rounds.weights import WeightBook
 
 # Per-member sampler seeds: seed * SEED_STRIDE + the member's index (fits 64 bits for seeds < 2**40).
 SEED_STRIDE = 1_000_003
@@ -38,6 +40,8 @@ class Request:
     started: float = field(default_factory=time.perf_counter)
     first_segment_s: float | None = None
     low_rounds: dict[str, int] = field(default_factory=dict)  # rounds in a row a drafter started below exit_threshold
+    book: WeightBook | None = None  # learns the weights this request ends with (init_weights="learned")
+    metadata: dict = field(default_factory=dict)  # attached to the result as it is
 
     @property
     def lead(self) -> str:
@@ -84,16 +88,23 @@ class RoundExecutor:
         self.capacity = {m: member.capacity for m, member in crew.members.items()}
 
     # -- requests ---------------------------------------------------------------
-    def open(self, request_id: int, prompt: str, settings: GenerationSettings, prompt_ids: dict[str, list[int]],
-             weights: dict[str, float], slot: int) -> Request:
+    def open(self, request_id: int, prompt: str, *, settings: GenerationSettings, prompt_ids: dict[str, list[int]],
+             slot: int, weights: dict[str, float] | None = None, book: WeightBook | None = None,
+             metadata: dict | None = None) -> Request:
         """A request in cache ``slot`` (the engine's: it takes and gives it back),
-        starting from ``weights`` (one per verifier)."""
+        starting from ``weights`` (one per verifier), or else from what ``book`` gives
+        for ``settings.init_weights``; ``book`` also learns the request's final weights
+        when its settings ask to (see :meth:`close`). ``metadata``: what its result's
+        metadata says."""
+        if weights is None:
+            weights = (book or WeightBook(self.verifiers)).initial(settings.init_weights)
         calls = {}
         for i, m in enumerate(self.crew.members):
             seed = None if settings.greedy else settings.seed * SEED_STRIDE + i
             calls[m] = [OpenCall(request_id, slot, tuple(prompt_ids[m]), settings.temperature, settings.top_p, seed)]
         req = Request(request_id, prompt, settings, {m: len(prompt_ids[m]) for m in self.crew.members},
-                      {m: len(prompt_ids[m]) for m in self.crew.members}, dict(weights), list(self.drafters))
+                      {m: len(prompt_ids[m]) for m in self.crew.members}, dict(weights), list(self.drafters),
+                      book=book, metadata=dict(metadata or {}))
         try:
             self.crew.open(calls)
         except BaseException:
@@ -102,8 +113,11 @@ class RoundExecutor:
         return req
 
     def close(self, req: Request) -> GenerationResult:
-        """The finished request's result; the members forget it."""
+        """The finished request's result; the members forget it, and its weight book
+        learns from it (see :meth:`WeightBook.learn`)."""
         self.crew.close([req.id])
+        if req.book is not None:
+            req.book.learn(req.settings, req.weights, any(rd.verified for rd in req.rounds))
         total = time.perf_counter() - req.started
         counts = {m: n - req.prompt_len[m] for m, n in req.counts.items()}
         res = GenerationResult(
@@ -115,6 +129,7 @@ class RoundExecutor:
             rounds=req.rounds,
             timings=dict(req.timings, total_s=total, first_segment_s=req.first_segment_s or total),
             settings=req.settings.to_dict(),
+            metadata=dict(req.metadata),
         )
         res.prompt_tokens = dict(req.prompt_len)
         return res
@@ -126,7 +141,7 @@ class RoundExecutor:
     # -- one round for all active requests ---------------------------------------
     def round(self, reqs: list[Request]) -> Iterator[tuple[Request, RoundRecord]]:
         for r in reqs:  # no room to draft: the request ends with what it has
-            if any(r.counts[m] + self._window(r) > self.capacity[m] for m in self.drafters):
+            if not all(room.fits(r.counts[m], self._window(r), self.capacity[m]) for m in self.drafters):
                 r.stop_reason = "cache_full"
         reqs = [r for r in reqs if not r.stop_reason]
         for r in reqs:
@@ -202,32 +217,37 @@ class RoundExecutor:
             win = t.drafts[t.fast]
             shown = cands if win in cands else cands + [win]
             t.winner, t.verified = win, False
-            return self._make_record(r, shown, {}, {}, [], shown.index(win), drafted, False, {})
+            return self._make_record(r, shown, shown.index(win), drafted, verified=False)
         raw = {v: t.raw[v] for v in self.verifiers}
         norm, weights, combined, w = scoring.pick_winner(
-            raw, st.score, [m for m, _ in cands], self.learners, r.weights, st.hedge_lr, len(r.rounds) + 1,
-            st.hedge_schedule, st.self_votes)
+            raw, score=st.score, candidate_models=[m for m, _ in cands], learners=self.learners, weights=r.weights,
+            hedge_lr=st.hedge_lr, t=len(r.rounds) + 1, schedule=st.hedge_schedule, self_votes=st.self_votes)
         if weights is not None:
             r.weights = weights
         t.winner, t.verified, t.winner_index = cands[w], True, w
-        return self._make_record(r, cands, t.raw, norm, combined, w, drafted, True, t.lengths)
+        return self._make_record(r, cands, w, drafted, verified=True, raw=t.raw, scores=norm, combined=combined,
+                                 lengths=t.lengths)
 
     @staticmethod
-    def _make_record(r: Request, shown, raw, norm, combined, w: int, drafted: list[str], verified: bool,
-                     lengths: dict[str, list[int]]) -> RoundRecord:
+    def _make_record(r: Request, shown: list[tuple[str, DraftOut]], winner: int, drafted: list[str], *,
+                     verified: bool, raw: dict[str, list[float]] | None = None,
+                     scores: dict[str, list[float]] | None = None, combined: list[float] | None = None,
+                     lengths: dict[str, list[int]] | None = None) -> RoundRecord:
+        """The round's record: ``shown`` candidates, ``winner`` among them; a round
+        accepted without a verify pass has no scores."""
         return RoundRecord(
             index=len(r.rounds) + 1,
             candidates=[Candidate(m, d.text, d.stopped, len(d.tokens)) for m, d in shown],
-            raw_scores=raw,
-            scores=norm,
+            raw_scores=raw or {},
+            scores=scores or {},
             weights=dict(r.weights),
-            combined=combined,
-            winner=w,
-            winner_model=shown[w][0],
+            combined=combined or [],
+            winner=winner,
+            winner_model=shown[winner][0],
             seconds={},
             drafters=drafted,
             verified=verified,
-            verify_tokens=lengths,
+            verify_tokens=lengths or {},
         )
 
     def _commit(self, turns: list[_Turn]) -> dict[int, dict[str, tuple[int, ...]]]:

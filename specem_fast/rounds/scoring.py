@@ -130,6 +130,7 @@ def combine(
 
 def pick_winner(
     raw: dict[str, list[float]],
+    *,
     score: str,
     candidate_models: list[str],
     learners: list[str],

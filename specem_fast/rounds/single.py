@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from specem_fast.config import GenerationSettings
 from specem_fast.members.interface import CommitCall, Crew, DraftCall, OpenCall
+from specem_fast.model import room
 from specem_fast.results import SingleResult
 
 
@@ -69,7 +70,7 @@ class Baseline:
             r.new += ids
             if len(r.new) >= r.settings.max_new_tokens:
                 r.stop_reason = "length"
-            elif r.count > capacity:
+            elif not room.fits(r.count - 1, 1, capacity):
                 r.stop_reason = "cache_full"  # this token has no cache room to be fed: end here
 
     def close(self, req: SingleRequest) -> SingleResult:

@@ -148,20 +148,25 @@ class WeightBook:
         self.requests = 0
 
     @_locked
+    def check(self, kind: str) -> None:
+        """Refuse an ``init_weights`` this book cannot start a request from (an unknown
+        kind, or ``prior`` without a prior): the front asks before it queues a request."""
+        if kind not in ("uniform", "prior", "learned"):
+            raise SpecEMError(f"unknown init_weights {kind!r}")
+        if kind == "prior" and self.prior is None:
+            raise SpecEMError(
+                "init_weights='prior' but this ensemble has no prior weights; set them with "
+                "Ensemble.set_prior_weights / --weights FILE, or measure them with `specem-fast calibrate`"
+            )
+
+    @_locked
     def initial(self, kind: str) -> dict[str, float]:
-        """A request's starting weights: ``uniform``, ``prior`` or ``learned``."""
+        """A request's starting weights: ``uniform``, ``prior`` or ``learned`` (taken
+        once per request, when the round executor opens it)."""
+        self.check(kind)
         if kind == "uniform":
             return self.uniform()
-        if kind == "prior":
-            if self.prior is None:
-                raise SpecEMError(
-                    "init_weights='prior' but this ensemble has no prior weights; set them with "
-                    "Ensemble.set_prior_weights / --weights FILE, or measure them with `specem-fast calibrate`"
-                )
-            return dict(self.prior)
-        if kind == "learned":
-            return dict(self.learned)
-        raise SpecEMError(f"unknown init_weights {kind!r}")
+        return dict(self.prior) if kind == "prior" else dict(self.learned)
 
     @_locked
     def observe(self, final: Mapping[str, float]) -> None:
@@ -175,6 +180,16 @@ class WeightBook:
         mixed = {n: (1 - alpha) * self.learned[n] + alpha * final[n] for n in self.names}
         total = sum(mixed.values())
         self.learned = apply_floor({n: v / total for n, v in mixed.items()}, self.floor)
+
+    def learn(self, settings, final: Mapping[str, float], verified: bool) -> bool:
+        """A finished request's say in the running estimate: its final weights are
+        folded in (:meth:`observe`) when it started from the learned weights
+        (``init_weights="learned"``) with Hedge on and a verify pass moved them
+        (``verified``). ``settings``: its GenerationSettings. Returns whether it was."""
+        if settings.init_weights != "learned" or settings.hedge_lr is None or not verified:
+            return False
+        self.observe(final)
+        return True
 
     # -- persistence -----------------------------------------------------------------
     @_locked

@@ -21,7 +21,7 @@ class ServerMetrics:
         engine = ensemble.engine
         Gauge("specem_requests_running", "Requests holding a cache slot (in the running batch)",
               registry=reg).set_function(lambda: engine.running)
-        Gauge("specem_requests_waiting", "Requests in the engine's waiting queue",
+        Gauge("specem_requests_waiting", "Requests waiting for a slot (every slot is busy)",
               registry=reg).set_function(lambda: engine.waiting)
         Gauge("specem_batch_slots", "Request slots (max_batch)", registry=reg).set(ensemble.config.max_batch)
         self.rounds = Counter("specem_rounds", "Engine rounds run (one round serves every running request)",

@@ -23,7 +23,7 @@ def start(ex, prompt="Q:", rid=1, slot=0, **settings):
     st = GenerationSettings(**settings)
     ids = {m: ex.crew.members[m].prompt_ids(prompt) for m in ex.crew.members}
     weights = {v: 1.0 / len(ex.verifiers) for v in ex.verifiers}
-    return ex.open(rid, prompt, st, ids, weights, slot)
+    return ex.open(rid, prompt, settings=st, prompt_ids=ids, weights=weights, slot=slot)
 
 
 def run(ex, req, max_rounds=50):

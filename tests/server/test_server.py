@@ -251,6 +251,22 @@ def test_a_full_queue_is_a_429_with_retry_after(ens, client, server):
     assert idle(ens)
 
 
+def test_no_queue_still_admits_a_request_while_a_slot_is_free(ens, server):
+    """--max-waiting 0 is "no queue" (issue 28): with one of two slots busy a request is
+    served, never a 429, and /health counts nothing as waiting."""
+    h, q = ens.submit("Tell me a long story.", max_new_tokens=200, window=4)
+    try:
+        assert isinstance(q.get(timeout=60), RoundRecord)  # one slot runs, the other is free
+        ens.engine.max_waiting = 0
+        assert httpx.get(server.url + "/health").json()["waiting"] == 0
+        r = post(server, "/v1/chat/completions", {"messages": M, "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+    finally:
+        ens.engine.max_waiting = 256
+        ens.cancel(h.id)
+    assert idle(ens)
+
+
 def test_a_client_that_disconnects_frees_its_slot(ens, server):
     body = {"messages": M, "max_tokens": 200, "window": 4}
     rounds = ens.engine.stats["rounds"]

@@ -19,6 +19,7 @@ import torch
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
 from specem_fast.members.local.draft_loop import Draft as _Draft
 from specem_fast.members.local.draft_loop import Drafter
+from specem_fast.model import room
 from specem_fast.model.runner import ModelRunner, Run, score_all
 from specem_fast.model.text import trim_to_word_boundary
 
@@ -48,6 +49,43 @@ class _Seq:
     branches: list[_Branch] | None = None  # this round's verify pass
 
 
+@dataclass(eq=False)
+class VerifyPlan:
+    """A local member's verify pass laid out and not yet scored (:meth:`LocalMember.lay_out`).
+
+    ``lengths``: per call, its candidates' lengths in the member's tokens, or None
+    when they do not fit (that call gets ``room=False``); ``problem``: the scoring
+    problem of the calls that fit (None when none does).
+    """
+
+    member: "LocalMember"
+    lengths: list[tuple[int, ...] | None]
+    problem: tuple | None
+
+    def out(self, scores) -> list[VerifyOut]:
+        """The calls' answers from ``scores`` (the problem's): each candidate's mean
+        log-prob, mean logit and length."""
+        out, c = [], 0
+        lp = scores.mean_logprob.tolist() if scores is not None else []
+        lg = scores.mean_logit.tolist() if scores is not None else []
+        for lengths in self.lengths:
+            if lengths is None:
+                out.append(VerifyOut(room=False))
+                continue
+            k = len(lengths)
+            out.append(VerifyOut(tuple(lp[c : c + k]), tuple(lg[c : c + k]), lengths=lengths))
+            c += k
+        return out
+
+
+def score_plans(plans: Sequence[VerifyPlan]) -> list[list[VerifyOut]]:
+    """Score laid-out verify passes of several members (those on one device in one
+    launch) and answer each plan's calls."""
+    todo = [p for p in plans if p.problem is not None]
+    scores = dict(zip(map(id, todo), score_all([p.member.runner for p in todo], [p.problem for p in todo])))
+    return [p.out(scores.get(id(p))) for p in plans]
+
+
 class LocalMember:
     """One model in this process (see :mod:`.member` for the calls)."""
 
@@ -69,6 +107,16 @@ class LocalMember:
     @property
     def capacity(self) -> int:
         return self.runner.cache.capacity
+
+    @property
+    def device(self):
+        """Where the model runs (a crew runs members on one device one after another)."""
+        return self.runner.device
+
+    @property
+    def interpreted(self) -> bool:
+        """Whether its Triton kernels run through the interpreter (on a CPU)."""
+        return self.runner.triton and self.runner.device.type == "cpu"
 
     def describe(self) -> dict:
         r = self.runner
@@ -174,21 +222,19 @@ class LocalMember:
     def verify(self, calls: Sequence[VerifyCall]) -> list[VerifyOut]:
         if self.batch_invariant and len(calls) > 1:  # one request per forward and scoring
             return [self.verify([c])[0] for c in calls]
-        plan, problem = self.lay_out(calls)
-        scores = score_all([self.runner], [problem])[0] if problem is not None else None
-        return self.scores_out(plan, scores)
+        return score_plans([self.lay_out(calls)])[0]
 
-    def lay_out(self, calls: Sequence[VerifyCall]) -> tuple[list, tuple | None]:
+    def lay_out(self, calls: Sequence[VerifyCall]) -> VerifyPlan:
         """The verify forward over every request's packed candidates, laid out in
-        scratch space above the prefix. Returns the plan (per call: its candidates'
-        lengths in this member's tokens, or None without room) and the scoring problem (None if no call fits).
+        scratch space above the prefix, not yet scored (see :class:`VerifyPlan`).
 
-        Split from scoring so a crew scores several members on one device in one launch.
+        Split from scoring so a crew scores several members on one device in one launch
+        (:func:`score_plans`).
         """
         runner = self.runner
         seqs = [self._seq(c.request, c.prefix) for c in calls]
         encoded = [self._candidate_ids(c, s) for c, s in zip(calls, seqs)]
-        fits = [len(s.ids) + sum(len(ids) for ids, _ in enc) <= self.capacity for s, enc in zip(seqs, encoded)]
+        fits = [room.fits(len(s.ids), sum(len(ids) for ids, _ in enc), self.capacity) for s, enc in zip(seqs, encoded)]
         todo = [(c, s, enc) for c, s, enc, ok in zip(calls, seqs, encoded, fits) if ok]
         layout, extra = [], []
         for c, s, enc in todo:
@@ -206,9 +252,9 @@ class LocalMember:
                     extra.append(run)
         plan = [tuple(len(ids) for ids, _ in enc) if ok else None for enc, ok in zip(encoded, fits)]
         if not todo:
-            return plan, None
+            return VerifyPlan(self, plan, None)
         h = self._catch_up([s for _, s, _ in todo], extra)
-        return plan, self._branches(layout, h)
+        return VerifyPlan(self, plan, self._branches(layout, h))
 
     def _candidate_ids(self, c: VerifyCall, s: _Seq) -> list[tuple[list[int], _Draft | None]]:
         """Each candidate in this member's tokens, with this member's own draft where it is one."""
@@ -232,21 +278,6 @@ class LocalMember:
             offsets.append(offsets[-1] + len(ids))
             s.branches.append(_Branch(ids, run.qpos, n, reuse, seq[len(ids)]))
         return self.runner.scoring_problem(torch.cat(rows), targets, offsets)
-
-    @staticmethod
-    def scores_out(plan: list, scores) -> list[VerifyOut]:
-        """The plan's calls with their candidates' mean log-probs, mean logits and lengths."""
-        out, c = [], 0
-        lp = scores.mean_logprob.tolist() if scores is not None else []
-        lg = scores.mean_logit.tolist() if scores is not None else []
-        for lengths in plan:
-            if lengths is None:
-                out.append(VerifyOut(room=False))
-                continue
-            k = len(lengths)
-            out.append(VerifyOut(tuple(lp[c : c + k]), tuple(lg[c : c + k]), lengths=lengths))
-            c += k
-        return out
 
     # -- commit ---------------------------------------------------------------
     def commit(self, calls: Sequence[CommitCall]) -> list[tuple[int, ...]]:
