@@ -216,7 +216,8 @@ class TextCodec:
         try:
             self.tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except Exception as exc:  # transformers raises many types here
-            raise SpecEMError(f"cannot load the tokenizer in {folder}: {exc}") from None
+            raise SpecEMError(f"cannot load the tokenizer in {folder}: {exc}; re-save it there with "
+                              "`AutoTokenizer.from_pretrained(...).save_pretrained(folder)`") from None
         self.folder, self.name = folder, folder.name
         # transformers switches special-token splitting with a flag on the shared
         # backend tokenizer, so encodes must not interleave across threads.

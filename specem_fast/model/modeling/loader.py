@@ -149,8 +149,8 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
     missing = sorted(set(expected) - set(state))
     if missing:
         raise SpecEMError(
-            f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]}); "
-            "is this a complete checkpoint of a supported architecture?"
+            f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]}): the checkpoint is "
+            f"incomplete (a shard missing?) or config.json describes another model; {fix}"
         )
     model.load_state_dict(state, assign=True, strict=True)
     model.to(device)
