@@ -18,6 +18,7 @@ available. Namespaces and every process in them are removed in a finally.
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,11 @@ FAST_HEALTH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_m
 
 
 def _run(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=check, **kw)
+    r = subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+    if check and r.returncode != 0:
+        tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"`{' '.join(cmd)}` exited {r.returncode}:\n{tail}")
+    return r
 
 
 def _kill_namespace(ns: str) -> None:
@@ -57,6 +62,9 @@ class Hosts:
         self.head_ip, self.worker_ip = f"10.213.{net}.1", f"10.213.{net}.2"
         self.tmp = Path(tempfile.mkdtemp(prefix="spray", dir="/tmp"))  # short: Ray's socket paths
         self.made: list[str] = []
+        # every node and the driver share one token, as docs/scale-out.md says for a cluster over machines
+        # (a token file a local cluster left in ~/.ray would otherwise turn it on for the head alone)
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
 
     def build(self) -> None:
         for ns in (self.head_ns, self.worker_ns):
@@ -76,11 +84,11 @@ class Hosts:
                 f"--temp-dir={self.tmp / 'w'}"]
 
     def start_ray(self) -> None:
-        env = dict(os.environ, **FAST_HEALTH)
+        env = dict(self.env, **FAST_HEALTH)
         _run("ip", "netns", "exec", self.head_ns, str(RAY), "start", "--head", f"--node-ip-address={self.head_ip}",
              "--port=6379", "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats",
              f"--temp-dir={self.tmp / 'h'}", env=env, timeout=120)
-        _run(*self.worker_start(), timeout=120)
+        _run(*self.worker_start(), env=self.env, timeout=120)
 
     def cleanup(self) -> None:
         for ns in reversed(self.made):
@@ -120,7 +128,7 @@ def phases(tiny_dirs):
         cfg = {"models": [str(tiny_dirs[a]) for a in ("llama", "qwen2")], "head_ns": hosts.head_ns,
                "worker_ns": hosts.worker_ns, "head_dev": hosts.head_dev, "worker_dev": hosts.worker_dev,
                "worker_ip": hosts.worker_ip, "worker_start": hosts.worker_start(), "rejoin_within": 120}
-        env = dict(os.environ, RAY_ADDRESS=f"{hosts.head_ip}:6379", SPECEM_RAY_THREADS="1",
+        env = dict(hosts.env, RAY_ADDRESS=f"{hosts.head_ip}:6379", SPECEM_RAY_THREADS="1",
                    SPECEM_RAY_TIMEOUT=str(CALL_TIMEOUT), SPECEM_RAY_RESTART_WAIT=str(RESTART_WAIT),
                    OMP_NUM_THREADS="1")
         proc = _run("ip", "netns", "exec", hosts.head_ns, sys.executable, str(DRIVER), json.dumps(cfg),
@@ -131,6 +139,7 @@ def phases(tiny_dirs):
                 d = json.loads(line)
                 out[d.pop("phase")] = d
         out["_log"] = (proc.stdout[-3000:], proc.stderr[-3000:], proc.returncode)
+        print("\n".join(line for line in proc.stdout.splitlines() if line.startswith("{")))  # shown with -s
         yield out
     finally:
         hosts.cleanup()
