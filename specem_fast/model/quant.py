@@ -237,8 +237,12 @@ class Dequantizer:
     :meth:`finish` after the last file (which refuses incomplete or absent quantized storage).
     """
 
-    def __init__(self, spec: QuantSpec, folder: Path, expected: dict[str, tuple[int, ...]], fix: str):
+    def __init__(self, spec: QuantSpec, folder: Path, expected: dict[str, tuple[int, ...]], fix: str,
+                 accepts=None):
+        """``accepts(name)``: whether a weight the model does not hold under ``name`` still has a
+        taker (one MoE expert's projection, stacked by the loader, which checks its shape)."""
         self.spec, self.folder, self.expected, self.fix = spec, folder, expected, fix
+        self.accepts = accepts
         self.parts = _INT_PARTS.get(spec.method, ("weight", "weight_scale_inv"))
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self.done: set[str] = set()  # module prefixes dequantized
@@ -272,7 +276,7 @@ class Dequantizer:
                               f"'fp8') names weight_scale_inv: config.json does not describe these weights; "
                               f"{ways_out()}")
         target = f"{prefix}.weight"
-        if target not in self.expected:
+        if target not in self.expected and not (self.accepts is not None and self.accepts(target)):
             raise SpecEMError(f"{self.folder}: the weights hold {name}, a {self.spec.method.upper()} tensor of {prefix}, "
                               "which the native model has no linear layer for (e.g. AWQ's scaled activations, a "
                               f"quantized tied head); {ways_out()}")
@@ -283,7 +287,7 @@ class Dequantizer:
             return []
         del self._pending[prefix]
         self.done.add(prefix)
-        return [(target, self._dequantize(prefix, have, self.expected[target]))]
+        return [(target, self._dequantize(prefix, have, self.expected.get(target)))]
 
     def _needed(self) -> tuple[str, ...]:
         if self.spec.method == "gptq" and not self.spec.desc_act:
@@ -306,9 +310,12 @@ class Dequantizer:
                 "quantization_config from config.json; otherwise the files are not the quantized checkpoint")
 
     # -- the formats -----------------------------------------------------------------
-    def _dequantize(self, prefix: str, t: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    def _dequantize(self, prefix: str, t: dict[str, torch.Tensor], shape: tuple[int, ...] | None) -> torch.Tensor:
+        """``shape``: the weight's [out, in] in the model; None: read from the tensors (the taker checks it)."""
         spec = self.spec
         where = f"{self.folder}: {prefix} ({spec.describe()})"
+        if shape is None:
+            shape = _stored_shape(spec, t)
         if spec.method == "fp8":
             w, s = t["weight"], t["weight_scale_inv"]
             if tuple(w.shape) != shape:
@@ -355,6 +362,16 @@ class Dequantizer:
                               f"{n_groups} (scales rows); group_size or desc_act in config.json does not match "
                               f"the weights ({self.fix})")
         return dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], g_idx, spec.bits, spec.v1_zeros)
+
+
+def _stored_shape(spec: QuantSpec, t: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The [out, in] a module's quantized tensors stand for."""
+    if spec.method == "fp8":
+        return tuple(t["weight"].shape)
+    q, per = t["qweight"], 32 // spec.bits
+    if q.dim() != 2:
+        return tuple(q.shape)  # refused by the shape checks
+    return (q.shape[1], q.shape[0] * per) if spec.method == "gptq" else (q.shape[1] * per, q.shape[0])
 
 
 def _fp8_scale_shape(shape, block) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ dequantizes it on the CPU.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -115,6 +116,12 @@ def reference(ints, zeros, scales, groups) -> torch.Tensor:
     return (s * (torch.from_numpy(ints) - z).float()).t().contiguous()
 
 
+def _quantized(k: str) -> bool:
+    """The tensors the test quantizes: every decoder layer's linear, MoE experts' projections too (not the router)."""
+    return bool(re.match(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)"
+                         r"\.weight$", k))
+
+
 def write_gptq(src: Path, dst: Path, bits: int, group: int, sym: bool, desc_act: bool, fmt: str,
                keep_g_idx: bool = True) -> dict[str, torch.Tensor]:
     """A GPTQ copy of ``src``; returns the reference weight of every quantized linear."""
@@ -124,7 +131,7 @@ def write_gptq(src: Path, dst: Path, bits: int, group: int, sym: bool, desc_act:
     rng = np.random.default_rng(bits * 100 + group)
     for k, v in sd.items():
         prefix = k[: -len(".weight")]
-        if not (k.startswith("model.layers.") and prefix.endswith(LINEARS)):
+        if not _quantized(k):
             out[k] = v
             continue
         n_in = v.shape[1]
@@ -178,7 +185,7 @@ def write_fp8(src: Path, dst: Path, block=(128, 128)) -> dict[str, torch.Tensor]
     out, refs = {}, {}
     for k, v in sd.items():
         prefix = k[: -len(".weight")]
-        if not (k.startswith("model.layers.") and prefix.endswith(LINEARS)):
+        if not _quantized(k):
             out[k] = v
             continue
         n, m = v.shape
@@ -433,3 +440,53 @@ def test_quantized_parts_of_a_module_the_model_lacks_are_refused(tiny_llama, tmp
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     msg = _refusal(folder)
     assert "mlp.act.scales" in msg and "no linear layer" in msg and "transformers backend" in msg
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory, default_model_dirs):
+    """qwen3_moe at tiny size: 4 experts, top-2, per-expert projections on disk (stacked at load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=49152, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=48, intermediate_size=96,
+                               norm_topk_prob=True, max_position_embeddings=512)
+    cfg.bos_token_id, cfg.eos_token_id = 1, 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+    folder = tmp_path_factory.mktemp("moe") / "qwen3_moe"
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dirs["smollm2-135m-instruct"] / f, folder / f)
+    assert any(".experts.3.down_proj.weight" in k for k in load_file(str(folder / "model.safetensors")))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["gptq", "fp8"])
+def test_quantized_moe_experts_are_dequantized_and_stacked(tiny_moe, tmp_path, method):
+    """Per-expert quantized projections dequantize, then stack like plain ones: the model equals its
+    plain twin holding the reference weights, and runs like transformers on that twin."""
+    from specem_fast.model.kv_cache import KVCacheManager
+    from specem_fast.model.runner import ModelRunner, Run
+    from transformers import AutoModelForCausalLM
+
+    q = tmp_path / method
+    refs = write_gptq(tiny_moe, q, 4, 16, False, True, "gptq") if method == "gptq" else write_fp8(tiny_moe, q, (32, 32))
+    assert sum(".experts." in k for k in refs) == 2 * 4 * 3
+    plain = _copy(tiny_moe, tmp_path / "plain")
+    sd = load_file(str(tiny_moe / "model.safetensors"))
+    sd.update(refs)
+    save_file(sd, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    a, b = _weights(q), _weights(plain)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r = ModelRunner("m", q, "cpu", "float32", "torch")
+    r.cache = KVCacheManager([r.cache_shape], 1, 64)["m"]
+    ids = [1, 504, 3300, 2001, 77, 9000, 12, 4242]
+    ours = r.logits(r.forward([Run(0, ids, 0, 0, 0)]))
+    hf = AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)

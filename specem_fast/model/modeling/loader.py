@@ -103,8 +103,9 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
         model = _in_folder_terms(folder, Transformer, args)  # rope kinds are read here
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
-    dq = Dequantizer(quant, folder, expected, fix) if quant is not None else None
     experts = ExpertStacker(expected, folder, fix) if args.moe is not None else None
+    dq = Dequantizer(quant, folder, expected, fix, experts.claims if experts is not None else None
+                     ) if quant is not None else None
     for f in files:
         check_safetensors(f, fix)
         try:
@@ -118,14 +119,18 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
                     continue  # a multimodal checkpoint's vision tower
                 if experts is not None:
                     name = moe_key(name)  # Mixtral's block_sparse_moe.* is our mlp.*
-                    if experts.claims(name):  # one expert's projection: stacked per layer (moe.py)
-                        for sname, t in experts.add(name, _finite(_read(sf, key, folder, fix), key, folder, dtype,
-                                                                  fix)):
-                            _put(state, sname, t, folder)
-                        continue
                 if dq is not None and dq.claims(name, sf.get_slice(key).get_dtype()):
                     for wname, w in dq.add(name, _read(sf, key, folder, fix)):  # quant.py: dequantized weights
-                        _put(state, wname, _finite(w, wname, folder, dtype, fix), folder)
+                        w = _finite(w, wname, folder, dtype, fix)
+                        if experts is not None and experts.claims(wname):  # a quantized expert's projection
+                            for sname, t in experts.add(wname, w):
+                                _put(state, sname, t, folder)
+                        else:
+                            _put(state, wname, w, folder)
+                    continue
+                if experts is not None and experts.claims(name):  # one expert's projection: stacked per layer (moe.py)
+                    for sname, t in experts.add(name, _finite(_read(sf, key, folder, fix), key, folder, dtype, fix)):
+                        _put(state, sname, t, folder)
                     continue
                 parts = args.fused_parts(name) if name not in expected else None
                 if parts:  # one tensor holding several of ours (phi3 qkv_proj, gate_up_proj)
