@@ -153,7 +153,7 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
             from specem_fast.model.hf_runner import HFRunner
 
             hf = HFRunner(n, folders[n], *where[n])
-            remote[n] = HFMember(hf, config.cache_tokens)
+            remote[n] = HFMember(hf, config.cache_tokens, config.batch_invariant)
             _announce(hf.describe())
         elif sp.kind == "local":
             runners[n] = ModelRunner(n, folders[n], *where[n], config.kernels, config.flash_attn, config.compile)

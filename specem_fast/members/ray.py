@@ -255,7 +255,7 @@ class MemberActor:
                                  "specem-fast and the models at the same paths on every node")
         runner = HFRunner(name, folder, device, dtype)
         self.cache = None
-        self.member = HFMember(runner, config.cache_tokens)
+        self.member = HFMember(runner, config.cache_tokens, config.batch_invariant)
         self.name, self.max_batch = name, config.max_batch
         self.info = {"kind": "ray", "backend": "transformers", "node": node, "pid": os.getpid(),
                      "actor": ctx.get_actor_id(), "device": str(runner.device),

@@ -65,3 +65,21 @@ def test_vllm_members_are_refused_under_the_mode():
         Ensemble.from_pretrained(["vllm:http://127.0.0.1:1#smollm2-135m-instruct"], batch_invariant=True)
     with pytest.raises(SpecEMError, match="batch_invariant must be True or False"):
         Ensemble.from_pretrained(["smollm2-135m-instruct"], batch_invariant="yes")
+
+
+def test_transformers_backend_members_draft_each_request_alone_under_the_mode(tiny_dirs, monkeypatch):
+    from specem_fast.members.local.hf_member import HFMember
+
+    stacked = []
+    real = HFMember._draft_stacked
+    monkeypatch.setattr(HFMember, "_draft_stacked", lambda self, *a: stacked.append(1) or real(self, *a))
+    names = [str(tiny_dirs[a]) for a in ("llama", "qwen2")]
+    e = Ensemble.from_pretrained(names, dtype="bfloat16", cache_tokens=512, max_batch=4, preset="reference",
+                                 backend="transformers", batch_invariant=True)
+    try:
+        assert all(m.batch_invariant for m in e.members.values())
+        alone = [e.generate(p, **KW).text for p in PROMPTS[:3]]
+        assert [r.text for r in e.generate(PROMPTS[:3], **KW)] == alone
+        assert not stacked
+    finally:
+        e.close()

@@ -70,8 +70,11 @@ class _Seq:
 class HFMember:
     """One model run by transformers in this process."""
 
-    def __init__(self, runner: HFRunner, capacity: int):
+    def __init__(self, runner: HFRunner, capacity: int, batch_invariant: bool = False):
+        """``batch_invariant``: requests draft one after another, never stacked, so a request's
+        answer does not depend on its batch (verify is per request either way)."""
         self.runner = runner
+        self.batch_invariant = batch_invariant
         self.name = runner.name
         self.capacity = capacity
         self._seqs: dict[int, _Seq] = {}
@@ -146,7 +149,7 @@ class HFMember:
         seqs = [self._seq(c.request, c.prefix) for c in calls]
         for c, s in zip(calls, seqs):
             self._start_draft(c, s)
-        if self.runner.mode == "packed" and len(calls) > 1:
+        if self.runner.mode == "packed" and len(calls) > 1 and not self.batch_invariant:
             return self._draft_stacked(calls, seqs)
         return [self._draft_one(c, s) for c, s in zip(calls, seqs)]
 
