@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import specem_fast.members.loading as loading_mod
-import specem_fast.members.crew as crew_mod
+import specem_fast.members.local.member as member_mod
 import specem_fast.members.local.draft_loop as draft_mod
 import specem_fast.model.runner as runtime_mod
 from specem_fast import Ensemble, kernels
@@ -84,7 +84,7 @@ STEPS = [
     ("executor", "_verify", 1),
     ("executor", "_verify", 2),
     ("member", "lay_out", 2),
-    ("module", "score_all", 2),
+    ("module", "score_all", 2),  # the local members' verify passes, scored together
     ("executor", "_record", 3),
     ("executor", "_commit", 1),
     ("executor", "_commit", 4),
@@ -101,7 +101,7 @@ STEPS = [
 @pytest.mark.parametrize("where, attr, nth", STEPS, ids=[f"{w}.{a}#{n}" for w, a, n in STEPS])
 def test_a_failure_at_any_step_keeps_no_slot(ens, baseline, monkeypatch, where, attr, nth):
     runner = ens.runners[ens.model_names[1]]
-    target = {"codec": runner.codec, "executor": ens.executor, "module": crew_mod, "runner": runner,
+    target = {"codec": runner.codec, "executor": ens.executor, "module": member_mod, "runner": runner,
               "member": ens.members[ens.model_names[1]], "cache": ens.cache[ens.model_names[0]]}[where]
     calls = fail_on_call(monkeypatch, target, attr, nth)
     with pytest.raises(Boom):
