@@ -118,8 +118,8 @@ def reference(ints, zeros, scales, groups) -> torch.Tensor:
 
 def _quantized(k: str) -> bool:
     """The tensors the test quantizes: every decoder layer's linear, MoE experts' projections too (not the router)."""
-    return bool(re.match(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj)"
-                         r"\.weight$", k))
+    return bool(re.match(r"model\.layers\.\d+\.(self_attn\.(qkv|[qkvo])_proj|mlp\.(experts\.\d+\.)?"
+                         r"(gate_up|gate|up|down)_proj)\.weight$", k))
 
 
 def write_gptq(src: Path, dst: Path, bits: int, group: int, sym: bool, desc_act: bool, fmt: str,
@@ -484,6 +484,42 @@ def test_quantized_moe_experts_are_dequantized_and_stacked(tiny_moe, tmp_path, m
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     r = ModelRunner("m", q, "cpu", "float32", "torch")
     r.cache = KVCacheManager([r.cache_shape], 1, 64)["m"]
+    ids = [1, 504, 3300, 2001, 77, 9000, 12, 4242]
+    ours = r.logits(r.forward([Run(0, ids, 0, 0, 0)]))
+    hf = AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_quantized_fused_projections_are_dequantized_then_split(tmp_path, default_model_dirs):
+    """phi3 stores qkv_proj and gate_up_proj fused: a GPTQ phi3 dequantizes them, then splits them."""
+    from specem_fast.model.kv_cache import KVCacheManager
+    from specem_fast.model.runner import ModelRunner, Run
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("phi3", vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=96, max_position_embeddings=512,
+                               pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
+    src = tmp_path / "phi3"
+    model.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dirs["smollm2-135m-instruct"] / f, src / f)
+    refs = write_gptq(src, tmp_path / "q", 8, 16, True, True, "gptq")
+    assert {k.split(".")[-2] for k in refs} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    plain = _copy(src, tmp_path / "plain")
+    sd = load_file(str(src / "model.safetensors"))
+    sd.update(refs)
+    save_file(sd, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    a, b = _weights(tmp_path / "q"), _weights(plain)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r = ModelRunner("p", tmp_path / "q", "cpu", "float32", "torch")
+    r.cache = KVCacheManager([r.cache_shape], 1, 64)["p"]
     ids = [1, 504, 3300, 2001, 77, 9000, 12, 4242]
     ours = r.logits(r.forward([Run(0, ids, 0, 0, 0)]))
     hf = AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32).eval()

@@ -104,8 +104,11 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     experts = ExpertStacker(expected, folder, fix) if args.moe is not None else None
-    dq = Dequantizer(quant, folder, expected, fix, experts.claims if experts is not None else None
-                     ) if quant is not None else None
+
+    def taken(n: str) -> bool:  # a dequantized weight the model holds in another form (stacked, split)
+        return (experts is not None and experts.claims(n)) or bool(args.fused_parts(n))
+
+    dq = Dequantizer(quant, folder, expected, fix, taken) if quant is not None else None
     for f in files:
         check_safetensors(f, fix)
         try:
@@ -125,6 +128,9 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
                         if experts is not None and experts.claims(wname):  # a quantized expert's projection
                             for sname, t in experts.add(wname, w):
                                 _put(state, sname, t, folder)
+                        elif wname not in expected and (fused := args.fused_parts(wname)):
+                            for pname, piece in _cut_rows(w, wname, fused, expected, folder, fix):
+                                _put(state, pname, piece, folder)
                         else:
                             _put(state, wname, w, folder)
                     continue
@@ -191,6 +197,15 @@ def _split_fused(sf, key: str, parts: list[tuple[str, int]], expected: dict, fol
                           f"config.json does not belong to these weights ({fix})")
     pieces = _read(sf, key, folder, fix).split([n for _, n in parts], dim=0)
     return [(name, piece.contiguous()) for (name, _), piece in zip(parts, pieces)]
+
+
+def _cut_rows(t: torch.Tensor, name: str, parts: list[tuple[str, int]], expected: dict, folder: Path, fix: str):
+    """A fused weight already in memory (a dequantized qkv_proj/gate_up_proj) cut along dim 0 into ours."""
+    want = [sum(n for _, n in parts), *expected[parts[0][0]][1:]]
+    if list(t.shape) != want:
+        raise SpecEMError(f"{folder}: {name} has shape {list(t.shape)} but config.json implies {want}; "
+                          f"config.json does not belong to these weights ({fix})")
+    return [(n, piece.contiguous()) for (n, _), piece in zip(parts, t.split([k for _, k in parts], dim=0))]
 
 
 def _read(sf, key: str, folder: Path, fix: str) -> torch.Tensor:
