@@ -81,14 +81,31 @@ def _download_hint(repo: str, rev: str | None) -> str:
 
 def hub_snapshot(repo: str, rev: str | None, files: list[str]) -> Path:
     """The snapshot folder of ``repo`` at ``rev`` in huggingface_hub's cache, downloading the
-    ``files`` patterns first unless the environment says offline."""
+    ``files`` patterns first unless the environment says offline. Weights come in a second
+    step, as transformers takes them: the shards model.safetensors.index.json names where the
+    repo has one (a repo may also carry other exports, e.g. Mistral's consolidated.safetensors)."""
+    if hub_offline():
+        return _snapshot(repo, rev, files, offline=True)
+    rest = [f for f in files if f != "*.safetensors"]
+    path = _snapshot(repo, rev, rest, offline=False)
+    if len(rest) == len(files):
+        return path
+    shards = ["*.safetensors"]
+    try:
+        weight_map = json.loads((path / "model.safetensors.index.json").read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted({v for v in weight_map.values() if isinstance(v, str)}) or shards
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return _snapshot(repo, path.name, shards, offline=False)  # the commit the first step resolved
+
+
+def _snapshot(repo: str, rev: str | None, files: list[str], offline: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub import errors as hf_errors
     except ImportError:  # pragma: no cover - a dependency of transformers
         raise SpecEMError(f"{repo} looks like a Hugging Face Hub id, but huggingface_hub is not installed; "
                           "install it (`pip install huggingface_hub`) or pass a local folder") from None
-    offline = hub_offline()
     cache = hub_cache_dir()
     name = f"{repo}@{rev}" if rev else repo
     try:

@@ -354,7 +354,7 @@ def memory_needs(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
     """(KV-cache bytes per request slot and cache token, weight bytes) of one model,
     from config.json and the safetensors headers alone (no weights are read)."""
     from specem_fast.model.modeling.args import ModelArgs
-    from specem_fast.model.modeling.loader import check_safetensors, fix_hint
+    from specem_fast.model.modeling.loader import check_safetensors, fix_hint, weight_files
     from specem_fast.model.quant import dense_params, read_quant_spec
 
     cfg = read_config(folder)
@@ -364,7 +364,7 @@ def memory_needs(folder: Path, dtype: torch.dtype) -> tuple[int, int]:
     kv = 2 * args.num_layers * args.num_kv_heads * args.head_dim * size
     params = 0
     fix = fix_hint(folder)
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in weight_files(folder):
         for key, info in check_safetensors(f, fix).items():
             shape = info.get("shape") if key != "__metadata__" else None
             if isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape):

@@ -172,12 +172,66 @@ def test_online_resolution_downloads_only_the_members_files_with_the_users_token
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert resolve_model("org/new@main").name == COMMIT_A
-    repo, kw = calls[0]
-    assert repo == "org/new" and kw["revision"] == "main" and kw["local_files_only"] is False
-    assert kw["cache_dir"] == str(hub) and kw["token"] == "hf_test_token"
-    assert "*.safetensors" in kw["allow_patterns"] and not any("bin" in p for p in kw["allow_patterns"])
+    (repo, first), (_, second) = calls
+    assert repo == "org/new" and first["revision"] == "main" and first["local_files_only"] is False
+    assert first["cache_dir"] == str(hub) and first["token"] == "hf_test_token"
+    assert "*.json" in first["allow_patterns"] and not any("safetensors" in p or "bin" in p
+                                                           for p in first["allow_patterns"])
+    # the weights in a second step, at the commit the first one resolved; no index: every *.safetensors
+    assert second["revision"] == COMMIT_A and second["allow_patterns"] == ["*.safetensors"]
+    calls.clear()
     resolve_tokenizer("org/new")
-    assert "*.safetensors" not in calls[1][1]["allow_patterns"]  # a vLLM member's tokenizer: no weights
+    assert len(calls) == 1 and "*.safetensors" not in calls[0][1]["allow_patterns"]  # a tokenizer: no weights
+
+
+def _sharded(src: Path, dst: Path) -> Path:
+    """A sharded copy (model.safetensors.index.json + shards) with a stray consolidated.safetensors beside it."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors"))
+    sd = load_file(str(src / "model.safetensors"))
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(dst / name), metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, str(dst / "consolidated.safetensors"))
+    return dst
+
+
+def test_a_sharded_repo_downloads_and_loads_only_its_indexed_shards(hub, tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from specem_fast.model.modeling.loader import load_transformer
+
+    sharded = _sharded(tiny, tmp_path / "sharded")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        calls.append(kw["allow_patterns"])
+        snap = hub / "models--org--sharded" / "snapshots" / COMMIT_A
+        return str(snap if snap.is_dir() else lay_out(hub, repo_id, COMMIT_A, folder_files(sharded)))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    got = resolve_model("org/sharded")
+    assert calls[1] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    a = load_transformer(got, torch.device("cpu"), torch.float32).state_dict()  # consolidated.* not read
+    b = load_transformer(tiny, torch.device("cpu"), torch.float32).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sharded_folder_missing_a_shard_or_with_a_damaged_index_is_refused(tiny, tmp_path):
+    from specem_fast.model.modeling.loader import load_transformer
+
+    folder = _sharded(tiny, tmp_path / "s")
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(SpecEMError, match=r"names 1 shard\(s\) the folder lacks \(first: model-00002-of-00002"):
+        load_transformer(folder, torch.device("cpu"), torch.float32)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
+    with pytest.raises(SpecEMError, match="model.safetensors.index.json is damaged"):
+        load_transformer(folder, torch.device("cpu"), torch.float32)
 
 
 # ------------------------------------------------------------ tokenizer-only folders (vLLM members)

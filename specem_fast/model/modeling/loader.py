@@ -24,6 +24,7 @@ from specem_fast.model.quant import Dequantizer, is_float8, read_quant_spec
 _PREFIXES = ("model.language_model.", "language_model.model.", "language_model.")
 _MAX_HEADER = 100 << 20  # the safetensors format's own limit on the JSON header
 _MARKER = "specem_fast.json"  # written by `models fetch` (see fetch.py)
+_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> file map
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -95,7 +96,7 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
     cfg = cfg if cfg is not None else read_config(folder)
     args = model_args(folder, cfg)
     quant = read_quant_spec(folder, cfg)  # a quantization_config is honoured or refused, never ignored
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(folder)
     if not files:
         raise SpecEMError(f"{folder} has no *.safetensors weights; save the model with safetensors")
     fix = fix_hint(folder)
@@ -167,6 +168,29 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
     model.to(device)
     model.inv_freqs = [(inv.to(device), scaling) for inv, scaling in model.inv_freqs]
     return model.eval().requires_grad_(False)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files that hold the model: the shards model.safetensors.index.json names
+    where it exists (as transformers reads them: a repo may also carry other exports, such as
+    Mistral's consolidated.safetensors), else every *.safetensors in the folder."""
+    index = folder / _INDEX
+    if not index.is_file():
+        return sorted(folder.glob("*.safetensors"))
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(v, str) and v and Path(v).name == v and v.endswith(".safetensors") for v in weight_map.values()):
+        raise SpecEMError(f"{index} is damaged (it needs a weight_map from tensor names to .safetensors files in "
+                          f"the folder); {fix_hint(folder)}")
+    names = sorted(set(weight_map.values()))
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise SpecEMError(f"{folder}: {_INDEX} names {len(missing)} shard(s) the folder lacks (first: {missing[0]}): "
+                          f"the checkpoint is incomplete; download all of its shards, or {fix_hint(folder)}")
+    return [folder / n for n in names]
 
 
 def model_args(folder: Path, cfg: dict) -> ModelArgs:
