@@ -253,7 +253,8 @@ class Ensemble:
         Returns ``(handle, events)``: ``handle.id`` for :meth:`cancel`, and, when
         no ``sink`` callable is given, a ``queue.Queue`` that receives a
         RoundRecord per round, then the GenerationResult or an exception.
-        Raises :class:`QueueFullError` when ``max_waiting`` requests wait.
+        Raises :class:`QueueFullError` when every slot is busy and ``max_waiting``
+        requests already wait for one (a free slot always takes the request).
         """
         return self.engine.submit(self.prepare(prompt, messages=messages, settings=settings, profile=profile,
                                                **overrides), sink)

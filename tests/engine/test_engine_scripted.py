@@ -105,6 +105,8 @@ def test_a_request_arriving_mid_round_takes_a_free_slot_even_with_no_queue(closi
         engine.submit(job(engine))  # both slots are taken or promised, and there is no queue
     gate.open.set()
     assert last(qa).text == last(qb).text == "w w w w "
+    # four rounds of "w " each; b joined at the next boundary: a's rounds 2-4 were b's 1-3
+    assert (engine.stats["rounds"], engine.stats["batched_rounds"]) == (5, 3)
     assert idle(engine, pool, members)
     engine.submit(job(engine, max_new_tokens=2))  # slots are back: taken again
     assert idle(engine, pool, members)
