@@ -325,6 +325,8 @@ def summarize(soak: Soak) -> dict:
                      "outcomes": dict(Counter(str(e["status"]) for e in evs)),
                      "mismatches": sum(e["mismatch"] for e in evs)})
     evs = soak.events
+    rss = [(s["minute"], s["rss_mib"]) for s in soak.samples if s["rss_mib"] == s["rss_mib"]]
+    settled = [r for m, r in rss if m >= min(6, max(m for m, _ in rss))] if rss else []
     fixed_ok = [e for e in evs if e["action"] == "fixed" and e["status"] == 200 and not e["problem"]]
     return {
         "minutes": rows,
@@ -341,6 +343,8 @@ def summarize(soak: Soak) -> dict:
                          if (e["action"] == "bad" and e["status"] != 400)
                          or (e["action"] == "oversized" and e["status"] != 413)][:10],
         "references": {FIXED[i][1]: t for i, t in soak.refs.items()},
+        # RSS from minute 6 on (or the last minute of a shorter soak) to the end: (first, last, change in %)
+        "rss_settled": (settled[0], settled[-1], 100 * (settled[-1] / settled[0] - 1)) if settled else None,
     }
 
 
@@ -416,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     for what in ("broken", "wrong_status", "server_log_tail"):
         if report.get(what):
             print(f"{what}: {report[what]}")
+    if report.get("rss_settled"):
+        first, last, pct = report["rss_settled"]
+        print(f"RSS from minute {min(6, len(report['minutes']) - 1)} to the end: {first:.1f} -> {last:.1f} MiB "
+              f"({pct:+.2f}%)")
     print(f"afterwards: {report.get('after')}; exit code on SIGTERM {report.get('exit_code')}")
     report["command"] = "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.out:
