@@ -24,7 +24,7 @@ waiting 0 and exited 0 on SIGTERM. Exit status 0 when there was no mismatch,
 no 5xx, no broken answer, and the server came back idle.
 
     .venv/bin/python benchmarks/soak.py [--minutes 12] [--clients 5] [--max-batch 4] [--max-waiting 4]
-        [--models A,B] [--dtype float32] [--deterministic] [--max-tokens 32] [--out FILE.json]
+        [--models A,B] [--dtype float32] [--preset auto] [--deterministic] [--max-tokens 32] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str, 
     cmd = [sys.executable, "-m", "specem_fast", "serve", "--host", "127.0.0.1", "--port", "0",
            "--max-batch", str(args.max_batch), "--max-waiting", str(args.max_waiting),
            "--max-body-mb", str(args.max_body_mb), "--cache-tokens", str(args.cache_tokens),
-           "--shutdown-timeout", "10", "--log-level", "warning", "--preset", "reference"]
+           "--shutdown-timeout", "10", "--log-level", "warning", "--preset", args.preset]
     if args.models:
         cmd += ["--models", args.models]
     if args.dtype:
@@ -399,6 +399,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=32, help="answer length of the load (default 32)")
     ap.add_argument("--models", default=None, help="serve --models (default: the default models)")
     ap.add_argument("--dtype", default="float32", help="serve --dtype (default float32)")
+    ap.add_argument("--preset", default="auto", help="serve --preset (default auto, as serve)")
     ap.add_argument("--deterministic", action="store_true", help="serve --deterministic (batch-independent answers)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: unset)")
     ap.add_argument("--seed", type=int, default=0, help="the clients' random choices (default 0)")
