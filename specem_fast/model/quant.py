@@ -132,7 +132,7 @@ def _refuse(folder, spec_text: str, why: str) -> SpecEMError:
 
 def _int_spec(folder, method: str, q: dict) -> QuantSpec:
     bits = q.get("bits", q.get("w_bit"))
-    group = q.get("group_size", q.get("q_group_size", 128 if method == "awq" else -1))
+    group = q.get("group_size", q.get("q_group_size", 128))  # transformers' default for both
     name = f"{method.upper()} {bits}-bit"
     if bits not in (4, 8) or isinstance(bits, bool):
         raise _refuse(folder, name, "only 4- and 8-bit GPTQ/AWQ are read natively")
