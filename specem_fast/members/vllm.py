@@ -31,6 +31,9 @@ so the member stays usable for the next request.
 Spec: ``vllm:URL#MODEL`` with optional ``;key=value`` options after MODEL
 (see :data:`OPTIONS`), e.g.
 ``vllm:https://gpu1:8000#qwen2.5-coder-0.5b-instruct;served=qwen;key_env=GPU1_KEY``.
+MODEL needs only the served model's tokenizer: a registry name, a folder holding just
+tokenizer files, or a Hub id (hub/resolve.py; no weights, no config.json, any
+architecture: the model runs on the server).
 """
 
 from __future__ import annotations
