@@ -24,6 +24,8 @@ from typing import Callable, Protocol
 
 from specem_fast.config import GenerationSettings
 from specem_fast.errors import QueueFullError, SpecEMError
+from specem_fast.rounds.executor import Request
+from specem_fast.rounds.single import SingleRequest
 from specem_fast.rounds.weights import WeightBook
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class Handle:
     sink: Callable[[object], None]
     done: threading.Event = field(default_factory=threading.Event)
     slot: int | None = None
-    req: object | None = None  # a rounds.executor.Request or a rounds.single.SingleRequest
+    req: Request | SingleRequest | None = None
 
     @property
     def settings(self) -> GenerationSettings:
