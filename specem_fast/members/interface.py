@@ -87,7 +87,11 @@ class DraftOut:
 
 @dataclass(frozen=True)
 class VerifyCall:
-    """Score ``candidates`` — ``(drafter name, text)`` pairs — after a sequence of length ``prefix``."""
+    """Score ``candidates`` — ``(drafter name, text)`` pairs — after a sequence of length ``prefix``.
+
+    The round executor sends each distinct text once (named by this member where it
+    drafted it), so drafters of identical texts share one score exactly.
+    """
 
     request: int
     prefix: int

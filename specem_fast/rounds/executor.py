@@ -14,14 +14,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from specem_fast.rounds import policy, scoring
-from specem_fast.config import GenerationSettings
+from specem_fast.config import SEED_STRIDE, GenerationSettings
 from specem_fast.members.interface import CommitCall, Crew, DraftCall, DraftOut, OpenCall, VerifyCall
 from specem_fast.model import room
 from specem_fast.results import Candidate, GenerationResult, RoundRecord
 from specem_fast.rounds.weights import WeightBook
-
-# Per-member sampler seeds: seed * SEED_STRIDE + the member's index (fits 64 bits for seeds < 2**40).
-SEED_STRIDE = 1_000_003
 
 
 @dataclass
@@ -60,6 +57,7 @@ class _Turn:
     lengths: dict[str, list[int]] = field(default_factory=dict)
     winner: tuple[str, DraftOut] | None = None
     winner_index: int | None = None  # among the candidates, when verified
+    text_of: list[int] = field(default_factory=list)  # per candidate, its text's index in the verify calls
     verified: bool = False
 
     @property
@@ -77,6 +75,17 @@ def _raw_scores(out, score: str) -> list[float]:
     if len(out.lengths) != len(out.mean_logprob):
         raise ValueError("score='logprob_sum' needs the candidates' lengths, which this verifier did not give")
     return [m * n for m, n in zip(out.mean_logprob, out.lengths)]
+
+
+def _distinct_candidates(cands: list[tuple[str, DraftOut]], verifier: str) -> tuple[tuple[str, str], ...]:
+    """The verify call's candidates: each distinct text once (see :func:`policy.distinct_texts`),
+    named by ``verifier`` where it drafted that text (it scores from its own draft's K/V),
+    else by the text's first drafter."""
+    named: dict[str, str] = {}
+    for m, d in cands:
+        if d.text not in named or m == verifier:
+            named[d.text] = m
+    return tuple((m, text) for text, m in named.items())
 
 
 class RoundExecutor:
@@ -198,15 +207,20 @@ class RoundExecutor:
         """One verify call per verifier over every request's candidates."""
         if not turns:
             return
-        calls = {v: [VerifyCall(t.req.id, t.req.counts[v], tuple((m, d.text) for m, d in t.cands),
+        for t in turns:
+            t.text_of = policy.distinct_texts([d.text for _, d in t.cands])
+        calls = {v: [VerifyCall(t.req.id, t.req.counts[v], _distinct_candidates(t.cands, v),
                                 t.req.settings.mode == "recompute") for t in turns] for v in self.verifiers}
         outs = self.crew.verify(calls)
         for v in self.verifiers:
             for t, out in zip(turns, outs[v]):
                 if not out.room:
                     t.req.stop_reason = "cache_full"
-                t.raw[v] = _raw_scores(out, t.req.settings.score)
-                t.lengths[v] = list(out.lengths)
+                    continue
+                raw = _raw_scores(out, t.req.settings.score)
+                # identical texts were scored once: each candidate gets its text's score
+                t.raw[v] = [raw[k] for k in t.text_of]
+                t.lengths[v] = [out.lengths[k] for k in t.text_of] if out.lengths else []
 
     def _record(self, t: _Turn) -> RoundRecord:
         """Pick the winner (weights updated first, as the reference does) and record the round."""
@@ -253,7 +267,7 @@ class RoundExecutor:
     def _commit(self, turns: list[_Turn]) -> dict[int, dict[str, tuple[int, ...]]]:
         """Append every winner's text to every member's sequence; returns the ids each member appended."""
         calls = {m: [CommitCall(t.req.id, t.req.counts[m], t.winner[1].text,
-                                t.winner_index if t.verified else None) for t in turns]
+                                t.text_of[t.winner_index] if t.verified else None) for t in turns]
                  for m in self.crew.members}
         outs = self.crew.commit(calls) if turns else {}
         appended: dict[int, dict[str, tuple[int, ...]]] = {t.req.id: {} for t in turns}

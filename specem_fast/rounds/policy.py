@@ -66,6 +66,19 @@ def fast_winner(texts: Sequence[str], stopped: Sequence[bool], fast_eos: bool, s
     return None
 
 
+def distinct_texts(texts: Sequence[str]) -> list[int]:
+    """For each candidate, the index of its text among the round's distinct texts
+    (numbered in order of first appearance).
+
+    Identical texts are scored once per verifier and share that score, so they
+    tie exactly and the earliest drafter wins, as in exact arithmetic: two
+    scorings of one text (one from a drafter's own K/V, one re-encoded) differ
+    in the last bits, by an amount that depends on the CPU and the batch.
+    """
+    first: dict[str, int] = {}
+    return [first.setdefault(t, len(first)) for t in texts]
+
+
 def cut_at_stop_string(answer: str, stops: Sequence[str]) -> str | None:
     """The answer cut before the first stop string found (in the order given), or None."""
     for stop in stops:
