@@ -58,8 +58,9 @@ def test_matches_transformers_block_fp32(kind, kw, tokens, monkeypatch):
         want = block(x.unsqueeze(0))
         want = (want[0] if isinstance(want, tuple) else want).squeeze(0)
         got = m(x)
-        # both paths on the same input, whichever the size picks
+        # both paths on the same input, whichever the size and device pick
         monkeypatch.setattr(moe_mod, "GATHER_MAX_PAIRS", 10**9)
+        monkeypatch.setattr(moe_mod, "GATHER_ON_CPU", True)
         gathered = m(x)
         monkeypatch.setattr(moe_mod, "GATHER_MAX_PAIRS", 0)
         grouped = m(x)

@@ -11,6 +11,7 @@ multi-branch verification, greedy tokens; bfloat16 within a tolerance.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -96,10 +97,10 @@ def test_prefill_decode_and_greedy_match_transformers(family):
     r = runner_for(folder)
     x = ids(40, 0)
     ref = hf_logits(hf, x)
-    ours = r.logits(r.forward([Run(1, x[:25], 0, 0, 0)]))  # 25 tokens: the grouped expert path
+    ours = r.logits(r.forward([Run(1, x[:25], 0, 0, 0)]))
     r.cache.append(1, 25)
     torch.testing.assert_close(ours, ref[:25], atol=ATOL, rtol=RTOL)
-    for i in range(25, 40):  # one token at a time: the gathered (sync-free) path
+    for i in range(25, 40):  # one token at a time through the KV cache, across the window
         step = r.logits(r.forward([Run(1, [x[i]], i, i, i)]))
         r.cache.append(1, 1)
         torch.testing.assert_close(step[0], ref[i], atol=ATOL, rtol=RTOL)
@@ -153,8 +154,7 @@ def test_bfloat16_within_tolerance(family):
     r = runner_for(folder, "bfloat16")
     x = ids(24, 2)
     ours = r.logits(r.forward([Run(0, x, 0, 0, 0)]))
-    ref = hf_logits(hf.to(torch.bfloat16), x)
-    hf.float()
+    ref = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), x)  # a copy: the fp32 model serves other tests
     assert (ours - ref).abs().max().item() < BF16_TOL * max(1.0, ref.abs().max().item() / 10)
 
 
@@ -174,6 +174,17 @@ def test_the_description_is_read_from_config_json(tmp_path_factory, tokenizer_di
     assert mx.moe.norm_topk and mx.moe.weights_fp32 and mx.moe.intermediate_size == 48 and mx.windows == (12,) * 3
 
 
-def test_compiled_shapes_take_the_gathered_path():
-    """A decode step of a few tokens never reads the routing back to the host."""
-    assert moe_mod.GATHER_MAX_PAIRS >= 8 * 8  # batch 8, top-8 (Qwen3-MoE) stays sync-free
+@pytest.mark.parametrize("family", ["qwen2_moe"], indirect=True)
+def test_gathered_expert_path_in_the_model(family, monkeypatch):
+    """The sync-free path (GPU, torch.compile) gives the same decode logits inside the whole model."""
+    monkeypatch.setattr(moe_mod, "GATHER_ON_CPU", True)
+    assert moe_mod.GATHER_MAX_PAIRS >= 8 * 8  # batch 8 at top-8 (Qwen3-MoE) stays sync-free
+    folder, hf = family
+    r = runner_for(folder)
+    x = ids(12, 3)
+    ref = hf_logits(hf, x)
+    r.forward([Run(0, x[:10], 0, 0, 0)])
+    r.cache.append(0, 10)
+    for i in (10, 11):
+        torch.testing.assert_close(r.logits(r.forward([Run(0, [x[i]], i, i, i)]))[0], ref[i], atol=ATOL, rtol=RTOL)
+        r.cache.append(0, 1)
