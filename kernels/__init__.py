@@ -2,13 +2,11 @@
 
 Each kernel has a Triton implementation for CUDA and a plain torch reference
 (:mod:`.reference`) used on CPU and as the test oracle. :func:`use_triton`
-decides the path once per model; ``SPECEM_KERNELS=triton|torch`` or the
-engine's ``kernels`` setting forces it.
+decides the path once per model from the choice it is given (the engine's
+``kernels`` setting, or ``SPECEM_KERNELS``, read and checked by the package's config).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -35,23 +33,8 @@ from .cascade import (
     plan_cascade_attention_host,
     prefix_backend,
 )
-from .segment_score import HAS_TRITON, _interpreting, segment_score, segment_score_grouped
-
-KERNEL_CHOICES = ("auto", "triton", "torch")
-
-
-def kernel_choice(setting: str = "auto") -> str:
-    """The kernel path asked for: ``SPECEM_KERNELS`` when set, else ``setting``.
-
-    An unknown value (a typo in the environment variable) raises ValueError
-    instead of silently meaning 'auto'.
-    """
-    raw = os.environ.get("SPECEM_KERNELS", "")
-    choice = raw.strip().lower() or setting
-    if choice not in KERNEL_CHOICES:
-        where = f"SPECEM_KERNELS={raw!r}" if raw.strip() else f"kernel setting {setting!r}"
-        raise ValueError(f"{where} is not one of {', '.join(KERNEL_CHOICES)}")
-    return choice
+from ._triton import interpreting as _interpreting
+from .segment_score import HAS_TRITON, segment_score, segment_score_grouped
 
 
 def triton_problem(device: torch.device | str) -> str | None:
@@ -68,19 +51,18 @@ def triton_problem(device: torch.device | str) -> str | None:
     return None
 
 
-def use_triton(device: torch.device | str, setting: str = "auto") -> bool:
-    """Whether the Triton kernels serve ``device``: 'auto' picks them on CUDA when triton is installed."""
-    choice = kernel_choice(setting)
-    if choice == "torch":
-        return False
-    if choice == "triton":
-        return True
+def use_triton(device: torch.device | str, choice: str = "auto") -> bool:
+    """Whether the Triton kernels serve ``device``: "triton" or "torch" as asked, and "auto"
+    picks them on CUDA when triton is installed."""
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"kernel choice {choice!r} is not auto, triton or torch")
+    if choice != "auto":
+        return choice == "triton"
     return torch.device(device).type == "cuda" and HAS_TRITON
 
 
 __all__ = [
     "HAS_TRITON",
-    "KERNEL_CHOICES",
     "BranchAttentionPlan",
     "CascadePlan",
     "ReferencePlan",
@@ -100,7 +82,6 @@ __all__ = [
     "segment_score_grouped",
     "segment_score_reference",
     "segment_score_torch",
-    "kernel_choice",
     "triton_problem",
     "use_triton",
     "visibility_mask",

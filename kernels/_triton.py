@@ -37,12 +37,23 @@ def is_interpreted(kernel) -> bool:
     return HAS_TRITON and type(kernel).__name__ == "InterpretedFunction"
 
 
+if HAS_TRITON:
+    @triton.jit
+    def _probe():  # made as every kernel is: it runs interpreted when they do
+        pass
+
+
+def interpreting() -> bool:
+    """Whether the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1 when they were defined)."""
+    return HAS_TRITON and is_interpreted(_probe)
+
+
 _SM_CACHE: dict[int, int] = {}
 
 
-def num_sms(device: torch.device, interpreted: bool) -> int:
+def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 on CPU or under the interpreter)."""
-    if device.type != "cuda" or interpreted:
+    if device.type != "cuda" or interpreting():
         return 1
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_CACHE:

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._triton import HAS_TRITON, cdiv as _cdiv, is_interpreted, next_pow2 as _next_pow2, num_sms, require_triton, tl, triton
+from ._triton import HAS_TRITON, cdiv as _cdiv, interpreting as _interpreting, next_pow2 as _next_pow2, require_triton, tl, triton
+from ._triton import num_sms as _num_sms
 from .segment_score import _precision
 
 __all__ = ["BranchAttentionConfig", "BranchAttentionPlan", "branch_attention", "plan_branch_attention",
@@ -298,10 +299,6 @@ class BranchAttentionPlan:
         return int((n_a + n_b).max()) if len(pl) else 0
 
 
-def _interpreting() -> bool:
-    return is_interpreted(_branch_attn_kernel) if HAS_TRITON else False
-
-
 def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> BranchAttentionConfig:
     if device.type != "cuda" or _interpreting():
         return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=1)
@@ -313,10 +310,6 @@ def _default_config(head_dim: int, device: torch.device, dtype: torch.dtype = to
     if head_dim <= 128:
         return BranchAttentionConfig(block_r=64, block_n=64, num_warps=4, num_stages=2)
     return BranchAttentionConfig(block_r=64, block_n=32, num_warps=8, num_stages=2)
-
-
-def _num_sms(device: torch.device) -> int:
-    return num_sms(device, _interpreting())
 
 
 def _check_softcap(softcap) -> float:

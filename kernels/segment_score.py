@@ -40,7 +40,8 @@ import torch
 
 from .reference import SegmentScores
 
-from ._triton import HAS_TRITON, cdiv as _cdiv, is_interpreted, next_pow2 as _next_pow2, num_sms, require_triton, tl, triton
+from ._triton import HAS_TRITON, cdiv as _cdiv, interpreting as _interpreting, next_pow2 as _next_pow2, require_triton, tl, triton
+from ._triton import num_sms as _num_sms
 
 __all__ = ["HAS_TRITON", "SegmentScoreConfig", "segment_score", "segment_score_grouped"]
 
@@ -302,10 +303,6 @@ class SegmentScoreConfig:
     num_splits: int | None = None
 
 
-def _interpreting() -> bool:
-    return is_interpreted(_score_kernel) if HAS_TRITON else False
-
-
 def _default_config(n: int, d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> SegmentScoreConfig:
     if device.type != "cuda" or _interpreting():
         # Interpreter: few, large blocks (per-op overhead dominates).
@@ -332,10 +329,6 @@ def _default_config(n: int, d: int, device: torch.device, dtype: torch.dtype = t
     if d % cfg.block_d:
         cfg = SegmentScoreConfig(cfg.block_n, cfg.block_v, 32, cfg.num_warps, cfg.num_stages)
     return cfg
-
-
-def _num_sms(device: torch.device) -> int:
-    return num_sms(device, _interpreting())
 
 
 @functools.lru_cache(maxsize=1024)

@@ -24,7 +24,7 @@ from specem_fast.members.crew import MemberCrew
 from specem_fast.members.local.member import LocalMember
 from specem_fast.members.interface import Member
 from specem_fast.api.streaming import Segment, only_segments, release_segments
-from specem_fast.results import GenerationResult, RoundRecord, SingleResult
+from specem_fast.results import GenerationResult, SingleResult
 from specem_fast.model.runner import ModelRunner
 from specem_fast.rounds.executor import RoundExecutor
 from specem_fast.rounds.profiles import Profile, Profiles
@@ -57,6 +57,7 @@ class Ensemble:
         self.cache = KVCacheManager([r.cache_shape for r in runners.values()], config.max_batch, config.cache_tokens)
         for r in runners.values():
             r.cache = self.cache[r.name]
+            r.build_compiled_step()  # compile=True: the draft step over this cache
         remote = remote or {}
         order = list(dict.fromkeys(drafters + verifiers))
         self.members: dict[str, Member] = {n: remote[n] if n in remote else LocalMember(runners[n], config.batch_invariant)
@@ -231,20 +232,6 @@ class Ensemble:
         job = self.prepare(prompt, messages=settings.pop("messages", None), settings=settings.pop("settings", None),
                            profile=settings.pop("profile", None), what="stream", **settings)
         return release_segments(self.engine.run([job]), job.settings.stop)
-
-    def events(self, prompts: str | Sequence[str], settings: Sequence[GenerationSettings], profile: str | None = None
-               ) -> Iterator[tuple[int, RoundRecord | GenerationResult]]:
-        """Run the prompts through the engine; yields (prompt index, RoundRecord) per
-        accepted segment and (prompt index, GenerationResult) when a request finishes.
-
-        Prompts and settings are checked (and the prompts tokenized) when this
-        is called; the requests are submitted when the result is iterated.
-        Stopping early or an error cancels the call's unfinished requests (their
-        slots are free when the iterator is closed).
-        """
-        items = prompts if isinstance(prompts, list) and prompts and all(isinstance(p, Chat) for p in prompts) \
-            else prompt_list(prompts)
-        return self.engine.run(self._jobs(items, list(settings), self.profiles.get(profile)))
 
     def submit(self, prompt: str | None = None, *, messages=None, settings: GenerationSettings | None = None,
                sink=None, profile: str | None = None, **overrides):

@@ -4,10 +4,9 @@ Members on different devices draft and verify concurrently: each device's
 kernels are queued from its own host thread (its own CUDA stream, the device's
 default one), so a round costs about the slowest member's time instead of the
 sum. Members on one CPU run side by side too, each worker with its share of
-the cores as torch intra-op threads: on the 2-core development VMs that was
-1.36x faster than one member at a time with both cores, because small models'
-matmuls use two threads poorly and one member's Python work overlaps another's
-matmuls (benchmarks/bench_parallel.py measures it).
+the cores as torch intra-op threads: small models' matmuls use two threads
+poorly and one member's Python work overlaps another's matmuls
+(benchmarks/bench_parallel.py measures it; the figures are in benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ def member_groups(devices: dict[str, torch.device | None], mode: str, cpu_thread
                   ) -> list[list[str]]:
     """Which members share a worker: "off" one group, "on" one per member, "auto" one per
     device, and one per member on a CPU with at least two intra-op threads to split
-    (measured 1.36x faster on 2 cores, benchmarks/RESULTS.md; with one thread there is nothing to split).
+    (with one thread there is nothing to split).
     A member with no device here (``None``: in another process, behind HTTP) always has its own
     worker, whatever the mode: it only waits."""
     remote = [[m] for m, d in devices.items() if d is None]

@@ -235,6 +235,7 @@ class MemberActor:
                                  f"{avail / 2**30:.2f} GiB is free; lower --cache-tokens or max_batch")
         self.cache = KVCacheManager([runner.cache_shape], config.max_batch, config.cache_tokens)
         runner.cache = self.cache[name]
+        runner.build_compiled_step()  # compile=True: the draft step over this cache
         self.member = LocalMember(runner, config.batch_invariant)
         self.name, self.max_batch = name, config.max_batch
         self.info = {"kind": "ray", "backend": "native", "node": node, "pid": os.getpid(), "actor": ctx.get_actor_id(),

@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from specem_fast.config import SEED_STRIDE
 from specem_fast.errors import SpecEMError
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
 from specem_fast.model import room as cache_room
-from specem_fast.model.text import TextCodec, trim_to_word_boundary
+from specem_fast.model.text import TextCodec, generation_eos
 
 # The spec's options (``;name=value`` after MODEL) and what they mean.
 OPTIONS = {
@@ -76,7 +77,6 @@ DEFAULT_KEY_ENV = "SPECEM_VLLM_API_KEY"
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_RETRIES = 2
 BACKOFF_S = 0.5  # first pause between retries, doubled each time
-SEED_STRIDE = 1_000_003
 MAX_CONCURRENT = 8  # HTTP calls one member has in flight at once (its drafts with different settings)
 # checked against the server's own tokenizer at start-up (POST /tokenize), when it has one
 TOKENIZER_PROBE = "Hello, world! 123 — naïve café, x=y*2;\n\tend."
@@ -283,7 +283,7 @@ class VLLMMember:
             _number(timeout if timeout is not None else options.get("timeout", DEFAULT_TIMEOUT_S), "timeout", float, name),
             _number(retries if retries is not None else options.get("retries", DEFAULT_RETRIES), "retries", int, name),
             key_env or options.get("key_env"), client)
-        self.codec = TextCodec(self.folder, _generation_eos(self.folder))
+        self.codec = TextCodec(self.folder, generation_eos(self.folder))
         self.vocab_size = len(self.codec.tok)
         self._seqs: dict[int, _Seq] = {}
         self._lock = threading.Lock()  # _seqs: calls come from the crew's thread, close() from the engine's
@@ -402,11 +402,7 @@ class VLLMMember:
         return out
 
     def _finish_draft(self, c: DraftCall, s: _Seq, tokens: list[int], stopped: bool) -> DraftOut:
-        text = self.codec.decode(tokens)
-        if c.raw or (c.alone and tokens and self.codec.decodes_on(s.ids, tokens, text)):
-            return DraftOut(tuple(tokens), text, tuple(tokens), stopped)  # as the local member: exact ids kept
-        text = text if stopped else trim_to_word_boundary(text)
-        ids = self.codec.encode_segment(text) if text else []
+        text, ids = self.codec.draft_segment(s.ids, tokens, stopped, exact=c.raw, alone=c.alone)
         return DraftOut(tuple(tokens), text, tuple(ids), stopped)
 
     # -- verify -----------------------------------------------------------------------
@@ -562,21 +558,3 @@ def _number(value: Any, what: str, kind: type, name: str):
         need = "a number of seconds > 0" if kind is float else "a whole number >= 0"
         raise SpecEMError(f"vLLM member {name}: {what} must be {need} (got {value!r})")
     return x
-
-
-def _generation_eos(folder: Path) -> list[int]:
-    """The model's end-of-sequence ids (config.json and generation_config.json), as the local runner reads them."""
-    import json
-
-    ids: list[int] = []
-    for f in ("config.json", "generation_config.json"):
-        try:
-            src = json.loads((folder / f).read_text())
-        except (OSError, ValueError):
-            continue
-        eos = src.get("eos_token_id") if isinstance(src, dict) else None
-        if isinstance(eos, int):
-            ids.append(eos)
-        elif isinstance(eos, list):
-            ids += [int(e) for e in eos if isinstance(e, int)]
-    return ids

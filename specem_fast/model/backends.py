@@ -36,7 +36,7 @@ def check_backend(device: str | torch.device, kernel_setting: str = "auto", comp
     """Check that ``device`` can run the chosen kernels (and torch.compile); returns
     whether the Triton kernels serve it."""
     d = check_device(device)
-    choice = env_choice("SPECEM_KERNELS", kernel_setting, KERNEL_CHOICES)
+    choice = env_choice("SPECEM_KERNELS", kernel_setting, KERNEL_CHOICES)  # kernels/ reads no environment
     if choice not in KERNEL_CHOICES:
         raise SpecEMError(f"kernels must be one of {', '.join(KERNEL_CHOICES)} (got {choice!r})")
     triton = kernels.use_triton(d, choice)

@@ -7,7 +7,6 @@ candidates with the segment-scoring kernel (Triton on CUDA, torch on CPU).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from specem_fast.errors import SpecEMError
 from specem_fast.model.kv_cache import CacheShape, ModelCache
 from specem_fast.model.modeling.loader import load_transformer, read_config
 from specem_fast.model.modeling.transformer import AttnMeta, Transformer
-from specem_fast.model.text import TextCodec
+from specem_fast.model.text import TextCodec, generation_eos
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,23 +80,19 @@ class ModelRunner:
         else:
             _check_given_model(model, cfg, self.device, self.dtype)
         self.model: Transformer = model
-        self.codec = TextCodec(folder, _generation_eos(folder, cfg))
+        self.codec = TextCodec(folder, generation_eos(folder, cfg))
         self.flash_min_prefix = self._flash_threshold(flash_setting)
         self.flash_checked = False  # the cascade is compared with the branch kernel on its first call
-        self._cache: ModelCache | None = None
+        self.cache: ModelCache | None = None  # the engine's: attached before the first forward
         self.compile = compile
-        self.compiled: CompiledDecode | None = None  # made when the cache is attached
+        self.compiled: CompiledDecode | None = None  # build_compiled_step(), once the cache is attached
         self.tokens_fed = 0  # every token this model ever processed (cost accounting)
         self.tokens_refed = 0  # of those, tokens written below a committed high-water mark
 
-    @property
-    def cache(self) -> ModelCache | None:
-        return self._cache
-
-    @cache.setter
-    def cache(self, cache: ModelCache | None) -> None:
-        self._cache = cache
-        self.compiled = CompiledDecode(self.model, cache) if self.compile and cache is not None else None
+    def build_compiled_step(self) -> None:
+        """With ``compile=True``, build the compiled draft step over the attached cache (its
+        buffers are the cache's; torch.compile traces at the first draft); else nothing."""
+        self.compiled = CompiledDecode(self.model, self.cache) if self.compile else None
 
     @property
     def cache_shape(self) -> CacheShape:
@@ -158,14 +153,17 @@ class ModelRunner:
         # one host->device copy for every index column
         t = torch.tensor(list(cols.values()), dtype=torch.long).to(self.device)
         tok, slot, qpos, pl, bs, pos = t
-        meta = self._meta(cols["slot"], cols["qpos"], cols["pl"], cols["bs"], slot, qpos, pl, bs, pos)
+        meta = self._meta(slot=slot, qpos=qpos, prefix_len=pl, branch_start=bs, positions=pos, slot_h=cols["slot"],
+                          qpos_h=cols["qpos"], prefix_len_h=cols["pl"], branch_start_h=cols["bs"])
         self.tokens_fed += len(cols["tok"])
         return self.model(tok, pos, meta, self._attend_meta)
 
-    def _meta(self, slot_h, qpos_h, pl_h, bs_h, slot, qpos, pl, bs, pos) -> AttnMeta:
-        """Attention metadata with its launch plan built from the host-side values
-        (``*_h``) before the forward: no layer reads indices back from the device."""
-        meta = AttnMeta(slot=slot, qpos=qpos, prefix_len=pl, branch_start=bs, positions=pos,
+    def _meta(self, *, slot, qpos, prefix_len, branch_start, positions, slot_h: list[int], qpos_h: list[int],
+              prefix_len_h: list[int], branch_start_h: list[int]) -> AttnMeta:
+        """Attention metadata (device tensors) with its launch plan built from the same values
+        on the host (``*_h``) before the forward: no layer reads indices back from the device."""
+        pl_h, bs_h = prefix_len_h, branch_start_h
+        meta = AttnMeta(slot=slot, qpos=qpos, prefix_len=prefix_len, branch_start=branch_start, positions=positions,
                         max_prefix=max(pl_h, default=0))
         if not self.triton:
             meta.ref_plan = kernels.plan_branch_attention_reference(slot_h, qpos_h, self.device)
@@ -177,6 +175,12 @@ class ModelRunner:
         if self.flash_min_prefix is not None and meta.max_prefix >= self.flash_min_prefix and 0 in a.windows:
             meta.cascade = kernels.plan_cascade_attention_host(slot_h, qpos_h, pl_h, bs_h, **plan_args)
         return meta
+
+    def _decode_meta(self, slot, qpos, slot_h: list[int], qpos_h: list[int]) -> AttnMeta:
+        """A draft step's metadata: one token per row at its request's end, so its prefix
+        length, branch start and logical position are all its cache position."""
+        return self._meta(slot=slot, qpos=qpos, prefix_len=qpos, branch_start=qpos, positions=qpos, slot_h=slot_h,
+                          qpos_h=qpos_h, prefix_len_h=qpos_h, branch_start_h=qpos_h)
 
     # -- draft steps -----------------------------------------------------------
     def plan_draft(self, slots: list[int], starts: list[int], counts: list[int]) -> list[DraftStep]:
@@ -203,6 +207,8 @@ class ModelRunner:
         flat: list[int] = []
         for rows, keep, slot, qpos, _ in steps_h:
             flat += slot + qpos + (keep or [])
+        if self.compile and (self.compiled is None or self.compiled.cache is not self.cache):
+            raise SpecEMError(f"{self.name}: compile=True needs build_compiled_step() after the cache is attached")
         dense = self.compiled.plan(steps_h) if self.compiled is not None else [None] * len(steps_h)
         packed = torch.tensor(flat, dtype=torch.long).to(self.device)
         steps, at = [], 0
@@ -214,7 +220,7 @@ class ModelRunner:
             if keep is not None:
                 keep_t = packed[at : at + n]
                 at += n
-            meta = None if dn is not None else self._meta(slot_h, qpos_h, qpos_h, qpos_h, slot, qpos, qpos, qpos, qpos)
+            meta = None if dn is not None else self._decode_meta(slot, qpos, slot_h, qpos_h)
             steps.append(DraftStep(rows=rows, keep=keep_t, meta=meta, refed=refed, dense=dn))
         return steps
 
@@ -389,21 +395,3 @@ def available_memory(device: str | torch.device) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def _generation_eos(folder: Path, cfg: dict) -> list[int]:
-    ids: list[int] = []
-    sources = [cfg]
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        try:
-            sources.append(json.loads(gen.read_text()))
-        except json.JSONDecodeError:
-            pass
-    for src in sources:
-        eos = src.get("eos_token_id")
-        if isinstance(eos, int):
-            ids.append(eos)
-        elif isinstance(eos, list):
-            ids += [int(e) for e in eos]
-    return ids

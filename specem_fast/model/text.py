@@ -206,7 +206,8 @@ class TextCodec:
     encoding all of it.
     """
 
-    def __init__(self, folder: Path, generation_eos: list[int] | None = None):
+    def __init__(self, folder: Path, eos_ids: list[int] | None = None):
+        """``eos_ids``: the model's end-of-sequence ids beyond the tokenizer's (:func:`generation_eos`)."""
         from transformers import AutoTokenizer
 
         folder = Path(folder)
@@ -223,7 +224,7 @@ class TextCodec:
         # backend tokenizer, so encodes must not interleave across threads.
         self._lock = threading.Lock()
         self.has_template = bool(getattr(self.tok, "chat_template", None))
-        stop = set(generation_eos or [])
+        stop = set(eos_ids or [])
         if self.tok.eos_token_id is not None:
             stop.add(int(self.tok.eos_token_id))
         vocab = self.tok.get_vocab()
@@ -409,10 +410,46 @@ class TextCodec:
         joined = raw(tail + new)
         return bool(text) and not joined.endswith("\ufffd") and joined == raw(tail) + text
 
+    def draft_segment(self, held: Sequence[int], tokens: Sequence[int], stopped: bool, *, exact: bool = False,
+                      alone: bool = False) -> tuple[str, list[int]]:
+        """What a draft of ``tokens`` sampled after the sequence ``held`` offers the round: its
+        text and that text in this model's tokens.
+
+        ``exact`` (the single-model baseline), or ``alone`` (the only drafter, so no other
+        tokenizer has to start on this boundary) when the ids decode onto the sequence
+        cleanly: the exact ids sampled, as if the model decoded alone. Otherwise the text
+        is cut back to a word boundary (unless the draft stopped) and re-encoded.
+        """
+        tokens = list(tokens)
+        text = self.decode(tokens)
+        if exact or (alone and tokens and self.decodes_on(list(held), tokens, text)):
+            return text, tokens
+        text = text if stopped else trim_to_word_boundary(text)
+        return text, self.encode_segment(text) if text else []
+
     def decode(self, ids: list[int]) -> str:
         text = self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         # A draft may stop inside a multi-byte character; drop the dangling bytes.
         return text.rstrip("\ufffd")
+
+
+def generation_eos(folder: Path, config: dict | None = None) -> list[int]:
+    """The model's end-of-sequence ids: ``eos_token_id`` of config.json (``config``, when
+    already read) and of generation_config.json; a file missing or unreadable gives none."""
+    sources = [config] if config is not None else []
+    for f in (["config.json"] if config is None else []) + ["generation_config.json"]:
+        try:
+            sources.append(json.loads((Path(folder) / f).read_text()))
+        except (OSError, ValueError):
+            continue
+    ids: list[int] = []
+    for src in sources:
+        eos = src.get("eos_token_id") if isinstance(src, dict) else None
+        if isinstance(eos, int):
+            ids.append(eos)
+        elif isinstance(eos, list):
+            ids += [e for e in eos if isinstance(e, int)]
+    return ids
 
 
 def trim_to_word_boundary(text: str) -> str:

@@ -59,7 +59,7 @@ def test_padded_dense_step_writes_the_same_text(pair, uncompiled, monkeypatch, b
     eager, dense = pair
     monkeypatch.setattr(decode_step, "FORCE_BUCKETS", buckets)
     for r in dense.runners.values():
-        r.cache = r.cache  # a new compiled step, made under this test's settings
+        r.build_compiled_step()  # a new compiled step, made under this test's settings
     runner = dense.runners[dense.model_names[2]]
     assert runner.cache.k.shape[3] == 201 and runner.cache.capacity == 200  # the sink position
     assert runner.compiled.buckets is buckets

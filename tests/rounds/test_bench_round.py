@@ -12,30 +12,25 @@ from specem_fast.rounds import scoring
 MODELS = ["m0", "m1", "m2"]
 
 
-def _one_round(raw: dict[str, list[float]], weights: dict[str, float], t: int):
-    norm = {j: scoring.normalise(s, "logprob") for j, s in raw.items()}
-    rewards = scoring.win_rate_rewards(norm, MODELS, MODELS)
-    eta = scoring.hedge_learning_rate(1.0, len(MODELS), t)
-    weights = scoring.hedge_update(weights, rewards, eta)
-    combined = [sum(weights[j] * norm[j][c] for j in norm) for c in range(len(MODELS))]
-    return weights, scoring.argmax_first(combined)
-
-
 def test_bench_round_arithmetic(benchmark):
-    """Normalise, reward, Hedge update and select for three models over 100 rounds."""
+    """The round executor's own decision (:func:`scoring.pick_winner`: normalise, reward,
+    Hedge update, combine, select) for three models over 100 rounds."""
     rng = random.Random(0)
     rounds = [{j: [rng.uniform(-3, 0) for _ in MODELS] for j in MODELS} for _ in range(100)]
 
     def run():
         w = {m: 1 / 3 for m in MODELS}
-        winners = []
+        picks = []
         for t, raw in enumerate(rounds, start=1):
-            w, best = _one_round(raw, w, t)
-            winners.append(best)
-        return w, winners
+            _, w, combined, best = scoring.pick_winner(raw=raw, score="logprob", candidate_models=MODELS,
+                                                       learners=MODELS, weights=w, hedge_lr=1.0, t=t)
+            picks.append((best, combined))
+        return w, picks
 
-    w, winners = benchmark(run)
-    assert math.isclose(sum(w.values()), 1.0) and len(winners) == 100
+    w, picks = benchmark(run)
+    assert math.isclose(sum(w.values()), 1.0) and len(picks) == 100
+    assert w != {m: 1 / 3 for m in MODELS}  # the weights learned
+    assert all(c[best] == max(c) for best, c in picks)
 
 
 @pytest.fixture(scope="module")

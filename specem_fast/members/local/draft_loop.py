@@ -7,7 +7,7 @@ token), ``generator``, ``temperature`` and ``top_p``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -15,15 +15,14 @@ from specem_fast.model.runner import ModelRunner
 from specem_fast.model.sampling import sample_tokens
 
 
-@dataclass
-class Draft:
+@dataclass(frozen=True)
+class Sampled:
+    """One request's draft as sampled (the member makes what competes of it)."""
+
     tokens: list[int]  # sampled, stop token excluded
     fed: int  # tokens[:fed] have K/V above the committed length
     hiddens: list[torch.Tensor]  # hiddens[j] predicts tokens[j]; len fed + 1
     stopped: bool
-    text: str = ""
-    ids: list[int] = field(default_factory=list)  # the member's encoding of text
-    reuse: int = 0  # leading ids whose K/V from drafting is kept
 
 
 class Drafter:
@@ -32,7 +31,7 @@ class Drafter:
         self._groups: dict[tuple, list] = {}  # sampling groups of the current draft call
 
     @torch.inference_mode()  # sampled tokens too: the compiled step sees one kind of tensor
-    def draft(self, seqs: list, limits: list[int], ignore_stop: bool) -> list[Draft]:
+    def draft(self, seqs: list, limits: list[int], ignore_stop: bool) -> list[Sampled]:
         """Up to ``limits[i]`` sampled tokens per request, stop token excluded.
 
         Host work happens once per round: before the loop, every step's
@@ -72,7 +71,7 @@ class Drafter:
             if k is not None and gens[i] is not None and (i, k + 1) in states:
                 gens[i].set_state(states[i, k + 1])
             hiddens = [s.last_hidden] + [hs[j][steps[j].rows.index(i)] for j in range(fed)]
-            drafts.append(Draft(seq if k is None else seq[:k], fed, hiddens, k is not None))
+            drafts.append(Sampled(seq if k is None else seq[:k], fed, hiddens, k is not None))
         return drafts
 
     def loop(self, seqs: list, steps: list, hidden: torch.Tensor, stops: torch.Tensor, gens: list,

@@ -17,11 +17,21 @@ from typing import Sequence
 import torch
 
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
-from specem_fast.members.local.draft_loop import Draft as _Draft
-from specem_fast.members.local.draft_loop import Drafter
+from specem_fast.members.local.draft_loop import Drafter, Sampled
 from specem_fast.model import room
 from specem_fast.model.runner import ModelRunner, Run, score_all
-from specem_fast.model.text import trim_to_word_boundary
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """This round's draft as the member keeps it: the text that competes, in this member's
+    ids, of which the first ``reuse`` keep the K/V written drafting them (``hiddens[j]``:
+    the hidden state that predicted the j-th sampled token)."""
+
+    text: str
+    ids: list[int]
+    reuse: int
+    hiddens: list[torch.Tensor]
 
 
 @dataclass
@@ -180,20 +190,11 @@ class LocalMember:
                     out[i] = self._finish_draft(calls[i], seqs[i], d)
         return out
 
-    def _finish_draft(self, c: DraftCall, s: _Seq, d: _Draft) -> DraftOut:
-        codec = self.runner.codec
-        text = codec.decode(d.tokens)
-        if c.raw or (c.alone and d.tokens and self.runner.codec.decodes_on(s.ids, d.tokens, text)):
-            # Drafting alone, no other tokenizer has to start on this boundary:
-            # keep the exact ids sampled, as if the model decoded alone.
-            d.text, d.ids = text, list(d.tokens)
-        else:
-            d.text = text if d.stopped else trim_to_word_boundary(text)
-            d.ids = codec.encode_segment(d.text) if d.text else []
-        if not c.recompute:
-            d.reuse = _common_prefix(d.ids, d.tokens[: d.fed])
-        s.draft = d
-        return DraftOut(tuple(d.tokens), d.text, tuple(d.ids), d.stopped)
+    def _finish_draft(self, c: DraftCall, s: _Seq, d: Sampled) -> DraftOut:
+        text, ids = self.runner.codec.draft_segment(s.ids, d.tokens, d.stopped, exact=c.raw, alone=c.alone)
+        reuse = 0 if c.recompute else _common_prefix(ids, d.tokens[: d.fed])
+        s.draft = _Draft(text, ids, reuse, d.hiddens)
+        return DraftOut(tuple(d.tokens), text, tuple(ids), d.stopped)
 
     def _catch_up(self, seqs: list[_Seq], extra: list[Run] | None = None) -> torch.Tensor:
         """Process pending tokens (plus optional extra runs) in one forward; returns
