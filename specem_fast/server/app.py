@@ -74,9 +74,14 @@ def _add_routes(app: FastAPI, svc: Service) -> None:
     @app.get("/health")
     async def health():
         eng = svc.ensemble.engine
-        status = "closed" if eng.closed else "draining" if svc.draining else "ok"
-        return JSONResponse({"status": status, "running": eng.running, "waiting": eng.waiting},
-                            status_code=200 if status == "ok" else 503)
+        # a member that is down (a Ray member whose node is gone, not restarted yet) fails every request
+        down = [n for n, m in getattr(svc.ensemble, "members", {}).items()
+                if hasattr(m, "describe") and m.describe().get("state") == "down"]
+        status = "closed" if eng.closed else "draining" if svc.draining else "degraded" if down else "ok"
+        body = {"status": status, "running": eng.running, "waiting": eng.waiting}
+        if down:
+            body["down"] = down
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
     async def metrics():

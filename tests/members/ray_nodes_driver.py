@@ -16,7 +16,10 @@ import subprocess
 import sys
 import time
 
+import httpx
+
 from specem_fast import Ensemble
+from specem_fast.server import BackgroundServer, create_app
 
 PROMPTS = ["Write a short poem about the sea.", "What is 17 plus 25?"]
 KW = dict(max_new_tokens=12, window=4, temperature=0.0)
@@ -56,6 +59,11 @@ def kill_worker_node(ns: str) -> list[int]:
     return pids
 
 
+def health(url: str) -> dict:
+    r = httpx.get(url + "/health", timeout=30)
+    return dict(r.json(), code=r.status_code)
+
+
 def main(cfg: dict) -> None:
     local = Ensemble.from_pretrained(cfg["models"], **BUILD)
     try:
@@ -66,6 +74,7 @@ def main(cfg: dict) -> None:
 
     t0 = time.monotonic()
     ens = Ensemble.from_pretrained(cfg["models"], placement="ray", **BUILD)
+    srv = BackgroundServer(create_app(ens)).start()  # the server's view: /health
     try:
         remote = ens.metadata["remote"]
         texts = [r.text for r in ens.generate(PROMPTS, **KW)]
@@ -102,7 +111,7 @@ def main(cfg: dict) -> None:
 
         down = [attempt(ens, PROMPTS[1]) for _ in range(3)]
         emit("down", attempts=[{"text": t, "error": e, "seconds": s} for t, e, s in down],
-             state=ens.metadata["remote"][victim].get("state"))
+             state=ens.metadata["remote"][victim].get("state"), health=health(srv.url))
 
         t0 = time.monotonic()
         subprocess.run(cfg["worker_start"], check=True, capture_output=True)
@@ -115,8 +124,9 @@ def main(cfg: dict) -> None:
             time.sleep(1)
         texts = [r.text for r in ens.generate(PROMPTS, **KW)] if text is not None else None
         emit("rejoined", text=text, error=error, texts=texts, tries=tries, seconds=time.monotonic() - t0,
-             member=ens.metadata["remote"][victim])
+             member=ens.metadata["remote"][victim], health=health(srv.url))
     finally:
+        srv.stop()
         ens.close()
 
 

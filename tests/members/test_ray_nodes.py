@@ -9,7 +9,8 @@ per member, so one member lands on each node). The driver
 the same greedy text as in process; 20 ms on the link (``tc netem``) changes
 nothing but time; the worker node's processes killed mid-request fail that
 request within the call timeout, naming the member and its node; while the node
-is gone the member is down and requests are refused in one line; once the node
+is gone the member is down, requests are refused in one line and the server's
+/health says "degraded" (503); once the node
 rejoins, the member is restarted there and serves the same text again.
 
 Skipped (with the reason) where network namespaces, root or Ray's CLI are not
@@ -180,8 +181,10 @@ def test_a_lost_node_fails_its_request_then_refuses_then_serves_when_it_rejoins(
         limit = RESTART_WAIT + 10 if i == 0 else 5  # the first waits for a restart, later ones are refused at once
         assert a["seconds"] < limit, down
     assert down["state"] == "down"
+    assert down["health"]["code"] == 503 and down["health"]["status"] == "degraded" and down["health"]["down"] == [victim]
 
     back = _phase(phases, "rejoined")
     assert back["text"] is not None, back
     assert back["texts"] == _phase(phases, "local")["texts"]
     assert back["member"]["node"] == worker and back["member"]["restarts"] >= 1 and back["member"]["state"] == "up"
+    assert back["health"]["code"] == 200 and back["health"]["status"] == "ok"
