@@ -110,7 +110,7 @@ def _locked(method):
 def shipped_weights(verifiers: Sequence[str]) -> Path | None:
     """The calibration shipped in the package (specem_fast/data/weights-default.json, made
     for the default members), when it is for exactly these verifiers."""
-    path = Path(__file__).with_name("data") / "weights-default.json"
+    path = Path(__file__).resolve().parents[1] / "data" / "weights-default.json"
     try:
         names = read_weights_file(path).get("verifiers")
     except (SpecEMError, OSError):
