@@ -115,6 +115,11 @@ class HFRunner:
         return self.forward(cache, ids, pos, mask)[0]
 
     def _packed_mask(self, past: int, runs: list[PackedRun], pos: torch.Tensor, kind: str):
+        allowed, dist = self._packed_allowed(past, runs, pos)
+        return self._mask(allowed[None], dist[None], kind)
+
+    def _packed_allowed(self, past: int, runs: list[PackedRun], pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each new token may see [q, past + q] and its distance in positions to each key."""
         dev = self.device
         vis, start = [], []
         at = past
@@ -125,11 +130,46 @@ class HFRunner:
         q = len(vis)
         k_idx = torch.arange(past + q, device=dev)
         q_idx = torch.arange(past, past + q, device=dev)[:, None]
-        vis_t = torch.tensor(vis, device=dev)[:, None]
-        start_t = torch.tensor(start, device=dev)[:, None]
+        vis_t = torch.tensor(vis, device=dev, dtype=torch.long)[:, None]
+        start_t = torch.tensor(start, device=dev, dtype=torch.long)[:, None]
         allowed = (k_idx[None] < vis_t) | ((k_idx[None] >= start_t) & (k_idx[None] <= q_idx))
         kv_pos = torch.cat([torch.arange(past, device=dev), pos])
-        return self._mask(allowed[None], (pos[:, None] - kv_pos[None])[None], kind)
+        return allowed, pos[:, None] - kv_pos[None]
+
+    def feed_packed_batch(self, caches: list, held: list[int], runs: list[list[PackedRun]]
+                          ) -> tuple[list[torch.Tensor | None], list]:
+        """Several requests' packed forwards as one: their caches (``held[i]`` positions each)
+        stacked left-padded, their new tokens right-padded, one 4-D mask. Returns each
+        request's logits [its tokens, vocab] (None without tokens) and its cache, holding
+        its own positions plus its new tokens."""
+        dev = self.device
+        top = max(held)
+        counts = [sum(len(r.tokens) for r in rs) for rs in runs]
+        q = max(counts)
+        batch = hf_cache.stack(caches, held, self.config)
+        if q == 0:
+            return [None] * len(caches), [hf_cache.unstack(batch, b, top - h, top, self.config) for b, h in enumerate(held)]
+        B, kv = len(caches), top + q
+        ids = torch.zeros(B, q, dtype=torch.long, device=dev)
+        pos = torch.zeros(B, q, dtype=torch.long, device=dev)
+        allowed = torch.zeros(B, q, kv, dtype=torch.bool, device=dev)
+        dist = torch.zeros(B, q, kv, dtype=torch.long, device=dev)
+        allowed[:, torch.arange(q), top + torch.arange(q)] = True  # padding tokens see themselves only
+        for b, (rs, h, n) in enumerate(zip(runs, held, counts)):
+            if not n:
+                continue
+            ids[b, :n] = torch.tensor([t for r in rs for t in r.tokens], device=dev)
+            pos[b, :n] = torch.tensor([r.pos + j for r in rs for j in range(len(r.tokens))], device=dev)
+            ok, d = self._packed_allowed(h, rs, pos[b, :n])
+            pad = top - h
+            allowed[b, :n] = False
+            allowed[b, :n, pad:top] = ok[:, :h]
+            allowed[b, :n, top : top + n] = ok[:, h:]
+            dist[b, :n, pad:top] = d[:, :h]
+            dist[b, :n, top : top + n] = d[:, h:]
+        logits = self.forward(batch, ids, pos, self._mask(allowed, dist, self._mask_kind))
+        out = [logits[b, :n] if n else None for b, n in enumerate(counts)]
+        return out, [hf_cache.unstack(batch, b, top - h, top + n, self.config) for b, (h, n) in enumerate(zip(held, counts))]
 
     def _mask(self, allowed: torch.Tensor, dist: torch.Tensor, kind: str):
         """Additive 4-D mask(s) [batch, 1, q, kv] from what each query may see and its distance

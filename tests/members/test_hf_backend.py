@@ -95,26 +95,34 @@ def test_greedy_tokens_equal_generate(arch, hf_dirs, members):
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "deepseek_v3", "falcon_h1"])
-def test_requests_drafted_together_equal_alone(arch, members):
-    """Caches of different lengths stacked (left-padded, masked) for one forward per step:
-    the tokens of each request are those it drafts alone (float32); sliding layers included."""
+def test_requests_together_equal_alone(arch, members):
+    """Requests of different lengths in one call: drafts stacked (left-padded, masked) for one
+    forward per step, packed verify passes stacked into one forward; each request's tokens
+    and scores are those it gets alone (float32); sliding layers included."""
     m = members[arch]
     prompts = [m.prompt_ids(PROMPT), m.prompt_ids("What is 17 plus 25?")]
 
     def run(groups):
-        got = {}
+        got, scores = {}, {}
         for group in groups:
             seq = {r: list(prompts[r]) for r in group}
             m.open([OpenCall(10 + r, r, tuple(seq[r])) for r in group])
-            for w in (5, 3, 6):
+            for k, w in enumerate((5, 3, 6)):
                 calls = [DraftCall(10 + r, len(seq[r]), w + r, raw=True, ignore_stop=True) for r in group]
-                for r, d in zip(group, m.draft(calls)):
-                    seq[r] += m.commit([CommitCall(10 + r, len(seq[r]), d.text)])[0]
+                cands = {r: ((arch, d.text or " x"), ("b", " the sea")) for r, d in zip(group, m.draft(calls))}
+                outs = m.verify([VerifyCall(10 + r, len(seq[r]), cands[r]) for r in group])
+                for r, o in zip(group, outs):
+                    scores[r, k] = o.mean_logprob
+                    win = k % 2
+                    seq[r] += m.commit([CommitCall(10 + r, len(seq[r]), cands[r][win][1], winner=win)])[0]
             m.close([10 + r for r in group])
             got.update(seq)
-        return got
+        return got, scores
 
-    assert run([[0, 1]]) == run([[0], [1]])
+    (together, s1), (alone, s2) = run([[0, 1]]), run([[0], [1]])
+    assert together == alone
+    for key, v in s1.items():
+        assert v == pytest.approx(s2[key], abs=1e-4)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -225,3 +233,17 @@ def test_in_a_ray_actor_writes_the_local_text(hf_dirs, mixed):
             remote.close()
     finally:
         ray.shutdown()
+
+
+def test_spec_prefixes_and_cli_flag():
+    from specem_fast.cli.options import _backend_arg
+    from specem_fast.members.loading import parse_spec
+
+    assert (parse_spec("hf:/m/x").model, parse_spec("hf:/m/x").backend) == ("/m/x", "transformers")
+    sp = parse_spec("ray:hf:/m/x")
+    assert (sp.kind, sp.model, sp.backend) == ("ray", "/m/x", "transformers")
+    assert parse_spec("native:/m/x").backend == "native" and parse_spec("/m/x").backend is None
+    assert _backend_arg(None) == "auto" and _backend_arg(["transformers"]) == "transformers"
+    assert _backend_arg(["auto", "native"]) == ["auto", "native"]
+    with pytest.raises(SpecEMError, match="names no model"):
+        parse_spec("hf:")

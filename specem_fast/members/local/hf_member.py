@@ -26,7 +26,6 @@ from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, Membe
 from specem_fast.model import hf_cache
 from specem_fast.model.hf_runner import HFRunner, PackedRun
 from specem_fast.model.sampling import sample_tokens
-from specem_fast.model.text import trim_to_word_boundary
 
 
 @dataclass
@@ -229,13 +228,7 @@ class HFMember:
         return out
 
     def _finish_draft(self, c: DraftCall, s: _Seq, d: _Draft) -> _Draft:
-        codec = self.runner.codec
-        text = codec.decode(d.tokens)
-        if c.raw or (c.alone and d.tokens and codec.decodes_on(s.ids, d.tokens, text)):
-            d.text, d.ids = text, list(d.tokens)
-        else:
-            d.text = text if d.stopped else trim_to_word_boundary(text)
-            d.ids = codec.encode_segment(d.text) if d.text else []
+        d.text, d.ids = self.runner.codec.draft_segment(s.ids, d.tokens, d.stopped, exact=c.raw, alone=c.alone)
         d.reuse = 0 if c.recompute else _common_prefix(d.ids, d.tokens[: d.fed])
         return d
 
@@ -247,35 +240,64 @@ class HFMember:
 
     # -- verify ---------------------------------------------------------------
     def verify(self, calls: Sequence[VerifyCall]) -> list[VerifyOut]:
+        """In packed mode the requests' packed forwards are one forward (caches stacked,
+        left-padded) unless batch-invariant; by branches each request runs on its own."""
         seqs = [self._seq(c.request, c.prefix) for c in calls]
-        return [self._verify_one(c, s) for c, s in zip(calls, seqs)]
+        return self._verify_all(calls, seqs)
 
     @torch.inference_mode()
-    def _verify_one(self, c: VerifyCall, s: _Seq) -> VerifyOut:
+    def _verify_all(self, calls: Sequence[VerifyCall], seqs: list[_Seq]) -> list[VerifyOut]:
+        out: list[VerifyOut | None] = [None] * len(calls)
+        todo = []
+        for i, (c, s) in enumerate(zip(calls, seqs)):
+            prep = self._prepare_verify(c, s)
+            if prep is None:
+                out[i] = VerifyOut(room=False)
+            elif self.runner.mode == "packed":
+                todo.append((i, s, *prep, self._lay_out_packed(s, prep[0], prep[2])))
+            else:
+                enc, lengths, reuse = prep
+                out[i] = self._scores(enc, lengths, self._verify_branches(s, enc, reuse))
+        if len(todo) > 1 and not self.batch_invariant:
+            caches, held, runs = [], [], []
+            for _, s, _, _, _, (r, _) in todo:
+                caches.append(s.cache)
+                held.append(s.length + s.extra)
+                runs.append(r)
+            logits, caches = self.runner.feed_packed_batch(caches, held, runs)
+            for (_, s, *_), cache in zip(todo, caches):
+                s.cache = cache
+        else:
+            logits = [self.runner.feed_packed(s.cache, r) if r else None for _, s, _, _, _, (r, _) in todo]
+        for (i, s, enc, lengths, reuse, (_, layout)), lg in zip(todo, logits):
+            out[i] = self._scores(enc, lengths, self._finish_packed(s, layout, lg))
+        return out
+
+    def _prepare_verify(self, c: VerifyCall, s: _Seq):
+        """(candidates in this member's tokens with its own draft where one is, their lengths,
+        the own draft's kept positions), or None when they do not fit the cache budget."""
         own = s.draft
         enc = [(own.ids, own) if m == self.name and own is not None else (self.encode(t), None)
                for m, t in c.candidates]
         lengths = tuple(len(ids) for ids, _ in enc)
         if len(s.ids) + sum(lengths) > self.capacity:
-            return VerifyOut(room=False)
+            return None
         if any(n == 0 for n in lengths):
             raise ValueError("every candidate needs at least one token")
         if c.recompute:
             self._restart(s)
         if s.length < len(s.ids) and s.extra:  # pending tokens and a held draft do not go together
             self._rollback(s)
-        reuse = own.reuse if own is not None and s.extra else 0
-        if self.runner.mode == "packed":
-            rows, finals = self._verify_packed(s, enc, reuse)
-        else:
-            rows, finals = self._verify_branches(s, enc, reuse)
+        return enc, lengths, own.reuse if own is not None and s.extra else 0
+
+    def _scores(self, enc: list, lengths: tuple, rows: list) -> VerifyOut:
         targets = [t for ids, _ in enc for t in ids]
         lp, lg = self.runner.score(torch.cat(rows), targets, list(lengths))
         return VerifyOut(tuple(lp), tuple(lg), lengths=lengths)
 
-    def _verify_packed(self, s: _Seq, enc: list, reuse: int) -> tuple[list, list]:
+    def _lay_out_packed(self, s: _Seq, enc: list, reuse: int) -> tuple[list[PackedRun], tuple]:
+        """The packed forward's runs (pending tokens, then each candidate) and where each lies."""
         L, P = s.length, len(s.ids)
-        past = L + s.extra
         runs, layout = [], []
         if L < P:
             runs.append(PackedRun(s.ids[L:], L, L))
@@ -287,7 +309,10 @@ class HFMember:
             at += len(run.tokens)
             if run.tokens:
                 runs.append(run)
-        logits = self.runner.feed_packed(s.cache, runs) if runs else None
+        return runs, (L, P, L + s.extra, layout)
+
+    def _finish_packed(self, s: _Seq, plan: tuple, logits: torch.Tensor | None) -> list:
+        L, P, past, layout = plan
         first = logits[P - L - 1] if L < P else s.next_logits
         s.length, s.next_logits = P, first  # the pending tokens are in the cache now
         rows, s.branches = [], []
@@ -303,9 +328,9 @@ class HFMember:
             if n:
                 keep.append(torch.arange(past + at, past + at + n, device=dev))
             s.branches.append(_Branch(ids, seq[len(ids)], keep=torch.cat(keep)))
-        return rows, [b.final for b in s.branches]
+        return rows
 
-    def _verify_branches(self, s: _Seq, enc: list, reuse: int) -> tuple[list, list]:
+    def _verify_branches(self, s: _Seq, enc: list, reuse: int) -> list:
         runner = self.runner
         P = len(s.ids)
         if s.extra:  # own draft held: the others start from the prefix without it
@@ -344,7 +369,7 @@ class HFMember:
                 seq = torch.cat([head, logits[row]])
                 out[i] = (seq[: len(enc[i][0])], _Branch(enc[i][0], seq[len(enc[i][0])], cache=cache, row=row))
         s.branches = [b for _, b in out]
-        return [rows for rows, _ in out], [b.final for b in s.branches]
+        return [rows for rows, _ in out]
 
     # -- commit ---------------------------------------------------------------
     def commit(self, calls: Sequence[CommitCall]) -> list[tuple[int, ...]]:
