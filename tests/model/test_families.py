@@ -192,6 +192,21 @@ def test_family_matches_transformers(family):
     check_packed_branches(r, hf, 2, _fp32)
 
 
+@pytest.mark.parametrize("family", ["gemma2"], indirect=True)
+def test_soft_capping_through_the_triton_kernels(family):
+    """Gemma-2's attention soft-capping and alternating windows through the Triton branch
+    kernel (the interpreter on a CPU): prefill, decode and packed verification (~12 s)."""
+    from specem_fast import kernels
+
+    if kernels.triton_problem("cpu") is not None:
+        pytest.skip(kernels.triton_problem("cpu"))
+    folder, hf = family
+    r = ModelRunner("m", folder, "cpu", "float32", "triton")
+    r.cache = KVCacheManager([r.cache_shape], 3, 128)["m"]
+    check_prefill_and_decode(r, hf, 0, _fp32)
+    check_packed_branches(r, hf, 2, _fp32)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
 def test_family_in_bfloat16_within_the_documented_tolerance(family):
     import copy
