@@ -5,7 +5,9 @@
 #      kernel, decode attention, and the cascade where flash-attn imports);
 #      GPU_CHECK_ARGS= (empty) adds its timing table
 #      (kernel vs eager torch over many shapes, a few more minutes: run that step alone);
-#   2. engine: benchmarks/engine_cuda_check.py: the engine on CUDA with two tiny models;
+#   2. engine: benchmarks/engine_cuda_check.py: the engine on CUDA with two tiny models, and a tiny
+#      gemma2 (attention soft-capping, alternating windows; made there, no weights travel) on CUDA
+#      vs the CPU torch path;
 #   3. real_shapes: benchmarks/real_shapes.py: Qwen2.5-7B and Llama-3.1-8B shapes with
 #      random bf16 weights: members alone vs inside the ensemble, the verify pass, tokens/s
 #      against 1/(sum of the members' per-token times), the scoring kernel vs eager torch

@@ -13,7 +13,13 @@ Checks, each printed ok/FAIL (exit 1 on any FAIL):
    path and the CPU torch path, and the verifiers' raw scores agree within 1e-3;
 2. bfloat16 with the Triton kernels runs, with finite scores close to float32;
 3. where flash-attn imports: bfloat16 with ``flash_attn="on"`` (cascade path
-   on every non-window layer) against ``"off"``: scores within bf16 tolerance.
+   on every non-window layer) against ``"off"``: scores within bf16 tolerance;
+4. gemma2-style attention soft-capping in the engine: a tiny gemma2 (cap 10,
+   alternating sliding windows, random weights made here from a fixed seed: no
+   file travels; the first folder's tokenizer), prefill and packed branches on
+   CUDA with the Triton kernels against the CPU torch path (float32 logits
+   within 1e-3, the same greedy tokens) and in bfloat16 within 0.15; where
+   flash-attn imports, also through the cascade path.
 Needs torch, triton, transformers (tokenizers), safetensors, numpy, tqdm; not
 the specem_fast install: the package and its kernels load from this checkout.
 """
@@ -69,6 +75,70 @@ def max_diff(a, b) -> float:
     return max((abs(x - y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else math.inf
 
 
+GEMMA2 = dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+              attn_logit_softcapping=10.0, final_logit_softcapping=5.0, max_position_embeddings=4096,
+              rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+
+
+def softcap_model(tok_folder: str) -> None:
+    """A tiny gemma2 alone: the runner on CUDA (Triton kernels) against the CPU torch path."""
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+
+    from specem_fast.kernels import prefix_backend
+    from specem_fast.model.kv_cache import KVCacheManager
+    from specem_fast.model.modeling.args import ModelArgs
+    from specem_fast.model.modeling.loader import random_transformer
+    from specem_fast.model.runner import ModelRunner, Run
+
+    folder = Path(tempfile.mkdtemp(prefix="gemma2-"))
+    cfg = dict(GEMMA2, vocab_size=json.loads((Path(tok_folder) / "config.json").read_text())["vocab_size"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(tok_folder) / f).exists():
+            shutil.copy(Path(tok_folder) / f, folder / f)
+    args = ModelArgs.from_hf_config(cfg)
+    weights = random_transformer(args, "cpu", torch.float32, seed=3, std=0.2).state_dict()
+    weights["model.embed_tokens.weight"] /= 8  # Gemma scales embeddings up by sqrt(hidden)
+
+    def logits(device, dtype, kernels, flash="off"):
+        model = random_transformer(args, device, getattr(torch, dtype))
+        model.load_state_dict(weights)  # the same weights on every path
+        r = ModelRunner("g", folder, device, dtype, kernels, flash, model=model)
+        r.cache = KVCacheManager([r.cache_shape], 2, 128)["g"]
+        prefix = list(range(300, 340))  # longer than the window (8): local and global layers differ
+        h0 = r.forward([Run(0, prefix, 0, 0, 0)])
+        r.cache.append(0, len(prefix))
+        runs, q = [], len(prefix)
+        for n in (5, 1, 7):
+            runs.append(Run(0, list(range(500 + 10 * n, 500 + 11 * n)), q, len(prefix), len(prefix)))
+            q += n
+        h = r.forward(runs)
+        return r.model.args, torch.cat([r.logits(h0), r.logits(h)]).float().cpu(), r.kernel_path
+
+    args, cpu, _ = logits("cpu", "float32", "torch")
+    if not args.attn_softcap:
+        check(f"gemma2 soft-capping: {folder} has attention soft-capping", False, "attn_logit_softcapping unset")
+        return
+    _, tri, path = logits(DEV, "float32", "triton")
+    d = (tri - cpu).abs().max().item()
+    check(f"gemma2 soft-capping (cap {args.attn_softcap}, windows {args.windows}): fp32 {path} logits vs CPU torch "
+          "within 1e-3", d <= 1e-3, f"max diff {d:.2e}")
+    check("gemma2 soft-capping: fp32 greedy tokens equal", bool((tri.argmax(-1) == cpu.argmax(-1)).all()))
+    _, bf, _ = logits(DEV, "bfloat16", "triton")
+    d = (bf - cpu).abs().max().item()
+    check("gemma2 soft-capping: bf16 triton logits vs fp32 CPU within 0.15", d <= 0.15, f"max diff {d:.2e}")
+    if prefix_backend() is not None:
+        _, on, path = logits(DEV, "bfloat16", "triton", flash="on")
+        d = (on - bf).abs().max().item()
+        check(f"gemma2 soft-capping: bf16 {path} vs branch kernel within 0.05", d <= 0.05 and "+" in path,
+              f"max diff {d:.2e}")
+
+
 def run(models: list[str]) -> int:
     import torch
 
@@ -116,6 +186,13 @@ def run(models: list[str]) -> int:
             print("  cascade and branch-kernel bf16 texts differ; comparing the first round only")
             d = max_diff(scores(on, 1), scores(bf, 1))
             check("bf16 cascade vs branch-kernel first-round scores within 0.05", d <= 0.05, f"max diff {d:.2e}")
+    try:
+        softcap_model(models[0])
+    except Exception as e:  # noqa: BLE001 - a crash is a failure; the report goes on
+        import traceback
+
+        traceback.print_exc()
+        check("gemma2 soft-capping check ran", False, f"{type(e).__name__}: {e}")
     print("engine_cuda_check:", "OK" if not FAILS else f"{len(FAILS)} FAILURES: {FAILS}")
     return 1 if FAILS else 0
 

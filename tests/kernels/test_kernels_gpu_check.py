@@ -36,3 +36,4 @@ def test_engine_cuda_check_cpu_smoke_passes(tmp_path, default_model_dirs):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "engine_cuda_check: OK" in proc.stdout and "ok   fp32 CUDA triton text == CPU torch text" in proc.stdout
+    assert "ok   gemma2 soft-capping (cap 10.0" in proc.stdout and "ok   gemma2 soft-capping: fp32 greedy" in proc.stdout
