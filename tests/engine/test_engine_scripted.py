@@ -258,3 +258,13 @@ def test_learned_weights_are_taken_at_admission_and_learned_once_per_request(clo
     # uniform-start requests teach the book nothing
     dict(engine.run([job(engine, book=book, hedge_lr=5.0)]))
     assert book.requests == 1
+
+
+def test_stop_strings_and_cache_full_end_requests_in_one_batch(closing):
+    engine, members, pool = make(drafts=(["abEN", "Dxy", "more"], ["", "", ""]), capacity=12)
+    closing(engine)
+    out = dict(engine.run([job(engine, "0123", stop=("END",)), job(engine, "0123")]))
+    assert (out[0].text, out[0].stop_reason) == ("ab", "stop_string")
+    # no stop string: prompt 4 + "abEN" 4 + "Dxy" 3 hold 11 of 12 tokens; a third window of 4 does not fit
+    assert (out[1].text, out[1].stop_reason) == ("abENDxy", "cache_full")
+    assert idle(engine, pool, members)
