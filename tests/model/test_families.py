@@ -207,6 +207,31 @@ def test_soft_capping_through_the_triton_kernels(family):
     check_packed_branches(r, hf, 2, _fp32)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "cohere"], indirect=True)
+def test_the_compiled_draft_steps_logic(family, monkeypatch):
+    """The compiled draft step's code (decode_step.py, compiler swapped for the identity):
+    its in-place K/V writes and decode attention, soft-capping and windows included."""
+    import dataclasses
+
+    from specem_fast.model import decode_step
+
+    monkeypatch.setattr(decode_step, "COMPILER", lambda fn, **kw: fn)
+    folder, hf = family
+    r = runner_for(folder)
+    shape = dataclasses.replace(r.cache_shape, sink=True)
+    r.cache = KVCacheManager([shape], 2, 128)["m"]
+    step = decode_step.CompiledDecode(r.model, r.cache)
+    x = ids(40, 0)
+    ref = hf_logits(hf, x)
+    r.forward([Run(1, x[:25], 0, 0, 0)])
+    r.cache.append(1, 25)
+    for i in range(25, 40):
+        (dense,) = step.plan([([0], None, [1], [i], 0)])
+        h = step(torch.tensor([x[i]]), dense)
+        r.cache.append(1, 1)
+        _fp32(r.logits(h)[0], ref[i])
+
+
 @pytest.mark.parametrize("family", list(FAMILIES), indirect=True)
 def test_family_in_bfloat16_within_the_documented_tolerance(family):
     import copy
