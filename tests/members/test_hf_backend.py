@@ -147,6 +147,19 @@ def test_cached_scores_equal_a_separate_forward(arch, hf_dirs, members):
         seq += m.commit([CommitCall(2, len(seq), other, winner=1 + rnd % 2)])[0]
         if rnd:  # the winner was "c": its text, not "b"'s
             assert m.decode(seq[len(ids):]).endswith("keeper of the light")
+    # a text committed without a verify pass is pending: the next verify folds it in first,
+    # then the same with the reference cost model (cache rebuilt from the start)
+    for recompute in (False, True):
+        seq += m.commit([CommitCall(2, len(seq), " and then")])[0]
+        cands = (("b", " the waves"), ("c", " a gull"))
+        out = m.verify([VerifyCall(2, len(seq), cands, recompute=recompute)])[0]
+        for (_, text), lp in zip(cands, out.mean_logprob):
+            cid = m.encode(text)
+            with torch.no_grad():
+                logits = hf(torch.tensor([seq + cid])).logits[0, len(seq) - 1 : -1].float()
+            want = torch.log_softmax(logits, -1).gather(1, torch.tensor(cid)[:, None]).mean().item()
+            assert lp == pytest.approx(want, abs=2e-4)
+        seq += m.commit([CommitCall(2, len(seq), " a gull", winner=1)])[0]
     m.close([2])
 
 
