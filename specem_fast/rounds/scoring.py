@@ -72,15 +72,24 @@ def hedge_learning_rate(lr: float, num_learners: int, t: int, schedule: str = "r
       decays so fast that weights move a few percent over a whole answer.
     - ``constant``: lr every round, so weights keep moving within an answer.
     - ``sqrt``: lr * sqrt(ln(K) / t), the textbook anytime Hedge rate.
+
+    At most :data:`MAX_RATE`: a huge ``lr`` (up to float's largest) could overflow to inf
+    here, and inf * a reward of 0 is NaN in every weight. The weights are the same below
+    the cap: long before it, only the best reward keeps any weight.
     """
     k = max(num_learners, 1)
     if schedule == "reference":
-        return lr / 10.0 * math.sqrt(1.0 / k) / t
-    if schedule == "constant":
-        return lr
-    if schedule == "sqrt":
-        return lr * math.sqrt(math.log(max(k, 2)) / t)
-    raise ValueError(f"unknown hedge schedule {schedule!r}")
+        rate = lr / 10.0 * math.sqrt(1.0 / k) / t
+    elif schedule == "constant":
+        rate = lr
+    elif schedule == "sqrt":
+        rate = lr * math.sqrt(math.log(max(k, 2)) / t)
+    else:
+        raise ValueError(f"unknown hedge schedule {schedule!r}")
+    return min(rate, MAX_RATE)
+
+
+MAX_RATE = 1e300  # a Hedge learning rate whose products with rewards in [0, 1] stay finite
 
 
 def hedge_update(weights: dict[str, float], rewards: dict[str, float], eta: float) -> dict[str, float]:

@@ -99,3 +99,21 @@ def test_combine_without_self_votes_renormalises_the_other_judges():
     # candidate of A judged by B and C (weights 0.25, 0.25 -> 0.5, 0.5); of B by A and C (0.5, 0.25 -> 2/3, 1/3)
     assert got == pytest.approx([0.5 * 0.3 + 0.5 * 0.6, 2 / 3 * 0.1 + 1 / 3 * 0.4])
     assert scoring.combine({"A": [0.2, 0.8]}, None, ["A", "A"]) == pytest.approx([0.2, 0.8])  # sole judge keeps its vote
+
+
+@pytest.mark.parametrize("schedule", ["reference", "constant", "sqrt"])
+@pytest.mark.parametrize("lr", [1e-300, 5e-324, 1.0, 1e300, 1.79e308, 1.7976931348623157e308])
+def test_hedge_weights_stay_finite_for_any_learning_rate_the_settings_take(lr, schedule):
+    """A huge hedge_lr made the sqrt schedule's rate inf and inf * a reward of 0 NaN in every
+    weight (issue 28 part 2): the rate is capped where the weights are already a hard max."""
+    from specem_fast.config import GenerationSettings
+
+    st = GenerationSettings(hedge_lr=lr, hedge_schedule=schedule)  # accepted: finite and >= 0
+    eta = scoring.hedge_learning_rate(st.hedge_lr, 3, 1, schedule)
+    assert math.isfinite(eta) and eta <= scoring.MAX_RATE
+    w = scoring.hedge_update({"a": 0.5, "b": 0.25, "c": 0.25}, {"a": 0.0, "b": 1.0, "c": 0.5}, eta)
+    assert all(math.isfinite(x) for x in w.values()) and sum(w.values()) == pytest.approx(1.0)
+    if lr >= 1e300:
+        assert w == {"a": 0.0, "b": 1.0, "c": 0.0}  # only the best reward keeps weight
+    if lr <= 5e-324:
+        assert w == pytest.approx({"a": 0.5, "b": 0.25, "c": 0.25})
