@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
-from specem_fast.model import hf_cache
+from specem_fast.model import hf_cache, room
 from specem_fast.model.hf_runner import HFRunner, PackedRun
 from specem_fast.model.sampling import sample_tokens
 
@@ -280,7 +280,7 @@ class HFMember:
         enc = [(own.ids, own) if m == self.name and own is not None else (self.encode(t), None)
                for m, t in c.candidates]
         lengths = tuple(len(ids) for ids, _ in enc)
-        if len(s.ids) + sum(lengths) > self.capacity:
+        if not room.fits(len(s.ids), sum(lengths), self.capacity):
             return None
         if any(n == 0 for n in lengths):
             raise ValueError("every candidate needs at least one token")
