@@ -168,3 +168,25 @@ def test_stacker_refuses_missing_extra_and_misshapen_experts(tmp_path):
         st.add(name.format(0, "gate_proj"), torch.zeros(4, 8))
     with pytest.raises(SpecEMError, match="miss 5 expert projections"):
         st.finish()
+
+
+def test_compiles_into_one_graph_on_the_gathered_path():
+    """Inside torch.compile (the compiled draft step) the routed MLP takes the sync-free path: one graph,
+    no break for a host read, the same numbers as eager (which takes the grouped path on the CPU)."""
+    from specem_fast.model import decode_step
+
+    if decode_step.compile_problem(torch.device("cpu")) is not None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    torch.manual_seed(0)
+    m = MoE(moe_mod.MoeSpec(8, 2, 16, True, shared_intermediate_size=24), H).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    paths = []
+    m._gathered = lambda *a, f=m._gathered: paths.append("gathered") or f(*a)
+    m._grouped = lambda *a, f=m._grouped: paths.append("grouped") or f(*a)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got = torch.compile(m, fullgraph=True)(x)
+        want = m(x)
+    assert paths == ["gathered", "grouped"]  # traced once (compile), then the eager call
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
