@@ -57,6 +57,10 @@ FAMILIES = {
     "cohere": ("cohere", dict(use_qk_norm=True, logit_scale=0.25, attention_bias=True), 1.0),
     "starcoder2": ("starcoder2", dict(sliding_window=12), 1.0),
     "exaone4": ("exaone4", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]), 1.0),
+    "olmo3": ("olmo3", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"]), 1.0),
+    "cohere2": ("cohere2", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                logit_scale=0.25), 1.0),
+    "smollm3": ("smollm3", dict(head_dim=16, use_sliding_window=True, sliding_window=8, no_rope_layers=[1, 0]), 1.0),
 }
 
 
@@ -277,3 +281,7 @@ def test_the_description_is_read_from_config_json(tmp_path_factory, tokenizer_di
     ex = args("exaone4")
     assert ex.windows == (8, 0) and [k for k, _ in ex.rope] == ["default", "none"]
     assert args("qwen3").windows == (0, 8)
+    sm = args("smollm3")
+    assert sm.windows == (0, 8) and [k for k, _ in sm.rope] == ["default", "none"]
+    c2 = args("cohere2")
+    assert c2.windows == (8, 0) and [k for k, _ in c2.rope] == ["default", "none"] and c2.parallel

@@ -361,4 +361,10 @@ def _layer_rope(cfg: dict[str, Any], fam: Family, windows: tuple[int, ...]) -> t
         local = ("default", {"rope_theta": local_theta}) if fam.local_rope_theta_key else full
     if fam.nope_full_layers and any(windows):
         full = ("none", {})
-    return tuple(local if w else full for w in windows)
+    rope = [local if w else full for w in windows]
+    flags = cfg.get(fam.rope_layers_key) if fam.rope_layers_key else None
+    if flags is not None:
+        if not isinstance(flags, list) or len(flags) != len(windows) or any(f not in (0, 1) for f in flags):
+            raise _bad(fam.rope_layers_key, flags, f"a list of {len(windows)} 0/1 entries (one per layer)")
+        rope = [r if f else ("none", {}) for r, f in zip(rope, flags)]
+    return tuple(rope)

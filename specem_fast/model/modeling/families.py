@@ -58,6 +58,7 @@ class Family:
     rope_theta_default: float = 10000.0
     local_rope_theta_key: str | None = None  # sliding layers' own base (Gemma-3's rope_local_base_freq)
     nope_full_layers: bool = False  # full-attention layers have no rotary when sliding windows are used (EXAONE-4)
+    rope_layers_key: str | None = None  # config list, one 0/1 per layer: 0 = no rotary there (SmolLM3)
     # -- multipliers ------------------------------------------------------------
     embed_scale: str | None = None  # "sqrt_hidden" (rounded to the compute dtype, Gemma) or a config key
     residual_key: str | None = None  # sublayer outputs scaled by this before the residual add (Granite)
@@ -117,6 +118,14 @@ FAMILIES: dict[str, Family] = {
     "exaone4": Family(**_POST_NORM, qk_norm="head", nope_full_layers=True, qkv_bias_key=None, mlp_bias_key=None,
                       windows="layer_types", pattern_key="sliding_window_pattern", pattern_default=4,
                       eps_default=1e-5),
+    "olmo3": Family(**_POST_NORM, norm_weight_fp32=True, qk_norm="full", eps_default=1e-5, mlp_bias_key=None,
+                    rope_theta_default=500000.0,
+                    windows="layer_types", pattern_default=4),
+    "cohere2": Family(norm="layer", norm_weight_fp32=True, eps_key="layer_norm_eps", eps_default=1e-5, mlp_in=None,
+                      parallel=True, rope_interleaved=True, nope_full_layers=True, logit_mul_key="logit_scale",
+                      mlp_bias_key=None, tie_default=True, windows="layer_types", pattern_key="sliding_window_pattern",
+                      pattern_default=4),
+    "smollm3": Family(windows="qwen", rope_layers_key="no_rope_layers", rope_theta_default=2000000.0),
     # routed MLPs (moe.py); attention as in their dense relatives
     "qwen3_moe": Family(qk_norm="head", windows="qwen_all", mlp_bias_key=None, moe="qwen3_moe"),
     "qwen2_moe": Family(qkv_bias_key="qkv_bias", qkv_bias_default=True, o_bias=False, windows="qwen",
