@@ -61,6 +61,10 @@ FAMILIES = {
     "cohere2": ("cohere2", dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                                 logit_scale=0.25), 1.0),
     "smollm3": ("smollm3", dict(head_dim=16, use_sliding_window=True, sliding_window=8, no_rope_layers=[1, 0]), 1.0),
+    "ministral": ("ministral", dict(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+                  1.0),
+    "helium": ("helium", dict(head_dim=16, attention_bias=True, mlp_bias=True), 1.0),
+    "ernie4_5": ("ernie4_5", dict(head_dim=16, use_bias=True), 1.0),
 }
 
 
@@ -285,3 +289,15 @@ def test_the_description_is_read_from_config_json(tmp_path_factory, tokenizer_di
     assert sm.windows == (0, 8) and [k for k, _ in sm.rope] == ["default", "none"]
     c2 = args("cohere2")
     assert c2.windows == (8, 0) and [k for k, _ in c2.rope] == ["default", "none"] and c2.parallel
+
+
+def test_window_patterns_without_layer_types():
+    """Older configs give no layer_types: each family's own default pattern applies."""
+    base = dict(vocab_size=10, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                sliding_window=8)
+    assert ModelArgs.from_hf_config({**base, "model_type": "ministral"}).windows == (8, 8, 8, 8)
+    assert ModelArgs.from_hf_config({**base, "model_type": "gemma2", "query_pre_attn_scalar": 16}).windows == (8, 0, 8, 0)
+    assert ModelArgs.from_hf_config({**base, "model_type": "exaone4", "sliding_window_pattern": "LLLG"}).windows == (
+        8, 8, 8, 0)
+    assert ModelArgs.from_hf_config({**base, "model_type": "cohere2"}).windows == (8, 8, 8, 0)
+    assert ModelArgs.from_hf_config({**base, "model_type": "llama"}).windows == (0, 0, 0, 0)  # llama ignores it

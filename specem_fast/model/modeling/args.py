@@ -327,7 +327,7 @@ def _layer_windows(cfg: dict[str, Any], fam: Family, n: int) -> tuple[int, ...]:
             types = ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(n)]
         else:
             every = _pos_int(cfg, fam.pattern_key, fam.pattern_default) if fam.pattern_key else fam.pattern_default
-            types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+            types = ["full_attention" if every and (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
     return tuple(sw if t == "sliding_attention" else 0 for t in types)
 
 

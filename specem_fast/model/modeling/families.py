@@ -69,7 +69,7 @@ class Family:
     # "none"; "all" (sliding_window on every layer); "qwen_all" (every layer when
     # use_sliding_window, Qwen3-MoE); "qwen" (use_sliding_window, then
     # layer_types or max_window_layers); "layer_types" (layer_types, else every
-    # `pattern`-th layer is full: pattern from pattern_key, default pattern_default)
+    # `pattern`-th layer is full: pattern from pattern_key, default pattern_default; 0: none is)
     windows: str = "none"
     pattern_key: str | None = None
     pattern_default: int = 0
@@ -126,6 +126,11 @@ FAMILIES: dict[str, Family] = {
                       mlp_bias_key=None, tie_default=True, windows="layer_types", pattern_key="sliding_window_pattern",
                       pattern_default=4),
     "smollm3": Family(windows="qwen", rope_layers_key="no_rope_layers", rope_theta_default=2000000.0),
+    "ministral": Family(windows="layer_types", mlp_bias_key=None, qkv_bias_key=None),  # no layer_types: all sliding
+    "helium": Family(norm_weight_fp32=True, rope_interleaved=True, o_bias=False, eps_default=1e-8,
+                     rope_theta_default=100000.0),
+    "ernie4_5": Family(rope_interleaved=True, qkv_bias_key="use_bias", mlp_bias_key="use_bias", eps_default=1e-5,
+                       tie_default=True, rope_theta_default=500000.0),
     # routed MLPs (moe.py); attention as in their dense relatives
     "qwen3_moe": Family(qk_norm="head", windows="qwen_all", mlp_bias_key=None, moe="qwen3_moe"),
     "qwen2_moe": Family(qkv_bias_key="qkv_bias", qkv_bias_default=True, o_bias=False, windows="qwen",
