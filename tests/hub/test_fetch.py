@@ -73,7 +73,7 @@ def test_registry_defaults():
     assert SUPPORTED_ARCHITECTURES == {"llama", "mistral", "qwen2", "gemma3_text", "qwen3", "gemma", "gemma2", "olmo2",
                                        "granite", "phi3", "glm", "glm4", "cohere", "starcoder2", "exaone4",
                                        "qwen3_moe", "qwen2_moe", "mixtral", "olmo3", "cohere2", "smollm3",
-                                       "ministral", "helium", "ernie4_5"}
+                                       "ministral", "helium", "ernie4_5", "seed_oss", "arcee", "nemotron"}
     assert [m.architecture for m in DEFAULT_MODELS] == ["llama", "qwen2", "gemma3_text"]
     assert [m.has_chat_template for m in DEFAULT_MODELS] == [True, True, False]
     for m in DEFAULT_MODELS:

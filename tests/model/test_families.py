@@ -65,6 +65,9 @@ FAMILIES = {
                   1.0),
     "helium": ("helium", dict(head_dim=16, attention_bias=True, mlp_bias=True), 1.0),
     "ernie4_5": ("ernie4_5", dict(head_dim=16, use_bias=True), 1.0),
+    "seed_oss": ("seed_oss", dict(head_dim=16, attention_bias=True, attention_out_bias=False, mlp_bias=True), 1.0),
+    "arcee": ("arcee", dict(head_dim=16, mlp_bias=True), 1.0),
+    "nemotron": ("nemotron", dict(head_dim=16, attention_bias=True, mlp_bias=True), 1.0),
 }
 
 

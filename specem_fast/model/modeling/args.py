@@ -46,8 +46,9 @@ class ModelArgs:
     qkv_bias: bool
     o_bias: bool
     mlp: str  # "gated" or "plain"
+    plain_names: tuple[str, str]  # a plain MLP's in and out projections
     mlp_bias: bool
-    hidden_act: str  # "silu", "gelu_tanh" or "gelu" (exact)
+    hidden_act: str  # "silu", "gelu_tanh", "gelu" (exact) or "relu2" (relu squared)
     tie_embeddings: bool
     attn_scale: float
     attn_softcap: float | None
@@ -103,7 +104,7 @@ class ModelArgs:
             raise SpecEMError(f"config.json: activation {act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
         if act.startswith("gelu"):
             act = "gelu" if act == "gelu" and not fam.gelu_is_tanh else "gelu_tanh"
-        else:
+        elif act != "relu2":
             act = "silu"
         qkv_bias = bool(cfg.get(fam.qkv_bias_key, fam.qkv_bias_default)) if fam.qkv_bias_key else False
         mlp_bias = bool(cfg.get(fam.mlp_bias_key, fam.mlp_bias_default)) if fam.mlp_bias_key else False
@@ -127,8 +128,9 @@ class ModelArgs:
             parallel=fam.parallel,
             qk_norm=qk_norm,
             qkv_bias=qkv_bias,
-            o_bias=qkv_bias and fam.o_bias,
+            o_bias=bool(cfg.get(fam.o_bias_key, False)) if fam.o_bias_key else qkv_bias and fam.o_bias,
             mlp=fam.mlp,
+            plain_names=fam.plain_names,
             mlp_bias=mlp_bias,
             hidden_act=act,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", fam.tie_default)),
@@ -234,7 +236,7 @@ def _yarn(p: dict[str, Any], dim: int, inv: torch.Tensor) -> tuple[torch.Tensor,
 
 # what transformer.py implements: SiLU, GELU (exact) and GELU's tanh approximation
 # ("gelu" means the approximation in Gemma's configs)
-_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu")
+_ACTIVATIONS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "relu2")
 
 
 def _bad(key: str, value: Any, want: str) -> SpecEMError:

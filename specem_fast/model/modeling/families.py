@@ -40,13 +40,15 @@ class Family:
     qkv_bias_key: str | None = "attention_bias"  # None: never
     qkv_bias_default: bool = False
     o_bias: bool = True  # o_proj has a bias when q/k/v have one (Qwen2 and GLM: never)
+    o_bias_key: str | None = None  # o_proj's bias has a key of its own (Seed-OSS)
     fused_qkv: str | None = None  # one checkpoint tensor holding q, k, v (split at load)
     # attention scale: "head_dim" (1/sqrt(head_dim)) or a config key whose value is
     # the scalar s with scale 1/sqrt(s) ("pre_attn_scalar:KEY") or the scale itself ("multiplier:KEY")
     attn_scale: str = "head_dim"
     attn_softcap_key: str | None = None  # attention logit soft-capping: cap * tanh(s / cap)
     # -- MLP --------------------------------------------------------------------
-    mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)); "plain": c_proj(act(c_fc(x)))
+    mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)); "plain": out(act(in(x)))
+    plain_names: tuple[str, str] = ("c_fc", "c_proj")  # a plain MLP's in and out projections
     mlp_bias_key: str | None = "mlp_bias"  # None: never
     mlp_bias_default: bool = False
     fused_gate_up: str | None = None  # one checkpoint tensor holding gate then up (split at load)
@@ -129,6 +131,10 @@ FAMILIES: dict[str, Family] = {
     "ministral": Family(windows="layer_types", mlp_bias_key=None, qkv_bias_key=None),  # no layer_types: all sliding
     "helium": Family(norm_weight_fp32=True, rope_interleaved=True, o_bias=False, eps_default=1e-8,
                      rope_theta_default=100000.0),
+    "seed_oss": Family(o_bias_key="attention_out_bias"),
+    "arcee": Family(mlp="plain", plain_names=("up_proj", "down_proj"), act_default="relu2", eps_default=1e-5),
+    "nemotron": Family(norm="layer", norm_bias=True, norm_offset=True, eps_key="norm_eps", eps_default=1e-5,
+                       mlp="plain", plain_names=("up_proj", "down_proj"), act_default="relu2"),
     "ernie4_5": Family(rope_interleaved=True, qkv_bias_key="use_bias", mlp_bias_key="use_bias", eps_default=1e-5,
                        tie_default=True, rope_theta_default=500000.0),
     # routed MLPs (moe.py); attention as in their dense relatives

@@ -60,8 +60,9 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(shape)) if spec.bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bias is not None:  # torch's own LayerNorm (StarCoder2)
-            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+        if self.bias is not None:  # torch's own LayerNorm (StarCoder2; Nemotron's scales by 1 + w)
+            w = self.weight + 1.0 if self.offset else self.weight
+            return F.layer_norm(x, self.weight.shape, w, self.bias, self.eps)
         h = x.float()
         if self.layer:
             h = h - h.mean(-1, keepdim=True)
@@ -114,20 +115,23 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
             self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
             self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
-        else:
-            self.c_fc = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
-            self.c_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        else:  # named as the family names them (starcoder2: c_fc/c_proj; arcee, nemotron: up_proj/down_proj)
+            self.names = a.plain_names
+            setattr(self, a.plain_names[0], nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias))
+            setattr(self, a.plain_names[1], nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias))
         self.act = a.hidden_act
 
     def _act(self, x):
         if self.act == "silu":
             return F.silu(x)
+        if self.act == "relu2":
+            return torch.square(F.relu(x))
         return F.gelu(x, approximate="tanh" if self.act == "gelu_tanh" else "none")
 
     def forward(self, x):
         if self.gated:
             return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
-        return self.c_proj(self._act(self.c_fc(x)))
+        return getattr(self, self.names[1])(self._act(getattr(self, self.names[0])(x)))
 
 
 class Block(nn.Module):
