@@ -138,10 +138,20 @@ class RoundExecutor:
             rounds=req.rounds,
             timings=dict(req.timings, total_s=total, first_segment_s=req.first_segment_s or total),
             settings=req.settings.to_dict(),
-            metadata=dict(req.metadata),
+            metadata=self._metadata(req),
         )
         res.prompt_tokens = dict(req.prompt_len)
         return res
+
+    def _metadata(self, req: Request) -> dict:
+        """The job's metadata, with each member's kernel path as it ran: a path can change
+        during a request's first forwards (a flash-attn build that disagrees with the branch
+        kernel is turned off there)."""
+        meta = dict(req.metadata)
+        if "kernels" in meta:
+            meta["kernels"] = {n: self.crew.members[n].describe().get("kernels", k) if n in self.crew.members else k
+                               for n, k in meta["kernels"].items()}
+        return meta
 
     def discard(self, request_ids: list[int]) -> None:
         """Forget requests that end without a result (cancelled, failed)."""

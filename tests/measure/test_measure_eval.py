@@ -255,7 +255,7 @@ def test_eval_cli_with_fake(tmp_path, items, monkeypatch, capsys):
 
 _CHILD = r"""
 import sys, time, json
-sys.path[:0] = [{tests!r}, {root!r}]
+sys.path[:0] = [{tests!r}, {here!r}, {root!r}]
 from measure_fakes import FakeEnsemble
 from test_measure_eval import right_for
 from specem_fast.measure.datasets import load_items
@@ -278,7 +278,7 @@ def test_real_sigkill_then_resume(tmp_path):
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Double {q} please", "answer": str(2 * q)}) + "\n" for q in range(1, 41)))
     out = tmp_path / "res.jsonl"
-    code = _CHILD.format(tests=str(Path(__file__).parents[1]), root=str(Path(__file__).parents[2]), data=str(data), out=str(out))
+    code = _CHILD.format(tests=str(Path(__file__).parents[1]), here=str(Path(__file__).parent), root=str(Path(__file__).parents[2]), data=str(data), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.monotonic() + 60
