@@ -11,14 +11,14 @@ equal a separate transformers forward of prefix + branch), greedy tokens.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
+from family_tools import hf_logits, ids, runner_for, save_with_tokenizer
 
-from specem_fast.model.kv_cache import KVCacheManager
 from specem_fast.model.modeling.args import ModelArgs
 from specem_fast.model.modeling.families import FAMILIES as FAMILY_TABLE
+from specem_fast.model.kv_cache import KVCacheManager
 from specem_fast.model.runner import ModelRunner, Run, score_all
 
 ATOL, RTOL = 1e-4, 1e-4  # float32 logits
@@ -106,10 +106,7 @@ def build(name: str, root, tokenizer_dir):
             if pname.endswith("norm.weight") and not offset:
                 p.add_(1.0)  # norms that scale by about 1, so the logits are not flat
         model.get_input_embeddings().weight.mul_(embed_scale)
-    folder = root / name
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / f, folder / f)
+    folder = save_with_tokenizer(model, root / name, tokenizer_dir)
     _BUILT[name] = (folder, model)
     return _BUILT[name]
 
@@ -117,22 +114,6 @@ def build(name: str, root, tokenizer_dir):
 @pytest.fixture
 def family(request, tmp_path_factory, tokenizer_dir):
     return build(request.param, tmp_path_factory.getbasetemp(), tokenizer_dir)
-
-
-def runner_for(folder, dtype="float32"):
-    r = ModelRunner("m", folder, "cpu", dtype, "torch")
-    r.cache = KVCacheManager([r.cache_shape], 3, 128)["m"]
-    return r
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
-def ids(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, 20000, (n,), generator=g).tolist()
 
 
 def check_prefill_and_decode(r, hf, slot, tol):

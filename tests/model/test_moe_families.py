@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import pytest
 import torch
+from family_tools import hf_logits, ids, save_with_tokenizer
+from family_tools import runner_for as _runner_for
 
-from specem_fast.model.kv_cache import KVCacheManager
 from specem_fast.model.modeling import moe as moe_mod
 from specem_fast.model.modeling.args import ModelArgs
-from specem_fast.model.runner import ModelRunner, Run, score_all
+from specem_fast.model.runner import Run, score_all
 
 ATOL, RTOL = 1e-4, 1e-4
 BF16_TOL = 0.15
@@ -62,10 +62,7 @@ def build(name: str, root, tokenizer_dir):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2 if p.dim() > 1 else 0.1)
-    folder = root / name
-    model.save_pretrained(folder)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / f, folder / f)
+    folder = save_with_tokenizer(model, root / name, tokenizer_dir)
     _BUILT[name] = (folder, model)
     return _BUILT[name]
 
@@ -76,19 +73,7 @@ def family(request, tmp_path_factory, tokenizer_dir):
 
 
 def runner_for(folder, dtype="float32"):
-    r = ModelRunner("m", folder, "cpu", dtype, "torch")
-    r.cache = KVCacheManager([r.cache_shape], 2, 128)["m"]
-    return r
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
-def ids(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, 20000, (n,), generator=g).tolist()
+    return _runner_for(folder, dtype, slots=2)
 
 
 @pytest.mark.parametrize("family", list(MOE), indirect=True)

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from specem_fast.members.local.codec_text import CodecText
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
 from specem_fast.model import hf_cache, room
 from specem_fast.model.hf_runner import HFRunner, PackedRun
@@ -66,7 +67,7 @@ class _Seq:
     branches: list[_Branch] | None = None
 
 
-class HFMember:
+class HFMember(CodecText):
     """One model run by transformers in this process."""
 
     def __init__(self, runner: HFRunner, capacity: int, batch_invariant: bool = False):
@@ -90,17 +91,6 @@ class HFMember:
 
     def shutdown(self) -> None:
         self._seqs.clear()
-
-    # -- text -----------------------------------------------------------------
-    def prompt_ids(self, prompt, limit: int | None = None) -> list[int]:
-        codec = self.runner.codec
-        return codec.prompt_ids(prompt, limit) if isinstance(prompt, str) else codec.chat_ids(prompt, limit)
-
-    def encode(self, text: str) -> list[int]:
-        return self.runner.codec.encode_segment(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.runner.codec.decode(list(ids))
 
     # -- requests -------------------------------------------------------------
     def open(self, calls: Sequence[OpenCall]) -> None:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from specem_fast.members.local.codec_text import CodecText
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
 from specem_fast.members.local.draft_loop import Drafter, Sampled
 from specem_fast.model import room
@@ -96,7 +97,7 @@ def score_plans(plans: Sequence[VerifyPlan]) -> list[list[VerifyOut]]:
     return [p.out(scores.get(id(p))) for p in plans]
 
 
-class LocalMember:
+class LocalMember(CodecText):
     """One model in this process (see :mod:`.member` for the calls)."""
 
     def __init__(self, runner: ModelRunner, batch_invariant: bool = False):
@@ -135,19 +136,6 @@ class LocalMember:
 
     def shutdown(self) -> None:
         """Nothing to release: the runner's buffers go with the ensemble."""
-
-    # -- text -----------------------------------------------------------------
-    def prompt_ids(self, prompt, limit: int | None = None) -> list[int]:
-        """A prompt string or a chat (``(role, content)`` pairs); over ``limit`` tokens is a
-        CacheFullError, found before the whole prompt is encoded."""
-        codec = self.runner.codec
-        return codec.prompt_ids(prompt, limit) if isinstance(prompt, str) else codec.chat_ids(prompt, limit)
-
-    def encode(self, text: str) -> list[int]:
-        return self.runner.codec.encode_segment(text)
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.runner.codec.decode(list(ids))
 
     # -- requests -------------------------------------------------------------
     def open(self, calls: Sequence[OpenCall]) -> None:
