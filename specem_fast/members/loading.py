@@ -90,9 +90,12 @@ def _requested_backends(backend, drafters: list[str], names: list[str]) -> dict[
 
 def choose_backend(name: str, folder, asked: str) -> str:
     """"native" or "transformers" for a member: auto takes native where the native runtime
-    implements the folder's architecture (its config.json reads cleanly), else transformers."""
+    implements the folder's architecture (its config.json reads cleanly), else transformers;
+    a quantization the native runtime refuses goes to transformers when its quantizer is
+    installed (otherwise the native loader refuses it with the ways out)."""
     from specem_fast.model.modeling.args import SUPPORTED_ARCHITECTURES, ModelArgs
     from specem_fast.model.modeling.loader import read_config
+    from specem_fast.model.quant import quantization_refusal, quantizer_installed
 
     if asked == "transformers":
         return asked
@@ -104,6 +107,8 @@ def choose_backend(name: str, folder, asked: str) -> str:
             raise SpecEMError(f"member {name} ({folder}): the native runtime cannot run it ({exc}); natively run: "
                               f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}; use backend='transformers' "
                               "(--backend transformers, or the spec hf:PATH) or 'auto'") from None
+        return "transformers"
+    if asked == "auto" and quantization_refusal(folder, cfg) and quantizer_installed(cfg):
         return "transformers"
     return "native"
 

@@ -34,6 +34,8 @@ model with the wrong weights).
 
 from __future__ import annotations
 
+import importlib.util
+
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -62,6 +64,28 @@ _QUANTIZER_PACKAGE = {
     "fbgemm_fp8": "fbgemm-gpu", "higgs": "flute-kernel", "quark": "amd-quark", "auto-round": "auto-round",
     "mxfp4": "triton kernels", "spqr": "spqr_quant", "fp_quant": "fp_quant", "bitnet": "",
 }
+
+
+# The module transformers' quantizer imports for each method (a variant the native runtime
+# refuses, e.g. 2-bit GPTQ, goes there too when its library is installed).
+_QUANTIZER_MODULE = {
+    "bitsandbytes": "bitsandbytes", "compressed-tensors": "compressed_tensors", "torchao": "torchao", "hqq": "hqq",
+    "quanto": "optimum.quanto", "eetq": "eetq", "aqlm": "aqlm", "vptq": "vptq", "fbgemm_fp8": "fbgemm_gpu",
+    "higgs": "flute", "quark": "quark", "auto-round": "auto_round", "spqr": "spqr_quant", "fp_quant": "fp_quant",
+    "gptq": "gptqmodel", "awq": "awq",
+}
+
+
+def quantizer_installed(cfg: dict) -> bool:
+    """Whether the library transformers needs for this checkpoint's quantization is importable."""
+    q = quantization_config(cfg)
+    module = _QUANTIZER_MODULE.get(str(q.get("quant_method") or "").lower()) if isinstance(q, dict) else None
+    if not module:
+        return False
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing
+        return False
 
 
 @dataclass(frozen=True)
