@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -121,6 +122,31 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
     endpoints), drafters, verifiers): every name resolved and checked, and the local KV cache
     checked against the memory of each device, before any weights load. ``backend``: auto,
     native or transformers, for all members, one per model, or by member name."""
+    plan = _plan(models, verifiers, config, placement, backend)
+    local = [n for n in plan.names if plan.specs[n].kind == "local"]
+    _check_memory({n: (plan.folders[n], *plan.where[n]) for n in local}, config,
+                  {n for n in local if plan.backends[n] != "native"})
+    runners, remote = {}, {}
+    for n in tqdm(plan.names, desc="loading models", unit="model", disable=not progress, leave=False):
+        member = _load_one(n, plan, config, ray_address)
+        (runners if isinstance(member, ModelRunner) else remote)[n] = member
+    return runners, remote, plan.drafters, plan.verifiers
+
+
+@dataclass(frozen=True)
+class _MemberPlan:
+    """Every member resolved and checked, nothing loaded yet."""
+
+    specs: dict[str, MemberSpec]
+    folders: dict[str, Path]
+    backends: dict[str, str]  # local and Ray members: native or transformers
+    drafters: list[str]
+    verifiers: list[str]
+    names: list[str]  # drafters, then verifiers that do not draft
+    where: dict[str, tuple]  # (device, dtype) per member
+
+
+def _plan(models, verifiers, config: EngineConfig, placement: str, backend) -> _MemberPlan:
     if placement not in PLACEMENTS:
         raise SpecEMError(f"placement must be one of {', '.join(PLACEMENTS)} (got {placement!r})")
     drafters = _name_list(models, "models") if models is not None else [m.name for m in DEFAULT_MODELS]
@@ -132,50 +158,50 @@ def load_members(models: Sequence[str] | str | None, verifiers: Sequence[str] | 
     if config.batch_invariant and (served := [n for n, sp in specs.items() if sp.kind == "vllm"]):
         raise SpecEMError(f"batch_invariant cannot hold for vLLM members ({', '.join(served)}): vLLM batches "
                           "requests on its server; use local or Ray members, or leave batch_invariant off")
-    # one model under two spellings (a registry name and its folder, ./x and x/) is one model
     asked = _requested_backends(backend, drafters, list(specs))
     asked = {n: sp.backend or asked[n] for n, sp in specs.items()}
     # a vLLM member needs only a tokenizer here (folder or Hub id): its weights and architecture are the server's
     folders = {n: resolve_tokenizer(sp.model) if sp.kind == "vllm" else resolve_model(sp.model, check_architecture=False)
                for n, sp in specs.items()}
     backends = {n: choose_backend(n, folders[n], asked[n]) for n, sp in specs.items() if sp.kind != "vllm"}
+    # one model under two spellings (a registry name and its folder, ./x and x/) is one model
     keys = {n: (sp.kind, sp.url, folders[n].resolve(), dict(sp.options).get("served")) for n, sp in specs.items()}
     drafters = _distinct(drafters, keys, "models")
     verifiers_ = _distinct(verifiers_, keys, "verifiers")
     same = {keys[d]: d for d in drafters}
     verifiers_ = [same.get(keys[v], v) for v in verifiers_]
-    all_names = drafters + [v for v in verifiers_ if v not in drafters]
+    names = drafters + [v for v in verifiers_ if v not in drafters]
     placement_of = dict(zip(drafters, config.devices))
     precision = dict(zip(drafters, config.dtypes))
-    where = {n: (placement_of.get(n, config.device), precision.get(n, config.dtype)) for n in all_names}
-    local = [n for n in all_names if specs[n].kind == "local"]
-    _check_memory({n: (folders[n], *where[n]) for n in local}, config, {n for n in local if backends[n] != "native"})
-    runners, remote = {}, {}
-    for n in tqdm(all_names, desc="loading models", unit="model", disable=not progress, leave=False):
-        sp = specs[n]
-        if sp.kind == "local" and backends[n] == "transformers":
-            from specem_fast.members.local.hf_member import HFMember
-            from specem_fast.model.hf_runner import HFRunner
+    where = {n: (placement_of.get(n, config.device), precision.get(n, config.dtype)) for n in names}
+    return _MemberPlan(specs, folders, backends, drafters, verifiers_, names, where)
 
-            hf = HFRunner(n, folders[n], *where[n])
-            remote[n] = HFMember(hf, config.cache_tokens, config.batch_invariant)
-            _announce(hf.describe())
-        elif sp.kind == "local":
-            runners[n] = ModelRunner(n, folders[n], *where[n], config.kernels, config.flash_attn, config.compile)
-            r = runners[n]
-            _announce(f"{n}: backend native ({r.model.args.arch}, {str(r.dtype)[6:]} on {r.device}, "
-                      f"kernels {r.kernel_path})")
-        elif sp.kind == "ray":
-            from specem_fast.members.ray import RayMember
 
-            remote[n] = RayMember.start(n, folders[n], *where[n], config, ray_address=ray_address,
-                                        members=sum(specs[m].kind == "ray" for m in all_names), backend=backends[n])
-            _announce(f"{n}: backend {backends[n]} in a Ray actor")
-        else:
-            from specem_fast.members.vllm import VLLMMember
+def _load_one(n: str, plan: _MemberPlan, config: EngineConfig, ray_address: str | None) -> ModelRunner | Member:
+    """A native runner, or the member of another kind (transformers backend, Ray actor, vLLM)."""
+    sp, folder, where = plan.specs[n], plan.folders[n], plan.where[n]
+    if sp.kind == "local" and plan.backends[n] == "transformers":
+        from specem_fast.members.local.hf_member import HFMember
+        from specem_fast.model.hf_runner import HFRunner
 
-            remote[n] = VLLMMember(n, sp.url, sp.model, folders[n], config, **dict(sp.options))
-    return runners, remote, drafters, verifiers_
+        hf = HFRunner(n, folder, *where)
+        _announce(hf.describe())
+        return HFMember(hf, config.cache_tokens, config.batch_invariant)
+    if sp.kind == "local":
+        r = ModelRunner(n, folder, *where, config.kernels, config.flash_attn, config.compile)
+        _announce(f"{n}: backend native ({r.model.args.arch}, {str(r.dtype)[6:]} on {r.device}, "
+                  f"kernels {r.kernel_path})")
+        return r
+    if sp.kind == "ray":
+        from specem_fast.members.ray import RayMember
+
+        member = RayMember.start(n, folder, *where, config, ray_address=ray_address,
+                                 members=sum(plan.specs[m].kind == "ray" for m in plan.names), backend=plan.backends[n])
+        _announce(f"{n}: backend {plan.backends[n]} in a Ray actor")
+        return member
+    from specem_fast.members.vllm import VLLMMember
+
+    return VLLMMember(n, sp.url, sp.model, folder, config, **dict(sp.options))
 
 
 def _announce(line: str) -> None:

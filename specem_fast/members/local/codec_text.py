@@ -20,3 +20,13 @@ class CodecText:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.runner.codec.decode(list(ids))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading ids two sequences share (a draft's ids kept as sampled)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from specem_fast.members.local.codec_text import CodecText
+from specem_fast.members.local.codec_text import CodecText, common_prefix
 from specem_fast.members.interface import CommitCall, DraftCall, DraftOut, MemberStateError, OpenCall, VerifyCall, VerifyOut, check_held
 from specem_fast.members.local.draft_loop import Drafter, Sampled
 from specem_fast.model import room
@@ -180,7 +180,7 @@ class LocalMember(CodecText):
 
     def _finish_draft(self, c: DraftCall, s: _Seq, d: Sampled) -> DraftOut:
         text, ids = self.runner.codec.draft_segment(s.ids, d.tokens, d.stopped, exact=c.raw, alone=c.alone)
-        reuse = 0 if c.recompute else _common_prefix(ids, d.tokens[: d.fed])
+        reuse = 0 if c.recompute else common_prefix(ids, d.tokens[: d.fed])
         s.draft = _Draft(text, ids, reuse, d.hiddens)
         return DraftOut(tuple(d.tokens), text, tuple(ids), d.stopped)
 
@@ -301,11 +301,3 @@ class LocalMember(CodecText):
         s.draft, s.branches = None, None
         return tuple(ids)
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

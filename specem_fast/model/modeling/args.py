@@ -70,50 +70,17 @@ class ModelArgs:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
         """Read and check a config.json; bad or inconsistent values raise SpecEMError."""
-        if not isinstance(cfg, dict):
-            raise SpecEMError(f"config.json holds a JSON {type(cfg).__name__}, not an object of settings; re-save the model")
-        if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
-            cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
-        arch = cfg.get("model_type")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise SpecEMError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-            )
+        cfg, arch = _text_config(cfg)
         fam = FAMILIES[arch]
         n_layers = _pos_int(cfg, "num_hidden_layers")
-        n_heads = _pos_int(cfg, "num_attention_heads")
-        hidden = _pos_int(cfg, "hidden_size")
-        n_kv = _pos_int(cfg, "num_key_value_heads", n_heads)
-        if n_heads % n_kv:
-            raise SpecEMError(
-                f"config.json: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; "
-                "fix config.json to match the weights"
-            )
-        head_dim = _pos_int(cfg, "head_dim", 0)
-        if not head_dim:
-            if hidden % n_heads:
-                raise SpecEMError(
-                    f"config.json: hidden_size={hidden} is not divisible by num_attention_heads={n_heads} and "
-                    "head_dim is not given; fix config.json to match the weights"
-                )
-            head_dim = hidden // n_heads
+        hidden, n_heads, n_kv, head_dim = _attention_shape(cfg)
         windows = _layer_windows(cfg, fam, n_layers)
         rope = _layer_rope(cfg, fam, windows)
-        act = next((cfg[k] for k in fam.act_keys if cfg.get(k)), fam.act_default)
-        if act not in _ACTIVATIONS:
-            raise SpecEMError(f"config.json: activation {act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
-        if act.startswith("gelu"):
-            act = "gelu" if act == "gelu" and not fam.gelu_is_tanh else "gelu_tanh"
-        elif act != "relu2":
-            act = "silu"
         qkv_bias = bool(cfg.get(fam.qkv_bias_key, fam.qkv_bias_default)) if fam.qkv_bias_key else False
         mlp_bias = bool(cfg.get(fam.mlp_bias_key, fam.mlp_bias_default)) if fam.mlp_bias_key else False
         qk_norm = fam.qk_norm if not fam.qk_norm_key or cfg.get(fam.qk_norm_key) else None
         norm = NormSpec(fam.norm, _pos_num(cfg, fam.eps_key, fam.eps_default), fam.norm_bias, fam.norm_offset,
                         fam.norm_weight_fp32)
-        logit_scale = _opt_num(cfg, fam.logit_mul_key)
-        if fam.logit_div_key and _opt_num(cfg, fam.logit_div_key):
-            logit_scale = 1.0 / _opt_num(cfg, fam.logit_div_key)
         return cls(
             arch=arch,
             vocab_size=_pos_int(cfg, "vocab_size"),
@@ -132,7 +99,7 @@ class ModelArgs:
             mlp=fam.mlp,
             plain_names=fam.plain_names,
             mlp_bias=mlp_bias,
-            hidden_act=act,
+            hidden_act=_activation(cfg, fam),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", fam.tie_default)),
             attn_scale=_attn_scale(cfg, fam, head_dim),
             attn_softcap=_opt_num(cfg, fam.attn_softcap_key),
@@ -143,7 +110,7 @@ class ModelArgs:
             embed_scale=hidden**0.5 if fam.embed_scale == "sqrt_hidden" else _opt_num(cfg, fam.embed_scale),
             embed_scale_rounded=fam.embed_scale == "sqrt_hidden",
             residual_scale=_opt_num(cfg, fam.residual_key),
-            logit_scale=logit_scale,
+            logit_scale=_logit_scale(cfg, fam),
             final_softcap=_opt_num(cfg, fam.final_softcap_key),
             moe=moe_spec(fam.moe, cfg, n_layers) if fam.moe else None,
         )
@@ -201,6 +168,58 @@ class ModelArgs:
         """Longrope: the first position that uses the long factors (None otherwise)."""
         kind, p = self.rope[layer]
         return p["original_max_position_embeddings"] if kind == "longrope" else None
+
+
+def _text_config(cfg: Any) -> tuple[dict[str, Any], str]:
+    """(the language model's settings, model_type), checked to be a family we run."""
+    if not isinstance(cfg, dict):
+        raise SpecEMError(f"config.json holds a JSON {type(cfg).__name__}, not an object of settings; re-save the model")
+    if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
+        cfg = {**cfg["text_config"], "model_type": "gemma3_text"}
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise SpecEMError(
+            f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    return cfg, arch
+
+
+def _attention_shape(cfg: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(hidden_size, heads, kv heads, head_dim), checked against each other."""
+    n_heads = _pos_int(cfg, "num_attention_heads")
+    hidden = _pos_int(cfg, "hidden_size")
+    n_kv = _pos_int(cfg, "num_key_value_heads", n_heads)
+    if n_heads % n_kv:
+        raise SpecEMError(
+            f"config.json: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}; "
+            "fix config.json to match the weights"
+        )
+    head_dim = _pos_int(cfg, "head_dim", 0)
+    if not head_dim:
+        if hidden % n_heads:
+            raise SpecEMError(
+                f"config.json: hidden_size={hidden} is not divisible by num_attention_heads={n_heads} and "
+                "head_dim is not given; fix config.json to match the weights"
+            )
+        head_dim = hidden // n_heads
+    return hidden, n_heads, n_kv, head_dim
+
+
+def _activation(cfg: dict[str, Any], fam: Family) -> str:
+    """The MLP activation as the decoder names it: silu, gelu, gelu_tanh or relu2."""
+    act = next((cfg[k] for k in fam.act_keys if cfg.get(k)), fam.act_default)
+    if act not in _ACTIVATIONS:
+        raise SpecEMError(f"config.json: activation {act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
+    if act.startswith("gelu"):
+        return "gelu" if act == "gelu" and not fam.gelu_is_tanh else "gelu_tanh"
+    return act if act == "relu2" else "silu"
+
+
+def _logit_scale(cfg: dict[str, Any], fam: Family) -> float | None:
+    """Logits * this: a multiplier (cohere) or 1 / a divisor (granite)."""
+    if fam.logit_div_key and _opt_num(cfg, fam.logit_div_key):
+        return 1.0 / _opt_num(cfg, fam.logit_div_key)
+    return _opt_num(cfg, fam.logit_mul_key)
 
 
 def _yarn(p: dict[str, Any], dim: int, inv: torch.Tensor) -> tuple[torch.Tensor, float]:

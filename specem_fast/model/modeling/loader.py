@@ -102,14 +102,8 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
     fix = fix_hint(folder)
     with torch.device("meta"):
         model = _in_folder_terms(folder, Transformer, args)  # rope kinds are read here
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state: dict[str, torch.Tensor] = {}
-    experts = ExpertStacker(expected, folder, fix) if args.moe is not None else None
-
-    def taken(n: str) -> bool:  # a dequantized weight the model holds in another form (stacked, split)
-        return (experts is not None and experts.claims(n)) or bool(args.fused_parts(n))
-
-    dq = Dequantizer(quant, folder, expected, fix, taken) if quant is not None else None
+    state = _StateDict(folder, args, quant, {k: tuple(v.shape) for k, v in model.state_dict().items()}, dtype,
+                       files, fix)
     for f in files:
         check_safetensors(f, fix)
         try:
@@ -118,56 +112,88 @@ def load_transformer(folder: Path, device: torch.device, dtype: torch.dtype, cfg
             raise SpecEMError(f"{f} cannot be read as safetensors ({exc}); {fix}") from None
         with sf_ctx as sf:
             for key in sf.keys():
-                name = _normalise(key)
-                if name is None:
-                    continue  # a multimodal checkpoint's vision tower
-                if experts is not None:
-                    name = moe_key(name)  # Mixtral's block_sparse_moe.* is our mlp.*
-                if dq is not None and dq.claims(name, sf.get_slice(key).get_dtype()):
-                    for wname, w in dq.add(name, _read(sf, key, folder, fix)):  # quant.py: dequantized weights
-                        w = _finite(w, wname, folder, dtype, fix)
-                        if experts is not None and experts.claims(wname):  # a quantized expert's projection
-                            for sname, t in experts.add(wname, w):
-                                _put(state, sname, t, folder)
-                        elif wname not in expected and (fused := args.fused_parts(wname)):
-                            for pname, piece in _cut_rows(w, wname, fused, expected, folder, fix):
-                                _put(state, pname, piece, folder)
-                        else:
-                            _put(state, wname, w, folder)
-                    continue
-                if experts is not None and experts.claims(name):  # one expert's projection: stacked per layer (moe.py)
-                    for sname, t in experts.add(name, _finite(_read(sf, key, folder, fix), key, folder, dtype, fix)):
-                        _put(state, sname, t, folder)
-                    continue
-                parts = args.fused_parts(name) if name not in expected else None
-                if parts:  # one tensor holding several of ours (phi3 qkv_proj, gate_up_proj)
-                    for pname, piece in _split_fused(sf, key, parts, expected, folder, fix):
-                        _put(state, pname, _finite(piece, key, folder, dtype, fix), folder)
-                    continue
-                if name not in expected:
-                    _unexpected(folder, key, name, args, files)
-                    continue
-                shape = tuple(sf.get_slice(key).get_shape())
-                if shape != expected[name]:
-                    raise SpecEMError(
-                        f"{folder}: tensor {key} has shape {list(shape)} but config.json implies "
-                        f"{list(expected[name])}; config.json does not belong to these weights ({fix})"
-                    )
-                _put(state, name, _finite(_read(sf, key, folder, fix), key, folder, dtype, fix), folder)
-    if dq is not None:
-        dq.finish()
-    if experts is not None:
-        experts.finish()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise SpecEMError(
-            f"{folder}: weights are missing {len(missing)} tensors (first: {missing[0]}): the checkpoint is "
-            f"incomplete (a shard missing?) or config.json describes another model; {fix}"
-        )
-    model.load_state_dict(state, assign=True, strict=True)
+                state.read(sf, key)
+    model.load_state_dict(state.finish(), assign=True, strict=True)
     model.to(device)
     model.inv_freqs = [(inv.to(device), scaling) for inv, scaling in model.inv_freqs]
     return model.eval().requires_grad_(False)
+
+
+class _StateDict:
+    """Our state dict, built one checkpoint tensor at a time: each tensor is checked, and
+    dequantized, stacked (MoE experts) or split (fused projections) into the tensors the
+    model holds."""
+
+    def __init__(self, folder: Path, args: ModelArgs, quant, expected: dict, dtype: torch.dtype,
+                 files: list[Path], fix: str):
+        self.folder, self.args, self.expected, self.dtype, self.files, self.fix = folder, args, expected, dtype, files, fix
+        self.state: dict[str, torch.Tensor] = {}
+        self.experts = ExpertStacker(expected, folder, fix) if args.moe is not None else None
+        self.dq = Dequantizer(quant, folder, expected, fix, self._taken) if quant is not None else None
+
+    def _taken(self, n: str) -> bool:  # a dequantized weight the model holds in another form (stacked, split)
+        return (self.experts is not None and self.experts.claims(n)) or bool(self.args.fused_parts(n))
+
+    def _finite(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        return _finite(t, name, self.folder, self.dtype, self.fix)
+
+    def _put(self, name: str, t: torch.Tensor) -> None:
+        _put(self.state, name, t, self.folder)
+
+    def read(self, sf, key: str) -> None:
+        folder, fix, expected = self.folder, self.fix, self.expected
+        name = _normalise(key)
+        if name is None:
+            return  # a multimodal checkpoint's vision tower
+        if self.experts is not None:
+            name = moe_key(name)  # Mixtral's block_sparse_moe.* is our mlp.*
+        if self.dq is not None and self.dq.claims(name, sf.get_slice(key).get_dtype()):
+            for wname, w in self.dq.add(name, _read(sf, key, folder, fix)):  # quant.py: dequantized weights
+                self._place(wname, self._finite(w, wname))
+            return
+        if self.experts is not None and self.experts.claims(name):  # one expert's projection: stacked per layer (moe.py)
+            for sname, t in self.experts.add(name, self._finite(_read(sf, key, folder, fix), key)):
+                self._put(sname, t)
+            return
+        parts = self.args.fused_parts(name) if name not in expected else None
+        if parts:  # one tensor holding several of ours (phi3 qkv_proj, gate_up_proj)
+            for pname, piece in _split_fused(sf, key, parts, expected, folder, fix):
+                self._put(pname, self._finite(piece, key))
+            return
+        if name not in expected:
+            _unexpected(folder, key, name, self.args, self.files)
+            return
+        shape = tuple(sf.get_slice(key).get_shape())
+        if shape != expected[name]:
+            raise SpecEMError(
+                f"{folder}: tensor {key} has shape {list(shape)} but config.json implies "
+                f"{list(expected[name])}; config.json does not belong to these weights ({fix})"
+            )
+        self._put(name, self._finite(_read(sf, key, folder, fix), key))
+
+    def _place(self, wname: str, w: torch.Tensor) -> None:
+        """A dequantized weight: an expert's projection, part of a fused one, or one of ours."""
+        if self.experts is not None and self.experts.claims(wname):
+            for sname, t in self.experts.add(wname, w):
+                self._put(sname, t)
+        elif wname not in self.expected and (fused := self.args.fused_parts(wname)):
+            for pname, piece in _cut_rows(w, wname, fused, self.expected, self.folder, self.fix):
+                self._put(pname, piece)
+        else:
+            self._put(wname, w)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        if self.dq is not None:
+            self.dq.finish()
+        if self.experts is not None:
+            self.experts.finish()
+        missing = sorted(set(self.expected) - set(self.state))
+        if missing:
+            raise SpecEMError(
+                f"{self.folder}: weights are missing {len(missing)} tensors (first: {missing[0]}): the checkpoint is "
+                f"incomplete (a shard missing?) or config.json describes another model; {self.fix}"
+            )
+        return self.state
 
 
 def weight_files(folder: Path) -> list[Path]:
