@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_tools import hf_logits, ids, runner_for, save_with_tokenizer
+from family_tools import check_packed_branches, hf_logits, ids, runner_for, save_with_tokenizer
 
 from specem_fast.model.modeling.args import ModelArgs
 from specem_fast.model.modeling.families import FAMILIES as FAMILY_TABLE
 from specem_fast.model.kv_cache import KVCacheManager
-from specem_fast.model.runner import ModelRunner, Run, score_all
+from specem_fast.model.runner import ModelRunner, Run
 
 ATOL, RTOL = 1e-4, 1e-4  # float32 logits
 # bfloat16: our error against transformers' float32 logits is at most BF16_MAX times
@@ -140,34 +140,6 @@ def check_greedy(r, hf, slot, steps=6):
         r.cache.append(slot, 1)
     ref = hf_logits(hf, seq)
     assert ref[-steps - 1 : -1].argmax(-1).tolist() == seq[-steps:]
-
-
-def check_packed_branches(r, hf, slot, tol):
-    """Candidates packed after one prefix score as separate forwards of prefix + candidate."""
-    prefix = ids(20, 1)
-    cands = [ids(n, 10 + n) for n in (5, 1, 7)]
-    h0 = r.forward([Run(slot, prefix, 0, 0, 0)])
-    r.cache.append(slot, len(prefix))
-    runs, q = [], len(prefix)
-    for c in cands:
-        runs.append(Run(slot, c, q, len(prefix), len(prefix)))
-        q += len(c)
-    h = r.forward(runs)
-    # rows predicting each candidate token: the prefix's last row, then the branch's own rows
-    rows, targets, offsets, at = [], [], [0], 0
-    for c in cands:
-        rows += [h0[-1:], h[at : at + len(c) - 1]]
-        targets += c
-        offsets.append(offsets[-1] + len(c))
-        at += len(c)
-    scores = score_all([r], [r.scoring_problem(torch.cat(rows), targets, offsets)])[0]
-    at = 0
-    for i, c in enumerate(cands):
-        ref = hf_logits(hf, prefix + c)
-        tol(r.logits(h[at : at + len(c)]), ref[len(prefix):])
-        logp = torch.log_softmax(ref[len(prefix) - 1 : -1], -1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
-        tol(scores.token_logprob[offsets[i] : offsets[i + 1]], logp)
-        at += len(c)
 
 
 def _fp32(ours, ref):

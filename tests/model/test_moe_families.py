@@ -16,12 +16,12 @@ import json
 
 import pytest
 import torch
-from family_tools import hf_logits, ids, save_with_tokenizer
+from family_tools import check_packed_branches, hf_logits, ids, save_with_tokenizer
 from family_tools import runner_for as _runner_for
 
 from specem_fast.model.modeling import moe as moe_mod
 from specem_fast.model.modeling.args import ModelArgs
-from specem_fast.model.runner import Run, score_all
+from specem_fast.model.runner import Run
 
 ATOL, RTOL = 1e-4, 1e-4
 BF16_TOL = 0.15
@@ -108,29 +108,7 @@ def test_prefill_decode_and_greedy_match_transformers(family):
 def test_packed_branches_score_as_separate_forwards(family):
     folder, hf = family
     r = runner_for(folder)
-    prefix = ids(20, 1)
-    cands = [ids(n, 10 + n) for n in (5, 1, 7)]
-    h0 = r.forward([Run(0, prefix, 0, 0, 0)])
-    r.cache.append(0, len(prefix))
-    runs, q = [], len(prefix)
-    for c in cands:
-        runs.append(Run(0, c, q, len(prefix), len(prefix)))
-        q += len(c)
-    h = r.forward(runs)
-    rows, targets, offsets, at = [], [], [0], 0
-    for c in cands:
-        rows += [h0[-1:], h[at : at + len(c) - 1]]
-        targets += c
-        offsets.append(offsets[-1] + len(c))
-        at += len(c)
-    scores = score_all([r], [r.scoring_problem(torch.cat(rows), targets, offsets)])[0]
-    at = 0
-    for i, c in enumerate(cands):
-        ref = hf_logits(hf, prefix + c)
-        torch.testing.assert_close(r.logits(h[at : at + len(c)]), ref[len(prefix):], atol=ATOL, rtol=RTOL)
-        logp = torch.log_softmax(ref[len(prefix) - 1 : -1], -1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
-        torch.testing.assert_close(scores.token_logprob[offsets[i] : offsets[i + 1]], logp, atol=ATOL, rtol=RTOL)
-        at += len(c)
+    check_packed_branches(r, hf, 0, lambda ours, ref: torch.testing.assert_close(ours, ref, atol=ATOL, rtol=RTOL))
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"], indirect=True)
